@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints a FewscanError as one line and exits 2; anything else is a bug."""
+
+
+class FewscanError(Exception):
+    """An error the user can fix. The message names the bad value and what would fix it."""
+
+
+class ConfigError(FewscanError):
+    """A YAML file or command-line option is invalid (unknown key, wrong type, missing file)."""
+
+
+class DataError(FewscanError):
+    """The input data cannot be used (nothing readable, too few patients for an episode, ...)."""
+
+
+class UpstreamError(FewscanError):
+    """An upstream MLflow run is missing, unfinished, or of the wrong stage."""
+
+
+class TrackingError(FewscanError):
+    """The MLflow store cannot be reached or stays locked past the retry budget."""
