@@ -75,7 +75,9 @@ def validate(data: dict[str, Any], model: type[M], source: str) -> M:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (check the path; relative paths resolve against {Path.cwd()})")
+        raise ConfigError(
+            f"config file not found: {p} (check the path; relative paths resolve against {Path.cwd()})"
+        )
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
@@ -83,7 +85,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of keys to values at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p} must hold a mapping of keys to values at the top level, got {type(data).__name__}"
+        )
     return data
 
 

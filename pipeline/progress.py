@@ -48,7 +48,9 @@ class Bar:
         self.every_s = every_s
         self.t0 = self.last = time.monotonic()
         self.bar = (
-            tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, dynamic_ncols=True) if self.tty else None
+            tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, dynamic_ncols=True)
+            if self.tty
+            else None
         )
 
     def update(self, n: int = 1, **postfix: float | str) -> None:
@@ -59,7 +61,9 @@ class Bar:
             return
         now = time.monotonic()
         if now - self.last >= self.every_s or self.n >= self.total:
-            vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+            vals = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items()
+            )
             log(f"{self.desc}: {self.n}/{self.total} {vals}")
             self.last = now
 

@@ -1,0 +1,712 @@
+"""The one module that talks to MLflow.
+
+Everything the stages record goes through here: stage runs with their tags, fingerprints for reuse,
+upstream resolution, artifacts (local paths when the store is local, a download cache when it is a
+server), the model registry, and a bounded retry around SQLite's single-writer lock. Stages are handed
+a `StageRun` and `UpstreamRun`s and never import mlflow themselves (pipeline/serving.py, the pyfunc
+class of an adapted model, is the one other place that must subclass an mlflow type).
+
+We use `MlflowClient` with explicit run ids rather than the fluent API: an explicit run is what the
+design asks for, and it keeps nested chain runs independent of process-global "active run" state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import yaml
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import mlflow
+from pipeline import __version__
+from pipeline.errors import TrackingError, UpstreamError
+from pipeline.progress import log
+
+T = TypeVar("T")
+
+DEFAULT_DB = Path("mlflow") / "mlflow.db"
+DEFAULT_ARTIFACTS = Path("mlflow") / "artifacts"
+STAGE_NAMES = ("ingest", "episodes", "meta-train", "adapt", "evaluate")
+TAG_STAGE = "fewscan.stage"
+TAG_FINGERPRINT = "fewscan.fingerprint"
+TAG_SUITE = "fewscan.suite"
+TAG_DATASET = "fewscan.dataset"
+TAG_CODE = "fewscan.code_version"
+TAG_ERROR = "fewscan.error"
+TAG_UPSTREAM = "fewscan.upstream."
+TAG_NOTE = "mlflow.note.content"  # shown as the run's description in the UI
+TAG_PARENT = "mlflow.parentRunId"
+DEFAULT_ALIAS = "current"  # MLflow reserves the alias "latest"
+RETRY_SECONDS = float(os.environ.get("FEWSCAN_DB_RETRY_S", "120"))
+_MAX_PARAM_LEN = 6000
+
+
+# --------------------------------------------------------------------------------------------- store
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the local SQLite store under ./mlflow/."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{DEFAULT_DB.resolve()}"
+
+
+def is_default_store() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def default_artifact_root() -> str:
+    return DEFAULT_ARTIFACTS.resolve().as_uri()
+
+
+_client: MlflowClient | None = None
+_client_uri: str | None = None
+
+
+def client() -> MlflowClient:
+    """A client for the current tracking URI (re-created if the URI changed, e.g. in tests)."""
+    global _client, _client_uri
+    uri = tracking_uri()
+    if _client is None or _client_uri != uri:
+        if is_default_store():
+            DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
+            DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI into os.environ, which would make
+        # the default store look like a user-chosen one to everything that runs later in this process.
+        _client = retry(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), "open the tracking store")
+        _client_uri = uri
+    return _client
+
+
+def _is_lock_error(err: BaseException) -> bool:
+    text = f"{err!r} {err}".lower()
+    return (
+        "database is locked" in text
+        or "database table is locked" in text
+        or "busy" in text
+        and "sqlite" in text
+    )
+
+
+def retry(fn: Callable[[], T], what: str) -> T:
+    """Call `fn`, retrying while SQLite reports its single-writer lock, for at most RETRY_SECONDS.
+
+    Two fewscan commands on one SQLite store take turns instead of one of them losing its run.
+    """
+    deadline = time.monotonic() + RETRY_SECONDS
+    delay = 0.05
+    jitter = random.Random()  # local instance: jitter only, never data randomness
+    warned = False
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - filtered just below
+            if not _is_lock_error(err):
+                raise
+            if time.monotonic() >= deadline:
+                raise TrackingError(
+                    f"the MLflow store {tracking_uri()} stayed locked for {RETRY_SECONDS:.0f} s while trying to "
+                    f"{what}: another process keeps writing to it. Wait for it to finish and retry, raise "
+                    "FEWSCAN_DB_RETRY_S, or use a tracking server (`mlflow server`) for concurrent work."
+                ) from err
+            if not warned:
+                log(
+                    f"MLflow store is busy (another writer); retrying to {what} for up to {RETRY_SECONDS:.0f} s"
+                )
+                warned = True
+            time.sleep(delay * (0.5 + jitter.random()))
+            delay = min(delay * 2, 2.0)
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            retry(lambda: c.restore_experiment(exp.experiment_id), "restore a deleted experiment")
+        return str(exp.experiment_id)
+    location = default_artifact_root() if is_default_store() else None
+    try:
+        return str(
+            retry(lambda: c.create_experiment(name, artifact_location=location), "create an experiment")
+        )
+    except MlflowException:
+        # another process created it between our lookup and create
+        exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def experiment_name(suite: str | None, dataset: str | None) -> str:
+    return f"fewscan/{suite}" if suite else f"fewscan/dataset-{dataset}"
+
+
+def ui_base() -> str:
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def run_url(experiment: str, run_id: str) -> str:
+    return f"{ui_base()}/#/experiments/{experiment}/runs/{run_id}"
+
+
+# ----------------------------------------------------------------------------------- fingerprints
+_PKG = Path(__file__).resolve().parent
+# Which code a stage's result depends on: editing evaluate must not invalidate a finished ingest.
+_STAGE_CODE = {
+    "ingest": ["ingest"],
+    "episodes": ["episodes"],
+    "meta-train": ["meta", "metatrain", "episodes", "ingest/store.py"],
+    "adapt": ["adapt", "meta", "serving.py", "ingest"],
+    "evaluate": ["evaluate", "meta", "episodes", "ingest/store.py"],
+}
+_COMMON_CODE = ["__init__.py", "config.py", "errors.py"]
+
+
+def code_version(stage: str) -> str:
+    """Hash of the source files the stage depends on (works without git, sees uncommitted edits)."""
+    h = hashlib.sha256(__version__.encode())
+    for rel in _COMMON_CODE + _STAGE_CODE.get(stage, []):
+        p = _PKG / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else ([p] if p.exists() else [])
+        for f in files:
+            h.update(str(f.relative_to(_PKG)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(stage: str, config: dict[str, Any], upstream_ids: dict[str, str], inputs: Any = None) -> str:
+    payload = {
+        "stage": stage,
+        "config": config,
+        "upstream": dict(sorted(upstream_ids.items())),
+        "code": code_version(stage),
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------- artifacts
+def _local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The run's artifact folder on this machine, or None if it lives behind a server."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri:
+        return Path(artifact_uri)
+    return None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FEWSCAN_CACHE", ".fewscan/cache")).resolve()
+
+
+def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
+    local = _local_artifact_dir(artifact_uri)
+    if local is not None:
+        p = local / rel
+        if not p.exists():
+            raise UpstreamError(f"run {run_id} has no artifact '{rel}' (looked in {local})")
+        return p
+    dest = _cache_root() / run_id
+    target = dest / rel
+    if target.exists():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".dl-"))
+    try:
+        got = retry(
+            lambda: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=rel, dst_path=str(tmp), tracking_uri=tracking_uri()
+            ),
+            f"download artifact {rel}",
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, target)  # a finished download appears at once, never half-written
+    except MlflowException as err:
+        raise UpstreamError(f"run {run_id} has no artifact '{rel}': {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class UpstreamRun:
+    """A finished run that a stage consumes."""
+
+    run_id: str
+    stage: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    artifact_uri: str
+    experiment_id: str = ""
+
+    @classmethod
+    def from_id(cls, run_id: str, expect_stage: str | None = None) -> UpstreamRun:
+        c = client()
+        try:
+            run = retry(lambda: c.get_run(run_id), f"read run {run_id}")
+        except MlflowException:
+            raise UpstreamError(
+                f"no MLflow run with id '{run_id}' in {tracking_uri()}. Check the id in the MLflow UI "
+                "(`fewscan ui`) or set MLFLOW_TRACKING_URI to the store that holds it."
+            ) from None
+        stage = run.data.tags.get(TAG_STAGE, "")
+        if expect_stage and stage != expect_stage:
+            raise UpstreamError(
+                f"run {run_id} is a '{stage or 'non-fewscan'}' run, but a '{expect_stage}' run is needed here"
+            )
+        if run.info.status != "FINISHED":
+            raise UpstreamError(
+                f"{stage} run {run_id} is {run.info.status}, not FINISHED; rerun that stage (or resume it) first"
+            )
+        return cls(
+            run_id=run_id,
+            stage=stage,
+            params=dict(run.data.params),
+            tags=dict(run.data.tags),
+            artifact_uri=run.info.artifact_uri,
+            experiment_id=run.info.experiment_id,
+        )
+
+    def artifact(self, rel: str) -> Path:
+        """Local path of one of the run's artifacts (a file or a folder)."""
+        return _artifact_path(self.run_id, self.artifact_uri, rel)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.artifact(rel).read_text())
+
+    def upstream(self, stage: str) -> UpstreamRun:
+        rid = self.tags.get(TAG_UPSTREAM + stage)
+        if not rid:
+            raise UpstreamError(f"{self.stage} run {self.run_id} records no upstream '{stage}' run")
+        return UpstreamRun.from_id(rid, expect_stage=stage)
+
+
+def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = None) -> UpstreamRun:
+    """The most recent FINISHED run of `stage` for a suite (or, for ingest, a dataset)."""
+    c = client()
+    filt = [f"tags.`{TAG_STAGE}` = '{stage}'", "attributes.status = 'FINISHED'"]
+    if suite:
+        filt.append(f"tags.`{TAG_SUITE}` = '{suite}'")
+    if dataset:
+        filt.append(f"tags.`{TAG_DATASET}` = '{dataset}'")
+    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
+    runs = (
+        retry(
+            lambda: c.search_runs(
+                exps, " and ".join(filt), order_by=["attributes.start_time DESC"], max_results=1
+            ),
+            f"search {stage} runs",
+        )
+        if exps
+        else []
+    )
+    if not runs:
+        which = f"suite '{suite}'" if suite else f"dataset '{dataset}'"
+        raise UpstreamError(
+            f"no finished '{stage}' run for {which} in {tracking_uri()}. Run `fewscan {stage} ...` first, "
+            "or pass --from RUN_ID."
+        )
+    return UpstreamRun.from_id(runs[0].info.run_id, expect_stage=stage)
+
+
+def resolve_upstream(
+    stage: str, run_id: str | None, *, suite: str | None, dataset: str | None
+) -> UpstreamRun:
+    if run_id:
+        return UpstreamRun.from_id(run_id, expect_stage=stage)
+    return latest_run(
+        stage, suite=suite if stage != "ingest" else None, dataset=dataset if stage == "ingest" else None
+    )
+
+
+def find_reusable(stage: str, fp: str) -> str | None:
+    """A FINISHED run of `stage` with this fingerprint, in any fewscan experiment."""
+    c = client()
+    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
+    if not exps:
+        return None
+    filt = f"tags.`{TAG_FINGERPRINT}` = '{fp}' and tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"
+    runs = retry(
+        lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1),
+        "search runs",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model_ref(ref: str) -> str:
+    """A meta-train run id from a run id, `models:/name@alias`, `models:/name/3`, `name@alias` or `runs:/id/...`."""
+    c = client()
+    ref = ref.strip()
+    if _RUN_ID.match(ref):
+        return ref
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/") :].split("/")[0]
+    body = ref[len("models:/") :] if ref.startswith("models:/") else ref
+    try:
+        if "@" in body and body.split("@", 1)[1].lower() != "latest":
+            name, alias = body.split("@", 1)
+            mv = retry(lambda: c.get_model_version_by_alias(name, alias), "read the model registry")
+        elif "@" in body or body.endswith("/latest"):
+            name = body.split("@", 1)[0] if "@" in body else body[: -len("/latest")]
+            versions = retry(lambda: c.search_model_versions(f"name = '{name}'"), "read the model registry")
+            if not versions:
+                raise MlflowException(f"no versions of '{name}'")
+            mv = max(versions, key=lambda v: int(v.version))
+        elif "/" in body:
+            name, version = body.rsplit("/", 1)
+            mv = retry(lambda: c.get_model_version(name, version), "read the model registry")
+        else:
+            versions = retry(lambda: c.search_model_versions(f"name = '{body}'"), "read the model registry")
+            if not versions:
+                raise MlflowException(f"no versions of '{body}'")
+            mv = max(versions, key=lambda v: int(v.version))
+    except MlflowException:
+        raise UpstreamError(
+            f"model '{ref}' was not found in the registry of {tracking_uri()}. Give a meta-train run id, "
+            "'models:/NAME@ALIAS', 'NAME@ALIAS' or 'models:/NAME/VERSION' (see the Models tab of `fewscan ui`)."
+        ) from None
+    if not mv.run_id:
+        raise UpstreamError(f"registered model '{ref}' has no source run")
+    return str(mv.run_id)
+
+
+# ------------------------------------------------------------------------------------- stage runs
+@dataclass
+class StageResult:
+    """What a stage returns: its one-line summary and a few headline metrics."""
+
+    summary: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    if isinstance(d, (list, tuple)):
+        s = json.dumps(d, default=str)
+    else:
+        s = str(d)
+    out[key] = s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+class StageRun:
+    """An open MLflow run of one stage. Stages write files into `outdir`; they are uploaded at the end."""
+
+    def __init__(
+        self, run_id: str, stage: str, experiment_id: str, outdir: Path, artifact_uri: str, resumed: bool
+    ):
+        self.run_id = run_id
+        self.stage = stage
+        self.experiment_id = experiment_id
+        self.outdir = outdir
+        self.artifact_uri = artifact_uri
+        self.resumed = resumed
+        self.ui_url = run_url(experiment_id, run_id)
+
+    # -- values
+    def log_params(self, d: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(d)
+        items = [Param(k, v) for k, v in flat.items()]
+        c = client()
+        for i in range(0, len(items), 100):
+            chunk = items[i : i + 100]
+            try:
+                retry(lambda chunk=chunk: c.log_batch(self.run_id, params=chunk), "log params")
+            except MlflowException as err:
+                # a resumed run may re-log identical params; a *changed* value is a real error
+                if "already logged" not in str(err) and "Changing param values" not in str(err):
+                    raise
+
+    def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in d.items() if v is not None]
+        c = client()
+        for i in range(0, len(items), 500):
+            chunk = items[i : i + 500]
+            retry(lambda chunk=chunk: c.log_batch(self.run_id, metrics=chunk), "log metrics")
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({key: value}, step=step)
+
+    def set_tags(self, d: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, str(v)[:5000]) for k, v in d.items()]
+        retry(lambda: client().log_batch(self.run_id, tags=tags), "set tags")
+
+    def set_description(self, text: str) -> None:
+        self.set_tags({TAG_NOTE: text})
+
+    # -- files
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(local_path)
+        c = client()
+        if p.is_dir():
+            retry(lambda: c.log_artifacts(self.run_id, str(p), artifact_path), f"upload {p.name}")
+        else:
+            retry(lambda: c.log_artifact(self.run_id, str(p), artifact_path), f"upload {p.name}")
+
+    def log_state_dict(self, state_dict: dict[str, Any], artifact_path: str) -> None:
+        """Save a state dict the way `mlflow.pytorch.log_state_dict` does (loadable with load_state_dict)."""
+        import mlflow.pytorch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_state_dict(state_dict, tmp)
+            self.log_artifact(tmp, artifact_path)
+
+    def own_artifact(self, rel: str) -> Path | None:
+        """An artifact this run already uploaded (used to resume), or None."""
+        try:
+            return _artifact_path(self.run_id, self.artifact_uri, rel)
+        except UpstreamError:
+            return None
+
+    def log_dataset(self, df: Any, name: str, digest: str, context: str, source: str | None = None) -> None:
+        """Record a (PHI-free) table as an MLflow dataset input with a content digest."""
+        import mlflow.data
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        # The source names where the table lives: this run's artifact (e.g. store/scan_index.parquet).
+        uri = f"{self.artifact_uri.rstrip('/')}/{source}" if source else None
+        try:
+            ds = mlflow.data.from_pandas(df, source=uri, name=name, digest=digest)
+        except MlflowException:
+            src = CodeDatasetSource({"fewscan.run_id": self.run_id, "fewscan.artifact": source or ""})
+            ds = mlflow.data.from_pandas(df, source=src, name=name, digest=digest)
+        entity = DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        retry(lambda: client().log_inputs(self.run_id, datasets=[entity]), "log dataset input")
+
+    # -- models
+    def log_pyfunc(
+        self,
+        artifact_path: str,
+        python_model: Any,
+        artifacts: dict[str, str] | None = None,
+        input_example: Any = None,
+        code_paths: list[str] | None = None,
+        pip_requirements: list[str] | None = None,
+    ) -> str:
+        """Save an MLflow pyfunc model into this run's artifacts; returns its `runs:/` URI."""
+        import mlflow.pyfunc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                str(target),
+                python_model=python_model,
+                artifacts=artifacts,
+                input_example=input_example,
+                code_paths=code_paths,
+                pip_requirements=pip_requirements,
+            )
+            self.log_artifact(target, artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
+        """Register `runs:/<this run>/<artifact_path>` as a new version of `name` and point `alias` at it."""
+        c = client()
+        with contextlib.suppress(MlflowException):
+            retry(lambda: c.create_registered_model(name), "create a registered model")
+        source = f"{self.artifact_uri.rstrip('/')}/{artifact_path}"
+        mv = retry(
+            lambda: c.create_model_version(name, source, run_id=self.run_id, tags={TAG_STAGE: self.stage}),
+            "register a model version",
+        )
+        if alias.lower() == "latest":
+            # MLflow reserves "latest": models:/NAME/latest already names the newest version.
+            alias = DEFAULT_ALIAS
+        retry(lambda: c.set_registered_model_alias(name, alias, mv.version), "set a model alias")
+        log(f"registered {name} version {mv.version} (alias '{alias}'; also models:/{name}/latest)")
+        return str(mv.version)
+
+
+def _start_system_metrics(run_id: str) -> Any:
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mon = SystemMetricsMonitor(
+            run_id, sampling_interval=10, samples_before_logging=1, tracking_uri=tracking_uri()
+        )
+        mon.start()
+        return mon
+    except Exception as err:  # noqa: BLE001 - system metrics are a nicety, never a reason to fail
+        log(f"system metrics unavailable ({err}); continuing without them")
+        return None
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    *,
+    run_name: str,
+    config: dict[str, Any],
+    upstream: dict[str, UpstreamRun],
+    fp: str,
+    suite: str | None,
+    dataset: str | None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    system_metrics: bool = False,
+) -> Iterator[StageRun]:
+    """Open a stage run (or reattach to one to resume), yield it, and close it FINISHED/FAILED/KILLED.
+
+    On success everything under `run.outdir` is uploaded. On failure the error goes into the tag
+    `fewscan.error` and the artifact `error.txt`, the run is marked FAILED, and the exception propagates.
+    """
+    c = client()
+    exp_id = experiment_id(experiment_name(suite, dataset))
+    tags: dict[str, str] = {
+        TAG_STAGE: stage,
+        TAG_FINGERPRINT: fp,
+        TAG_CODE: code_version(stage),
+        "fewscan.version": __version__,
+    }
+    if suite:
+        tags[TAG_SUITE] = suite
+    if dataset:
+        tags[TAG_DATASET] = dataset
+    for name, up in upstream.items():
+        tags[TAG_UPSTREAM + name] = up.run_id
+    if parent_run_id:
+        tags[TAG_PARENT] = parent_run_id
+
+    if resume_run_id:
+        run = retry(lambda: c.get_run(resume_run_id), "read the run to resume")
+        if run.data.tags.get(TAG_STAGE) != stage:
+            raise UpstreamError(f"run {resume_run_id} is not a {stage} run; cannot resume it as one")
+        if run.info.status == "FINISHED":
+            raise UpstreamError(f"{stage} run {resume_run_id} already FINISHED; nothing to resume")
+        retry(lambda: c.update_run(resume_run_id, status="RUNNING"), "reopen the run")
+        run_id, resumed = resume_run_id, True
+        artifact_uri = run.info.artifact_uri
+    else:
+        run = retry(lambda: c.create_run(exp_id, tags=tags, run_name=run_name), "create a run")
+        run_id, resumed = run.info.run_id, False
+        artifact_uri = run.info.artifact_uri
+
+    outdir = Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-"))
+    sr = StageRun(run_id, stage, run.info.experiment_id, outdir, artifact_uri, resumed)
+    monitor = _start_system_metrics(run_id) if system_metrics else None
+    try:
+        if not resumed:
+            sr.log_params(config)
+            cfg_dir = Path(tempfile.mkdtemp(prefix="fewscan-cfg-"))
+            (cfg_dir / f"{stage}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            sr.log_artifact(cfg_dir / f"{stage}.yaml", "config")
+            shutil.rmtree(cfg_dir, ignore_errors=True)
+        yield sr
+        if any(outdir.iterdir()):
+            sr.log_artifact(outdir, None)
+        retry(lambda: c.set_terminated(run_id, "FINISHED"), "finish the run")
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        msg = f"{type(err).__name__}: {err}"
+        with contextlib.suppress(Exception):
+            errfile = outdir / "error.txt"
+            errfile.write_text(msg + "\n\n" + traceback.format_exc())
+            sr.log_artifact(errfile, None)
+            sr.set_tags({TAG_ERROR: msg[:4900]})
+        with contextlib.suppress(Exception):
+            retry(lambda: c.set_terminated(run_id, status), "mark the run " + status)
+        raise
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+def latest_unfinished(stage: str, suite: str) -> str | None:
+    """The newest FAILED/KILLED/RUNNING run of `stage` in a suite (what `--resume` picks by default)."""
+    c = client()
+    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
+    filt = f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_SUITE}` = '{suite}' and attributes.status != 'FINISHED'"
+    runs = retry(
+        lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1), "search"
+    )
+    return runs[0].info.run_id if runs else None
+
+
+# ----------------------------------------------------------------------------------- chain parent
+@contextlib.contextmanager
+def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterator[StageRun]:
+    """The parent run of `fewscan run`: stage runs nest under it; reused ones are linked by tag."""
+    c = client()
+    exp_id = experiment_id(experiment_name(suite, dataset))
+    tags = {"fewscan.chain": "true", TAG_SUITE: suite, "fewscan.version": __version__}
+    if dataset:
+        tags[TAG_DATASET] = dataset
+    run = retry(lambda: c.create_run(exp_id, tags=tags, run_name=f"chain {suite}"), "create the chain run")
+    sr = StageRun(
+        run.info.run_id, "chain", exp_id, Path(tempfile.mkdtemp(prefix="fewscan-chain-")), "", False
+    )
+    sr.artifact_uri = run.info.artifact_uri
+    try:
+        sr.log_params(config)
+        yield sr
+        retry(lambda: c.set_terminated(sr.run_id, "FINISHED"), "finish the chain run")
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            sr.set_tags({TAG_ERROR: f"{type(err).__name__}: {err}"[:4900]})
+            retry(lambda: c.set_terminated(sr.run_id, status), "mark the chain run " + status)
+        raise
+    finally:
+        shutil.rmtree(sr.outdir, ignore_errors=True)
+
+
+def run_status(run_id: str) -> str:
+    return str(retry(lambda: client().get_run(run_id), "read a run").info.status)
+
+
+__all__ = [
+    "RunStatus",
+    "StageResult",
+    "StageRun",
+    "UpstreamRun",
+    "chain_run",
+    "client",
+    "code_version",
+    "find_reusable",
+    "fingerprint",
+    "latest_run",
+    "latest_unfinished",
+    "resolve_model_ref",
+    "resolve_upstream",
+    "retry",
+    "stage_run",
+    "tracking_uri",
+]
