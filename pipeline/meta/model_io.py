@@ -1,0 +1,179 @@
+"""Meta-model on disk: `state_dict.pth` + `meta_model.json` in one folder (`models/<method>` of a
+meta-train run), enough to rebuild the network and adapt it again without the training code's config.
+
+state_dict.pth: the `FewShotNet` state dict, plus learned inner learning rates under
+    `inner_lr.<step>.<parameter name>` (`<step>` = `all` for Meta-SGD's per-parameter rates, or the
+    step index 0.. for MAML++'s per-layer per-step rates). Plain `torch.save` of a dict of tensors, i.e.
+    exactly what `mlflow.pytorch.log_state_dict` writes, so either writer may be used.
+meta_model.json: {"format": "fewscan-meta-model", "version": 1, "method", "model": ModelSpec,
+    "in_channels", "image_shape": [C, *spatial], "spatial_dims", "head", "normalization",
+    "inner": {"steps", "eval_steps", "lr", "learned_lr", "trainable", "second_order"},
+    "ingest_run_id", "preprocessing", "label_names", ...extra}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import DataError
+from pipeline.meta.inner import LRSpec
+from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
+from pipeline.meta.models import FewShotNet, ModelSpec, build_model
+
+FORMAT = "fewscan-meta-model"
+VERSION = 1
+STATE_FILE = "state_dict.pth"
+META_FILE = "meta_model.json"
+
+
+def lr_to_state(lr: LRSpec) -> dict[str, Tensor]:
+    """Learned learning rates → flat `inner_lr.<step>.<name>` entries (floats are not stored here)."""
+    if isinstance(lr, (int, float)):
+        return {}
+    if isinstance(lr, Mapping):
+        return {f"inner_lr.all.{k}": v.detach().cpu() for k, v in lr.items()}
+    out: dict[str, Tensor] = {}
+    for i, d in enumerate(lr):
+        out.update({f"inner_lr.{i}.{k}": v.detach().cpu() for k, v in d.items()})
+    return out
+
+
+def lr_from_state(state: Mapping[str, Tensor], default: float) -> LRSpec:
+    per_step: dict[int, dict[str, Tensor]] = {}
+    per_param: dict[str, Tensor] = {}
+    for key, v in state.items():
+        if not key.startswith("inner_lr."):
+            continue
+        _, step, name = key.split(".", 2)
+        if step == "all":
+            per_param[name] = v
+        else:
+            per_step.setdefault(int(step), {})[name] = v
+    if per_step:
+        return [per_step[i] for i in sorted(per_step)]
+    if per_param:
+        return per_param
+    return default
+
+
+def meta_model_files(
+    model: FewShotNet,
+    *,
+    method: str,
+    model_spec: ModelSpec,
+    image_shape: Sequence[int],
+    inner: Mapping[str, Any],
+    inner_lr: LRSpec | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The two things a meta-model folder holds: (state dict, meta_model.json content).
+
+    `image_shape` is (C, *spatial) of the images the model was trained on; `inner` must hold at least
+    `steps` and `lr`; `extra` adds provenance (ingest_run_id, preprocessing, label_names, ...).
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if inner_lr is not None:
+        state.update(lr_to_state(inner_lr))
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "model": model_spec.model_dump(),
+        "in_channels": int(image_shape[0]),
+        "image_shape": [int(s) for s in image_shape],
+        "spatial_dims": len(image_shape) - 1,
+        "head": model_spec.head,
+        "normalization": model_spec.norm,
+        "inner": dict(inner),
+    }
+    meta.update(dict(extra or {}))
+    return state, meta
+
+
+def save_meta_model(folder: str | Path, model: FewShotNet, **kw: Any) -> Path:
+    """Write `state_dict.pth` and `meta_model.json` into `folder` atomically; kw as `meta_model_files`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, meta = meta_model_files(model, **kw)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+        torch.save(state, f)
+    os.replace(f.name, folder / STATE_FILE)
+    write_json_atomic(folder / META_FILE, meta)
+    return folder
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class MetaModel:
+    """A loaded meta-model: the network with its meta-learned parameters, and its description."""
+
+    model: FewShotNet
+    meta: dict[str, Any]
+    inner_lr: LRSpec
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["method"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["image_shape"])
+
+    def method(
+        self, steps: int | None = None, lr: float | None = None, batch_size: int = 64
+    ) -> FewShotMethod:
+        """The method to adapt with: learned inner rates unless `lr` overrides them; `steps` defaults to the
+        recorded `inner.eval_steps` (else `inner.steps`)."""
+        if self.meta["method"] == "protonet":
+            return ProtoNetMethod(self.model, name="protonet", batch_size=batch_size)
+        inner = self.meta["inner"]
+        n = steps if steps is not None else int(inner.get("eval_steps") or inner["steps"])
+        return GradientMethod(
+            self.model,
+            steps=n,
+            lr=self.inner_lr if lr is None else lr,
+            trainable=inner.get("trainable", "all"),
+            name=self.name,
+            batch_size=batch_size,
+        )
+
+
+def load_meta_model(folder: str | Path, device: str | torch.device = "cpu") -> MetaModel:
+    """Rebuild a meta-model from a `models/<method>` folder (see module docstring)."""
+    folder = Path(folder)
+    meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise DataError(
+            f"{folder} is not a meta-model folder: it needs {META_FILE} and {STATE_FILE} "
+            f"(the models/<method> artifact folder of a meta-train run)"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path} is not a fewscan meta-model (format={meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise DataError(
+            f"{meta_path} has version {meta['version']}; this fewscan reads up to {VERSION}, upgrade it"
+        )
+    spec = ModelSpec.model_validate(meta["model"])
+    shape = meta["image_shape"]
+    model = build_model(spec, int(shape[0]), tuple(shape[1:]))
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model_state = {k: v for k, v in state.items() if not k.startswith("inner_lr.")}
+    model.load_state_dict(model_state, strict=True)
+    model.to(device).eval()
+    lr = lr_from_state({k: v.to(device) for k, v in state.items()}, float(meta["inner"]["lr"]))
+    return MetaModel(model=model, meta=meta, inner_lr=lr)
