@@ -495,17 +495,17 @@ class StageRun:
 
     def log_dataset(self, df: Any, name: str, digest: str, context: str, source: str | None = None) -> None:
         """Record a (PHI-free) table as an MLflow dataset input with a content digest."""
-        import mlflow.data
         from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.pandas_dataset import from_pandas
         from mlflow.entities import DatasetInput, InputTag
 
         # The source names where the table lives: this run's artifact (e.g. store/scan_index.parquet).
         uri = f"{self.artifact_uri.rstrip('/')}/{source}" if source else None
         try:
-            ds = mlflow.data.from_pandas(df, source=uri, name=name, digest=digest)
+            ds = from_pandas(df, source=uri, name=name, digest=digest)
         except MlflowException:
             src = CodeDatasetSource({"fewscan.run_id": self.run_id, "fewscan.artifact": source or ""})
-            ds = mlflow.data.from_pandas(df, source=src, name=name, digest=digest)
+            ds = from_pandas(df, source=src, name=name, digest=digest)
         entity = DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         retry(lambda: client().log_inputs(self.run_id, datasets=[entity]), "log dataset input")
 

@@ -1,0 +1,82 @@
+"""`fewscan run <suite>`: the whole chain as one parent MLflow run with a nested run per stage.
+
+A stage whose fingerprint (config + upstream run ids + code version) matches a finished run is reused
+and the reuse is printed; `force=True` recomputes everything. A failed stage leaves its run FAILED
+(error in tag and `error.txt`), marks the parent FAILED, and stops the chain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import stages, tracking
+from pipeline.errors import FewscanError
+from pipeline.progress import log
+from pipeline.suite import dataset_name, load_suite
+from pipeline.tracking import UpstreamRun
+
+
+class StageFailed(FewscanError):
+    """A stage of the chain failed; the message names the stage, the error and the FAILED run."""
+
+
+@dataclass
+class ChainResult:
+    parent_run_id: str
+    outcomes: dict[str, stages.Outcome]
+    experiment_id: str
+
+
+def chain_stages(has_adapt: bool) -> list[str]:
+    return [s for s in stages.ORDER if s != "adapt" or has_adapt]
+
+
+def run_chain(suite_ref: str, overrides: list[str] | None = None, force: bool = False) -> ChainResult:
+    suite = load_suite(suite_ref, overrides)
+    manifest_path = suite.manifest_path
+    # Validate every config before starting anything: a typo in `evaluate` must not cost a meta-training.
+    cfgs: dict[str, Any] = {}
+    for stage in chain_stages(suite.cfg.adapt is not None):
+        cfgs[stage] = suite.stage_config(stage)
+    dataset = dataset_name(cfgs["ingest"], manifest_path)
+    t0 = time.monotonic()
+    outcomes: dict[str, stages.Outcome] = {}
+    with tracking.chain_run(suite.name, dataset, suite.raw) as parent:
+        log(f"chain '{suite.name}' (parent run {parent.run_id}): {' -> '.join(cfgs)}")
+        for stage, cfg in cfgs.items():
+            upstream = {u: UpstreamRun.from_id(outcomes[u].run_id, u) for u in stages.UPSTREAM[stage]}
+            try:
+                oc = stages.execute_stage(
+                    stage,
+                    cfg,
+                    upstream=upstream,
+                    suite=suite.name,
+                    dataset=dataset,
+                    parent_run_id=parent.run_id,
+                    reuse=not force,
+                )
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:
+                raise StageFailed(
+                    f"stage '{stage}' failed: {type(err).__name__}: {err}\n"
+                    f"The chain stopped. The {stage} run is marked FAILED with the error in its tag "
+                    f"'fewscan.error' and artifact error.txt; open it with `fewscan ui`."
+                ) from err
+            outcomes[stage] = oc
+            parent.set_tags(
+                {f"fewscan.run.{stage}": oc.run_id, f"fewscan.reused.{stage}": str(oc.reused).lower()}
+            )
+        reused = [s for s, o in outcomes.items() if o.reused]
+        ran = [s for s, o in outcomes.items() if not o.reused]
+        summary = (
+            f"chain '{suite.name}' finished in {time.monotonic() - t0:.1f} s: ran {len(ran)} stage(s)"
+            f"{' (' + ', '.join(ran) + ')' if ran else ''}, reused {len(reused)}"
+            f"{' (' + ', '.join(reused) + ')' if reused else ''}"
+        )
+        parent.set_description(summary)
+        parent_id, exp_id = parent.run_id, parent.experiment_id
+    print(f"{summary} | parent run {parent_id} | {tracking.run_url(exp_id, parent_id)}", flush=True)
+    return ChainResult(parent_id, outcomes, exp_id)

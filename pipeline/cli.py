@@ -1,0 +1,384 @@
+"""The `fewscan` command.
+
+Every stage subcommand takes its config from a YAML file (a data manifest for `ingest`, a task suite
+for the rest), the upstream run with `--from RUN_ID` (default: the latest finished upstream run of the
+same suite), `--set key=value` overrides, and the stage's own flags. User errors print one line and
+exit 2; a failed stage exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import FewscanError
+
+STAGE_HELP = {
+    "ingest": (
+        "Ingest a study: read the data manifest (scan root, labels, preprocessing), decode DICOM/NIfTI/PNG/"
+        "MedMNIST scans in parallel, de-identify them, and write the scan index, the image store and "
+        "ingest_report.json as artifacts of an MLflow run tagged fewscan.stage=ingest."
+    ),
+    "episodes": (
+        "Build the few-shot problem from an ingest run and a task suite: the condition split (common = "
+        "meta-train, validation, rare = meta-test), patient-disjoint pools, fixed validation/test episodes "
+        "(episodes/val.jsonl, episodes/test.jsonl), split.json and leakage_audit.json. Reads no images."
+    ),
+    "meta-train": (
+        "Meta-train on episodes of the common conditions (MAML family, ProtoNet) from an episodes run; "
+        "writes checkpoints (resumable with --resume), learning curves and the meta-learned "
+        "initialization (state dict + meta_model.json), registered in the model registry."
+    ),
+    "adapt": (
+        "Adapt a meta-model to a new condition from a few labelled scans (a folder with one subfolder per "
+        "class, or a label CSV); logs support loss per step and, with --query, accuracy/AUC/sensitivity/"
+        "specificity; saves and registers the adapted model as a servable MLflow pyfunc."
+    ),
+    "evaluate": (
+        "Evaluate the meta-trained methods against traditional training (pretrain + fine-tune), training "
+        "from scratch and ProtoNet on the fixed test episodes of the rare conditions, with 95%% intervals; "
+        "writes results.json, report.md and plots/*.png. Hyper-parameters are chosen on validation episodes."
+    ),
+}
+
+
+def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None) -> None:
+    if upstream:
+        p.add_argument(
+            "--from",
+            dest="from_run",
+            metavar="RUN_ID",
+            help=f"the {upstream} run to consume (default: the latest finished {upstream} run of the suite)",
+        )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of this stage's section, e.g. --set k_shot=[1,5] (repeatable)",
+    )
+
+
+def _stage_extra_args(stage: str, p: argparse.ArgumentParser) -> None:
+    """Let the stage add its own flags (its module is imported only when that stage is used)."""
+    from pipeline import stages
+
+    try:
+        mod = stages.module(stage)
+    except ImportError as err:  # a broken stage must not take the whole CLI down
+        p.epilog = f"(stage module unavailable: {err})"
+        return
+    if hasattr(mod, "add_arguments"):
+        mod.add_arguments(p)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewscan",
+        description="Few-shot medical imaging with MAML. Every stage is an MLflow run; see `fewscan ui`.",
+    )
+    parser.add_argument("--version", action="version", version=f"fewscan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+
+    p = sub.add_parser(
+        "demo",
+        help="generate the built-in synthetic study and run the whole chain on it",
+        description="Generate the synthetic chest-radiograph study (if not already there) and run ingest -> "
+        "episodes -> meta-train -> adapt -> evaluate on it (suite tasks/demo.yaml; --quick: tasks/demo_quick.yaml). "
+        "Prints where the results are and how to open the MLflow UI.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny configuration, ~2 minutes (used by the tests)")
+    p.add_argument(
+        "--force", action="store_true", help="recompute every stage even if a finished run matches"
+    )
+    p.add_argument("--regenerate", action="store_true", help="rewrite the demo data even if it exists")
+
+    p = sub.add_parser(
+        "make-demo-data",
+        help="write the synthetic DICOM study (labels.csv, PACS-like tree, adapt/ folders)",
+        description="Write the built-in synthetic chest-radiograph study: real DICOM files from several "
+        "simulated vendors in a PACS-like tree, an NIH-style labels.csv, a little realistic junk, and "
+        "adapt/support + adapt/query folders of fresh patients for `fewscan adapt`.",
+    )
+    if wanted in (None, "make-demo-data"):
+        try:
+            from pipeline.demodata import cli as demo_cli
+
+            demo_cli.add_arguments(p)
+        except ImportError as err:
+            p.epilog = f"(generator unavailable: {err})"
+
+    p = sub.add_parser(
+        "ingest",
+        help="decode and de-identify a study into a scan index + image store",
+        description=STAGE_HELP["ingest"],
+    )
+    p.add_argument(
+        "manifest", help="data manifest YAML (e.g. data_manifests/demo.yaml, or a bare name: demo)"
+    )
+    p.add_argument(
+        "--suite", help="file the run under this suite's MLflow experiment (default: the dataset's)"
+    )
+    _add_common_stage_args(p, None)
+    if wanted == "ingest":
+        _stage_extra_args("ingest", p)
+
+    for stage, upstream in (("episodes", "ingest"), ("meta-train", "episodes"), ("evaluate", "meta-train")):
+        p = sub.add_parser(
+            stage, help=STAGE_HELP[stage].split(":")[0].split(";")[0], description=STAGE_HELP[stage]
+        )
+        p.add_argument("suite", help="task suite YAML (e.g. tasks/demo.yaml, or a bare name: demo)")
+        _add_common_stage_args(p, upstream)
+        if stage == "meta-train":
+            p.add_argument(
+                "--resume",
+                nargs="?",
+                const="LATEST",
+                metavar="RUN_ID",
+                help="continue an interrupted meta-train run from its last checkpoint (default: the newest "
+                "unfinished meta-train run of the suite)",
+            )
+        if wanted == stage:
+            _stage_extra_args(stage, p)
+
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a meta-model to a new condition from a few scans",
+        description=STAGE_HELP["adapt"],
+    )
+    p.add_argument("suite", nargs="?", help="task suite whose `adapt:` section gives defaults (optional)")
+    p.add_argument(
+        "--model",
+        metavar="REF",
+        help="meta-model: a meta-train run id, models:/NAME@ALIAS, NAME@ALIAS or models:/NAME/VERSION "
+        "(default: the latest finished meta-train run of the suite)",
+    )
+    _add_common_stage_args(p, None)
+    if wanted == "adapt":
+        _stage_extra_args("adapt", p)
+
+    p = sub.add_parser(
+        "predict",
+        help="new scans -> a CSV of class probabilities, with an adapted model",
+        description="Predict with an adapted model: one CSV row per scan (path, predicted class, one "
+        "probability column per class); an unreadable file gets a row with its error.",
+    )
+    p.add_argument(
+        "--model", required=True, help="adapted model URI (models:/NAME@ALIAS, runs:/ID/model, ...)"
+    )
+    p.add_argument("--input", required=True, type=Path, help="a scan file or a folder of scans")
+    p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+
+    p = sub.add_parser(
+        "run",
+        help="run the whole chain for a suite, reusing unchanged finished stages",
+        description="Run ingest -> episodes -> meta-train -> adapt -> evaluate as one parent MLflow run with "
+        "a nested run per stage. A stage whose fingerprint (config, upstream run ids, code version) matches a "
+        "finished run is reused; --force recomputes all.",
+    )
+    p.add_argument("suite", help="task suite YAML or bare name")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a suite value, e.g. --set episodes.k_shot=[1] (repeatable)",
+    )
+
+    p = sub.add_parser(
+        "ui",
+        help="start the MLflow UI on the fewscan store (127.0.0.1)",
+        description="Start the MLflow UI on the tracking store fewscan uses (MLFLOW_TRACKING_URI, "
+        "else ./mlflow/mlflow.db), bound to the loopback interface by default.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _stage_overrides(stage: str, args: argparse.Namespace) -> list[str]:
+    from pipeline import stages
+
+    out = list(getattr(args, "overrides", []) or [])
+    mod = stages.module(stage)
+    if hasattr(mod, "overrides_from_args"):
+        out += list(mod.overrides_from_args(args))
+    return out
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline import stages
+    from pipeline.suite import dataset_name, find_file, load_manifest
+
+    path = find_file(args.manifest, "data_manifests")
+    cfg = load_manifest(path, _stage_overrides("ingest", args))
+    stages.execute_stage("ingest", cfg, upstream={}, suite=args.suite, dataset=dataset_name(cfg, path))
+    return 0
+
+
+def _single_stage(stage: str, args: argparse.Namespace) -> int:
+    from pipeline import stages, tracking
+    from pipeline.suite import dataset_name, load_manifest, load_suite
+
+    suite = load_suite(args.suite)
+    cfg = suite.stage_config(stage, _stage_overrides(stage, args))
+    dataset = dataset_name(load_manifest(suite.manifest_path), suite.manifest_path)
+    (up_stage,) = stages.UPSTREAM[stage]
+    upstream = {
+        up_stage: tracking.resolve_upstream(up_stage, args.from_run, suite=suite.name, dataset=dataset)
+    }
+    resume = None
+    if getattr(args, "resume", None):
+        resume = args.resume
+        if resume == "LATEST":
+            resume = tracking.latest_unfinished(stage, suite.name)
+            if resume is None:
+                raise FewscanError(f"--resume: no unfinished {stage} run of suite '{suite.name}' to resume")
+        # resume continues the run with the upstream it was started on
+        upstream = {up_stage: tracking.UpstreamRun.from_id(_recorded_upstream(resume, up_stage), up_stage)}
+    stages.execute_stage(
+        stage, cfg, upstream=upstream, suite=suite.name, dataset=dataset, resume_run_id=resume
+    )
+    return 0
+
+
+def _recorded_upstream(run_id: str, stage: str) -> str:
+    from pipeline import tracking
+
+    tags = tracking.retry(lambda: tracking.client().get_run(run_id), "read a run").data.tags
+    rid = tags.get(tracking.TAG_UPSTREAM + stage)
+    if not rid:
+        raise FewscanError(f"run {run_id} records no upstream {stage} run; cannot resume it")
+    return str(rid)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pipeline import stages, tracking
+    from pipeline.config import validate
+    from pipeline.suite import load_suite
+
+    mod = stages.module("adapt")
+    overrides = _stage_overrides("adapt", args)
+    if args.suite:
+        suite = load_suite(args.suite)
+        cfg = suite.stage_config("adapt", overrides)
+        suite_name: str | None = suite.name
+    else:
+        from pipeline.config import apply_overrides
+
+        cfg = validate(apply_overrides({}, overrides), mod.CONFIG, "command line")
+        suite_name = None
+    if args.model:
+        run_id = tracking.resolve_model_ref(args.model)
+        meta = tracking.UpstreamRun.from_id(run_id, "meta-train")
+    elif suite_name:
+        meta = tracking.latest_run("meta-train", suite=suite_name)
+    else:
+        raise FewscanError(
+            "adapt needs a meta-model: pass --model REF or a suite whose meta-train run exists"
+        )
+    suite_tag = suite_name or meta.tags.get(tracking.TAG_SUITE)
+    stages.execute_stage(
+        "adapt",
+        cfg,
+        upstream={"meta-train": meta},
+        suite=suite_tag,
+        dataset=meta.tags.get(tracking.TAG_DATASET),
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.adapt.predict import predict
+
+    predict(args.model, args.input, args.output)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.chain import run_chain
+
+    run_chain(args.suite, args.overrides, force=args.force)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    return demo.run_demo(quick=args.quick, force=args.force, regenerate=args.regenerate)
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from pipeline.demodata import cli as demo_cli
+
+    return int(demo_cli.run(args) or 0)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    exe = shutil.which("mlflow")
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    cmd += ["ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if tracking.is_default_store():
+        tracking.client()  # creates ./mlflow/ and the database if they are missing
+        cmd += ["--default-artifact-root", tracking.default_artifact_root()]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: binding beyond loopback exposes the runs to your network", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+COMMANDS: dict[str, Any] = {
+    "demo": cmd_demo,
+    "make-demo-data": cmd_make_demo_data,
+    "ingest": cmd_ingest,
+    "episodes": lambda a: _single_stage("episodes", a),
+    "meta-train": lambda a: _single_stage("meta-train", a),
+    "evaluate": lambda a: _single_stage("evaluate", a),
+    "adapt": cmd_adapt,
+    "predict": cmd_predict,
+    "run": cmd_run,
+    "ui": cmd_ui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; no warning spam without it
+    from pipeline.chain import StageFailed
+
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except FewscanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`fewscan demo`: generate the built-in synthetic study (once) and run the chain on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.chain import run_chain
+from pipeline.errors import ConfigError
+from pipeline.progress import log
+from pipeline.suite import load_suite
+
+MARKER = ".fewscan-demo.json"  # the generator parameters the folder was written with
+
+
+def ensure_demo_data(suite_name: str, regenerate: bool = False) -> Path:
+    """Generate the suite's demo data unless the folder already holds data made with the same parameters."""
+    from pipeline.demodata.generate import generate_study
+
+    suite = load_suite(suite_name)
+    dd = dict(suite.cfg.demo_data or {})
+    if "out" not in dd:
+        raise ConfigError(f"{suite.path}: `demo_data.out` is missing; it names the folder the manifest reads")
+    out = Path(dd.pop("out"))
+    marker = out / MARKER
+    if not regenerate and marker.is_file() and json.loads(marker.read_text()) == dd:
+        log(f"demo data already in {out} (same parameters); not regenerating (--regenerate forces it)")
+        return out
+    log(f"generating the synthetic study into {out} ({dd})")
+    generate_study(out, **dd)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dd, sort_keys=True))
+    os.replace(tmp, marker)
+    return out
+
+
+def run_demo(quick: bool = False, force: bool = False, regenerate: bool = False) -> int:
+    suite_name = "demo_quick" if quick else "demo"
+    t0 = time.monotonic()
+    data_dir = ensure_demo_data(suite_name, regenerate=regenerate)
+    result = run_chain(suite_name, force=force)
+    ev = result.outcomes.get("evaluate")
+    lines = [
+        "",
+        f"fewscan demo ({suite_name}) done in {time.monotonic() - t0:.0f} s.",
+        f"  data:     {data_dir.resolve()}",
+        f"  tracking: {tracking.tracking_uri()}",
+    ]
+    if ev is not None:
+        up = tracking.UpstreamRun.from_id(ev.run_id, "evaluate")
+        try:
+            lines.append(f"  report:   {up.artifact('report.md')}")
+        except Exception:  # noqa: BLE001 - a remote store has no local path to print
+            lines.append(f"  report:   report.md in evaluate run {ev.run_id}")
+    lines += [
+        f"  runs:     {tracking.run_url(result.experiment_id, result.parent_run_id)}",
+        "  open the MLflow UI with:  fewscan ui   (then browse the experiment 'fewscan/" + suite_name + "')",
+    ]
+    print("\n".join(lines), flush=True)
+    return 0

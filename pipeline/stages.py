@@ -1,0 +1,99 @@
+"""The stage registry and the one function that runs a stage as an MLflow run.
+
+Stage packages stay thin and uniform (see docs/CONTRACTS.md): `CONFIG`, `UPSTREAM`, `run_name`,
+`execute`, and optionally `add_arguments` / `overrides_from_args` / `fingerprint_inputs`. Both the
+single-stage commands and `fewscan run` go through `execute_stage`, so tagging, reuse, summaries and
+failure handling behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from pipeline import tracking
+from pipeline.progress import log
+from pipeline.tracking import StageResult, UpstreamRun
+
+ORDER = ("ingest", "episodes", "meta-train", "adapt", "evaluate")
+MODULES = {
+    "ingest": "pipeline.ingest.stage",
+    "episodes": "pipeline.episodes.stage",
+    "meta-train": "pipeline.metatrain.stage",
+    "adapt": "pipeline.adapt.stage",
+    "evaluate": "pipeline.evaluate.stage",
+}
+# The key of each stage's section in a suite file (ingest is configured by the data manifest).
+SECTIONS = {"episodes": "episodes", "meta-train": "meta_train", "adapt": "adapt", "evaluate": "evaluate"}
+UPSTREAM = {
+    "ingest": (),
+    "episodes": ("ingest",),
+    "meta-train": ("episodes",),
+    "adapt": ("meta-train",),
+    "evaluate": ("meta-train",),
+}
+# Stages whose runs benefit from MLflow system metrics (CPU, memory, GPU) in the UI.
+SYSTEM_METRICS = {"meta-train", "evaluate"}
+
+
+def module(stage: str) -> ModuleType:
+    return importlib.import_module(MODULES[stage])
+
+
+@dataclass
+class Outcome:
+    stage: str
+    run_id: str
+    reused: bool
+    summary: str = ""
+
+
+def execute_stage(
+    stage: str,
+    cfg: Any,
+    *,
+    upstream: dict[str, UpstreamRun],
+    suite: str | None,
+    dataset: str | None,
+    parent_run_id: str | None = None,
+    reuse: bool = False,
+    resume_run_id: str | None = None,
+) -> Outcome:
+    """Run one stage as an MLflow run (or reuse a finished one with the same fingerprint)."""
+    mod = module(stage)
+    cfg_dict = cfg.model_dump(mode="json")
+    inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
+    fp = tracking.fingerprint(stage, cfg_dict, {k: u.run_id for k, u in upstream.items()}, inputs)
+    if reuse and not resume_run_id:
+        rid = tracking.find_reusable(stage, fp)
+        if rid:
+            print(f"{stage}: reusing finished run {rid} (same config, upstream runs and code)", flush=True)
+            return Outcome(stage, rid, True)
+    name = mod.run_name(cfg)
+    log(f"{stage}: starting run '{name}'" + (f" (resuming {resume_run_id})" if resume_run_id else ""))
+    t0 = time.monotonic()
+    with tracking.stage_run(
+        stage,
+        run_name=name,
+        config=cfg_dict,
+        upstream=upstream,
+        fp=fp,
+        suite=suite,
+        dataset=dataset,
+        parent_run_id=parent_run_id,
+        resume_run_id=resume_run_id,
+        system_metrics=stage in SYSTEM_METRICS,
+    ) as run:
+        result: StageResult = mod.execute(cfg, run, upstream)
+        elapsed = time.monotonic() - t0
+        line = f"{stage} finished in {elapsed:.1f} s: {result.summary}"
+        run.set_description(f"{line}\n\nrun id: {run.run_id}")
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items()}
+        metrics["stage_seconds"] = elapsed
+        run.log_metrics(metrics)
+        run_id, url = run.run_id, run.ui_url
+    print(f"{line} | run {run_id} | {url}", flush=True)
+    return Outcome(stage, run_id, False, result.summary)

@@ -1,0 +1,47 @@
+"""Tiny stand-in stages with the real stage protocol, to test the chain machinery in seconds."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from pipeline.config import StrictModel
+from pipeline.tracking import StageResult
+
+CALLS: list[str] = []
+
+
+class IngestCfg(StrictModel):
+    name: str = "fake"
+    size: int = 8
+
+
+class SectionCfg(StrictModel):
+    value: int = 1
+    fail: bool = False
+
+
+def _make(stage: str, upstream: tuple[str, ...], cfg_cls: type[StrictModel]) -> SimpleNamespace:
+    def execute(cfg, run, up):
+        CALLS.append(stage)
+        if getattr(cfg, "fail", False):
+            raise RuntimeError(f"{stage} was told to fail")
+        seen = {k: u.read_json("out.json") for k, u in up.items()}
+        (run.outdir / "out.json").write_text(
+            json.dumps({"stage": stage, "cfg": cfg.model_dump(), "seen": seen})
+        )
+        run.log_metrics({"value": 1.0})
+        return StageResult(summary=f"{stage} ok", metrics={"items": 3})
+
+    return SimpleNamespace(
+        CONFIG=cfg_cls, UPSTREAM=upstream, run_name=lambda cfg: f"{stage} fake", execute=execute
+    )
+
+
+MODULES = {
+    "ingest": _make("ingest", (), IngestCfg),
+    "episodes": _make("episodes", ("ingest",), SectionCfg),
+    "meta-train": _make("meta-train", ("episodes",), SectionCfg),
+    "adapt": _make("adapt", ("meta-train",), SectionCfg),
+    "evaluate": _make("evaluate", ("meta-train",), SectionCfg),
+}

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline import tracking
+from pipeline.errors import TrackingError, UpstreamError
+
+
+def test_import_mlflow_is_the_installed_package_not_the_repo_folder() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "mlflow").is_dir() and not (repo / "mlflow" / "__init__.py").exists()
+    # run from the repo root, where ./mlflow/ sits first on sys.path
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow, sys; print(mlflow.__file__); print(hasattr(mlflow, 'start_run'))",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "site-packages" in out[0] and out[1] == "True"
+
+
+def test_default_store_is_sqlite_under_mlflow(tmp_store: Path) -> None:
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_store / 'mlflow' / 'mlflow.db').resolve()}"
+    with tracking.stage_run(
+        "ingest", run_name="t", config={"a": {"b": 2}}, upstream={}, fp="x" * 24, suite=None, dataset="d"
+    ) as run:
+        (run.outdir / "f.txt").write_text("hi")
+    up = tracking.latest_run("ingest", dataset="d")
+    assert up.artifact("f.txt").read_text() == "hi"
+    assert str(up.artifact("f.txt")).startswith(str(tmp_store / "mlflow" / "artifacts"))
+    assert up.params == {"a.b": "2"}
+    assert (tmp_store / "mlflow" / "mlflow.db").is_file()
+
+
+def test_env_uri_overrides(tmp_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_store / "other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    assert tracking.tracking_uri() == f"sqlite:///{other}"
+    tracking.experiment_id("fewscan/x")
+    assert other.is_file()
+
+
+def test_missing_artifact_and_upstream_errors(tmp_store: Path) -> None:
+    with pytest.raises(UpstreamError, match="no finished 'episodes' run for suite 's'"):
+        tracking.latest_run("episodes", suite="s")
+    with tracking.stage_run(
+        "ingest", run_name="t", config={}, upstream={}, fp="y" * 24, suite=None, dataset="d"
+    ) as run:
+        rid = run.run_id
+    up = tracking.UpstreamRun.from_id(rid, "ingest")
+    with pytest.raises(UpstreamError, match="has no artifact 'nope.json'"):
+        up.artifact("nope.json")
+    with pytest.raises(UpstreamError, match="is a 'ingest' run, but a 'episodes' run is needed"):
+        tracking.UpstreamRun.from_id(rid, "episodes")
+
+
+def test_registry_alias_and_model_refs(tmp_store: Path) -> None:
+    with tracking.stage_run(
+        "meta-train", run_name="t", config={}, upstream={}, fp="z" * 24, suite="s", dataset="d"
+    ) as run:
+        run.log_state_dict({}, "models/maml")
+        v = run.register_model("models/maml", "fewscan-s-meta", "latest")  # 'latest' is reserved -> current
+        rid = run.run_id
+    assert v == "1"
+    for ref in (
+        rid,
+        "fewscan-s-meta@current",
+        "models:/fewscan-s-meta@current",
+        "models:/fewscan-s-meta/1",
+        "fewscan-s-meta@latest",
+        "models:/fewscan-s-meta/latest",
+    ):
+        assert tracking.resolve_model_ref(ref) == rid
+    with pytest.raises(UpstreamError, match="was not found in the registry"):
+        tracking.resolve_model_ref("nosuch@current")
+
+
+def test_retry_is_bounded_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def locked():
+        calls.append(1)
+        raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.3)
+    with pytest.raises(TrackingError, match="stayed locked"):
+        tracking.retry(locked, "test")
+    assert len(calls) > 1
+    n = iter([RuntimeError("database is locked"), RuntimeError("database is locked")])
+
+    def flaky():
+        e = next(n, None)
+        if e:
+            raise e
+        return 42
+
+    assert tracking.retry(flaky, "test") == 42
+    with pytest.raises(ValueError):
+        tracking.retry(lambda: (_ for _ in ()).throw(ValueError("other")), "test")
+
+
+def test_concurrent_writers_lose_no_run(tmp_store: Path) -> None:
+    """Two processes writing runs into one SQLite store at once: every run lands, none corrupted."""
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pipeline import tracking\n"
+        "for i in range(6):\n"
+        "    with tracking.stage_run('ingest', run_name=f'w{i}', config={'i': i, 'w': sys.argv[1]}, upstream={},\n"
+        "                            fp=f'{sys.argv[1]}{i}', suite=None, dataset='c') as r:\n"
+        "        r.log_metrics({'m': float(i)}, step=i)\n"
+    ) % str(Path(__file__).resolve().parents[2])  # noqa: UP031
+    tracking.experiment_id("fewscan/dataset-c")  # create the schema once, before the race
+    procs = [subprocess.Popen([sys.executable, "-c", script, w], cwd=tmp_store) for w in ("a", "b")]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    c = tracking.client()
+    runs = c.search_runs([tracking.experiment_id("fewscan/dataset-c")], "", max_results=100)
+    assert len(runs) == 12 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_threads_share_client_safely(tmp_store: Path) -> None:
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            with tracking.stage_run(
+                "ingest", run_name=f"t{k}", config={}, upstream={}, fp=f"t{k}", suite=None, dataset="th"
+            ) as r:
+                r.log_metrics({"k": k})
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
