@@ -112,15 +112,16 @@ def test_retry_is_bounded_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_concurrent_writers_lose_no_run(tmp_store: Path) -> None:
     """Two processes writing runs into one SQLite store at once: every run lands, none corrupted."""
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, sys.argv[2])\n"
         "from pipeline import tracking\n"
         "for i in range(6):\n"
         "    with tracking.stage_run('ingest', run_name=f'w{i}', config={'i': i, 'w': sys.argv[1]}, upstream={},\n"
         "                            fp=f'{sys.argv[1]}{i}', suite=None, dataset='c') as r:\n"
         "        r.log_metrics({'m': float(i)}, step=i)\n"
-    ) % str(Path(__file__).resolve().parents[2])  # noqa: UP031
+    )
+    repo = str(Path(__file__).resolve().parents[2])
     tracking.experiment_id("fewscan/dataset-c")  # create the schema once, before the race
-    procs = [subprocess.Popen([sys.executable, "-c", script, w], cwd=tmp_store) for w in ("a", "b")]
+    procs = [subprocess.Popen([sys.executable, "-c", script, w, repo], cwd=tmp_store) for w in ("a", "b")]
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     c = tracking.client()
     runs = c.search_runs([tracking.experiment_id("fewscan/dataset-c")], "", max_results=100)
