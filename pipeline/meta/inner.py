@@ -45,6 +45,15 @@ def lr_at(lr: LRSpec, step: int, name: str) -> float | Tensor:
     return lr_at(lr[min(step, len(lr) - 1)], step, name)
 
 
+def detach_lr(lr: LRSpec) -> LRSpec:
+    """A copy of `lr` cut from the graph (learned rates used at test time)."""
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    if isinstance(lr, Mapping):
+        return {k: v.detach() for k, v in lr.items()}
+    return [{k: v.detach() for k, v in d.items()} for d in lr]
+
+
 def adapt(
     model: nn.Module,
     params: Mapping[str, Tensor],

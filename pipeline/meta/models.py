@@ -51,19 +51,21 @@ NORM_POLICIES: tuple[str, ...] = ("group", "instance", "layer", "batch_transduct
 class ModelSpec(StrictModel):
     """Which network to build. Serialised verbatim into `meta_model.json`."""
 
-    backbone: str = Field("conv4", description="'conv4', or a MONAI network class name, e.g. 'DenseNet121'")
-    filters: int = Field(32, ge=1, description="conv4: channels of every block")
-    blocks: int = Field(4, ge=1, le=8, description="conv4: number of conv-norm-relu-pool blocks")
+    backbone: str = Field(
+        default="conv4", description="'conv4', or a MONAI network class name, e.g. 'DenseNet121'"
+    )
+    filters: int = Field(default=32, ge=1, description="conv4: channels of every block")
+    blocks: int = Field(default=4, ge=1, le=8, description="conv4: number of conv-norm-relu-pool blocks")
     pool: Literal["flatten", "avg"] = Field(
-        "flatten", description="conv4: flatten the last map, or average it"
+        default="flatten", description="conv4: flatten the last map, or average it"
     )
     norm: NormPolicy = "group"
     norm_groups: int = Field(
-        8, ge=1, description="groups for norm=group (reduced to a divisor of the channels)"
+        default=8, ge=1, description="groups for norm=group (reduced to a divisor of the channels)"
     )
     head: HeadPolicy = "shared"
     embed_dim: int = Field(
-        64, ge=1, description="MONAI backbones: width of the feature vector the net outputs"
+        default=64, ge=1, description="MONAI backbones: width of the feature vector the net outputs"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="MONAI backbones: constructor options")
 
@@ -243,13 +245,15 @@ class FewShotNet(nn.Module):
             raise ValueError(f"n_way must be >= 1, got {n_way}")
         src = dict(params) if params is not None else dict(self.named_parameters())
         out = {k: v for k, v in src.items() if not k.startswith("head.")}
-        w, b = src["head.weight"], src["head.bias"]
         if self.head_policy == "shared":
+            w, b = src["head.weight"], src["head.bias"]
             out["head.weight"] = w.expand(n_way, w.shape[-1])  # (n_way, F), all rows equal
             out["head.bias"] = b.expand(n_way)
         else:
-            out["head.weight"] = torch.zeros(n_way, w.shape[-1], dtype=w.dtype, device=w.device)
-            out["head.bias"] = torch.zeros(n_way, dtype=b.dtype, device=b.device)
+            # zero head: not meta-learned (absent from meta_parameters), fresh zeros for every task
+            ref = next(iter(out.values()), self.head.weight)
+            out["head.weight"] = torch.zeros(n_way, self.feat_dim, dtype=ref.dtype, device=ref.device)
+            out["head.bias"] = torch.zeros(n_way, dtype=ref.dtype, device=ref.device)
         return out
 
     @staticmethod

@@ -1,0 +1,249 @@
+"""The meta-learning algorithms as configurations of one objective, plus ProtoNet.
+
+| method   | inner loop adapts | inner learning rates                  | outer gradient                     |
+|----------|-------------------|---------------------------------------|------------------------------------|
+| maml     | all parameters    | fixed `inner.lr`                      | second order (`inner.second_order`) |
+| fomaml   | all parameters    | fixed                                 | first order                        |
+| anil     | head only         | fixed                                 | second order (cheap: head only)    |
+| metasgd  | all parameters    | learned, one per parameter ELEMENT    | as `inner.second_order`            |
+| mamlpp   | all parameters    | learned per layer (tensor) per step   | first order for the first `derivative_order_anneal` fraction of training, then as `inner.second_order`; multi-step loss with annealed weights |
+| protonet | —                 | —                                     | plain backprop of the episode loss |
+
+MAML (Finn et al. 2017); FO-MAML (ibid.); ANIL (Raghu et al. 2020); Meta-SGD (Li et al. 2017);
+MAML++ (Antoniou et al. 2019: LSLR, multi-step loss, derivative-order annealing); ProtoNet (Snell et al. 2017).
+
+`MetaLearner` is an `nn.Module` holding the network and the learned inner learning rates, so one
+optimizer and one `state_dict` cover everything the outer loop learns. Its `meta_loss` maps a stacked
+meta-batch (tasks, ...) to the mean query loss; the tasks are batched with `torch.func.vmap` (one
+functional inner loop per task, all at once), or looped when checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from torch.func import vmap
+
+from pipeline.config import StrictModel
+from pipeline.errors import ConfigError
+from pipeline.meta import protonet
+from pipeline.meta.inner import LRSpec, adapt, detach_lr, forward
+from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
+from pipeline.meta.models import FewShotNet
+
+METHODS: tuple[str, ...] = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "protonet")
+
+
+class InnerConfig(StrictModel):
+    """The inner loop shared by the gradient-based methods."""
+
+    steps: int = Field(default=3, ge=0, description="inner steps during meta-training")
+    eval_steps: int | None = Field(
+        default=None, ge=0, description="inner steps at adaptation/evaluation (default: steps)"
+    )
+    lr: float = Field(default=0.1, gt=0, description="inner learning rate (the initial value when learned)")
+    second_order: bool = Field(
+        default=False, description="full second-order meta-gradient for maml/metasgd/mamlpp/anil"
+    )
+    checkpoint: bool = Field(
+        default=False, description="memory-bounded second order: recompute inner steps in backward"
+    )
+    vmap: bool = Field(default=True, description="batch the tasks of a meta-batch with torch.func.vmap")
+
+
+class MAMLPlusPlusConfig(StrictModel):
+    """MAML++ fixes (used by method `mamlpp`)."""
+
+    multi_step_loss: bool = True
+    msl_anneal: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="fraction of training over which the multi-step "
+        "loss weights move from uniform to the last step only (0.03/steps floor)",
+    )
+    derivative_order_anneal: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="fraction of training run first-order "
+        "before switching to second order (if inner.second_order)",
+    )
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What differs between the methods (see the module table)."""
+
+    name: str
+    trainable: Literal["all", "head"] = "all"
+    learned_lr: Literal["none", "per_param", "per_layer_step"] = "none"
+    second_order: bool = False
+    multi_step_loss: bool = False
+    msl_anneal: float = 0.0
+    derivative_order_anneal: float = 0.0
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.name != "protonet"
+
+
+def make_algorithm(name: str, inner: InnerConfig, mamlpp: MAMLPlusPlusConfig | None = None) -> Algorithm:
+    """The `Algorithm` for a method name; unknown names fail with the valid choices."""
+    so = inner.second_order
+    if name == "maml":
+        return Algorithm("maml", second_order=so)
+    if name == "fomaml":
+        return Algorithm("fomaml", second_order=False)
+    if name == "anil":
+        return Algorithm("anil", trainable="head", second_order=True)
+    if name == "metasgd":
+        return Algorithm("metasgd", learned_lr="per_param", second_order=so)
+    if name == "mamlpp":
+        pp = mamlpp or MAMLPlusPlusConfig()
+        return Algorithm(
+            "mamlpp",
+            learned_lr="per_layer_step",
+            second_order=so,
+            multi_step_loss=pp.multi_step_loss,
+            msl_anneal=pp.msl_anneal,
+            derivative_order_anneal=pp.derivative_order_anneal if so else 0.0,
+        )
+    if name == "protonet":
+        return Algorithm("protonet")
+    raise ConfigError(f"unknown meta-learning method '{name}'; valid: {', '.join(METHODS)}")
+
+
+def multi_step_weights(steps: int, progress: float, anneal: float) -> list[float]:
+    """MAML++ multi-step loss weights at training progress in [0, 1]: uniform at 0, then the non-final
+    weights decay linearly to 0.03/steps by `anneal` and the final step takes the rest (sum = 1)."""
+    if steps <= 0:
+        return []
+    a = 1.0 if anneal <= 0 else min(max(progress, 0.0) / anneal, 1.0)
+    other = (1.0 / steps) * (1 - a) + (0.03 / steps) * a
+    w = [other] * (steps - 1)
+    return w + [1.0 - sum(w)]
+
+
+def _lr_key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys may not contain dots
+
+
+class MetaLearner(nn.Module):
+    """The network + the learned inner learning rates of one method, and its meta-training objective."""
+
+    def __init__(self, model: FewShotNet, algo: Algorithm, inner: InnerConfig):
+        super().__init__()
+        self.model, self.algo, self.inner = model, algo, inner
+        self.lr_params = nn.ParameterDict()
+        names = self.adapted_names()
+        if algo.learned_lr == "per_param":
+            for k in names:
+                self.lr_params[_lr_key(k)] = nn.Parameter(torch.full_like(self._param(k), inner.lr))
+        elif algo.learned_lr == "per_layer_step":
+            for i in range(max(inner.steps, 1)):
+                for k in names:
+                    self.lr_params[f"s{i}__{_lr_key(k)}"] = nn.Parameter(torch.tensor(float(inner.lr)))
+
+    def _param(self, name: str) -> Tensor:
+        return dict(self.model.named_parameters())[name]
+
+    def adapted_names(self) -> list[str]:
+        """Names the inner loop adapts (head names always; backbone too unless ANIL)."""
+        names = [k for k, _ in self.model.named_parameters()]
+        if self.algo.trainable == "head":
+            return [k for k in names if k.startswith("head.")]
+        return names
+
+    def inner_lr(self) -> LRSpec:
+        """The inner learning rates in `pipeline.meta.inner` form (differentiable when learned)."""
+        names = self.adapted_names()
+        if self.algo.learned_lr == "per_param":
+            return {k: self.lr_params[_lr_key(k)] for k in names}
+        if self.algo.learned_lr == "per_layer_step":
+            return [
+                {k: self.lr_params[f"s{i}__{_lr_key(k)}"] for k in names}
+                for i in range(max(self.inner.steps, 1))
+            ]
+        return float(self.inner.lr)
+
+    def second_order_at(self, progress: float) -> bool:
+        return self.algo.second_order and progress >= self.algo.derivative_order_anneal
+
+    # ---------------------------------------------------------------------------------- objective
+    def meta_loss(
+        self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, n_way: int, progress: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """Mean query loss and accuracy over a meta-batch.
+
+        x_s (T, n_way*k, C, *spatial), y_s (T, n_way*k), x_q (T, n_way*q, C, *spatial), y_q (T, n_way*q);
+        `progress` in [0, 1] drives MAML++'s annealing (deterministic in the step, so resume is exact).
+        """
+        meta = self.model.meta_parameters()
+        if not self.algo.is_gradient:
+            fn: Callable[..., tuple[Tensor, Tensor]] = lambda xs, ys, xq, yq: protonet.episode_loss(  # noqa: E731
+                self.model, meta, xs, ys, xq, yq, n_way
+            )
+        else:
+            lr = self.inner_lr()
+            so = self.second_order_at(progress)
+            steps = self.inner.steps
+            weights = (
+                multi_step_weights(steps, progress, self.algo.msl_anneal) if self.algo.multi_step_loss else []
+            )
+            trainable = None if self.algo.trainable == "all" else self.adapted_names()
+            ck = self.inner.checkpoint and so
+
+            def fn(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+                p0 = self.model.task_params(n_way, meta)
+                traj = adapt(
+                    self.model,
+                    p0,
+                    xs,
+                    ys,
+                    steps=steps,
+                    lr=lr,
+                    second_order=so,
+                    trainable=trainable,
+                    checkpoint=ck,
+                    trajectory=True,
+                )
+                assert isinstance(traj, list)
+                logits = forward(self.model, traj[-1], xq)  # (n_q, n_way)
+                loss = F.cross_entropy(logits, yq)
+                if weights:
+                    # multi-step loss: the query loss after every inner step, weighted (last one above).
+                    loss = weights[-1] * loss
+                    for w, p in zip(weights[:-1], traj[1:-1]):
+                        loss = loss + w * F.cross_entropy(forward(self.model, p, xq), yq)
+                acc = (logits.argmax(-1) == yq).float().mean()
+                return loss, acc
+
+        if self.inner.vmap and not (
+            self.algo.is_gradient and self.inner.checkpoint and self.second_order_at(progress)
+        ):
+            losses, accs = vmap(fn)(x_s, y_s, x_q, y_q)
+        else:
+            outs = [fn(x_s[t], y_s[t], x_q[t], y_q[t]) for t in range(x_s.shape[0])]
+            losses = torch.stack([o[0] for o in outs])
+            accs = torch.stack([o[1] for o in outs])
+        return losses.mean(), accs.mean()
+
+    # ---------------------------------------------------------------------------------- test time
+    def method(self, steps: int | None = None) -> FewShotMethod:
+        """This learner as a `FewShotMethod` (a detached snapshot of the current meta-parameters)."""
+        if not self.algo.is_gradient:
+            return ProtoNetMethod(self.model, name=self.algo.name)
+        lr = detach_lr(self.inner_lr())
+        n = (
+            steps
+            if steps is not None
+            else (self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps)
+        )
+        return GradientMethod(self.model, steps=n, lr=lr, trainable=self.algo.trainable, name=self.algo.name)
