@@ -1,0 +1,129 @@
+"""Episode -> tensors, read from the memory-mapped image store.
+
+Scan keys are mapped to store rows once per store (a cached `pandas.Index`), and a meta-batch is read
+with one sorted fancy-index into the memmap (sequential-ish reads, each image read once even if two
+episodes share it), converted to float32 after the device copy (half the bytes moved).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.episodes.episode import Episode
+from pipeline.errors import DataError
+
+
+class StoreLike(Protocol):
+    """What batch assembly needs of `pipeline.ingest.store.ImageStore`."""
+
+    images: Any  # (N, C, H, W) or (N, C, D, H, W) array / memmap
+    index: pd.DataFrame  # columns scan_key, store_index (row of `images`)
+
+
+class _RowMap:
+    """scan_key -> row of `store.images`, built once per store."""
+
+    def __init__(self, store: StoreLike):
+        idx = store.index
+        rows = idx["store_index"].to_numpy(np.int64) if "store_index" in idx.columns else np.arange(len(idx))
+        self.keys = pd.Index(idx["scan_key"].astype(str).to_numpy(), dtype=object)
+        if not self.keys.is_unique:
+            raise DataError("image store index has duplicate scan keys; re-run ingest")
+        self.rows = rows
+
+    def __call__(self, keys: list[str]) -> np.ndarray:
+        pos = self.keys.get_indexer(pd.Index(keys, dtype=object))
+        if (pos < 0).any():
+            missing = [k for k, p in zip(keys, pos) if p < 0][:3]
+            raise DataError(
+                f"{int((pos < 0).sum())} episode scan key(s) are not in the image store (e.g. {missing}): "
+                "the episodes come from a different ingest run than this store"
+            )
+        return self.rows[pos]
+
+
+_MAPS: weakref.WeakKeyDictionary[Any, _RowMap] = weakref.WeakKeyDictionary()
+_MAPS_BY_ID: dict[int, tuple[Any, _RowMap]] = {}  # stores that cannot be weak-referenced
+
+
+def row_map(store: StoreLike) -> _RowMap:
+    try:
+        m = _MAPS.get(store)
+        if m is None:
+            m = _MAPS[store] = _RowMap(store)
+        return m
+    except TypeError:
+        hit = _MAPS_BY_ID.get(id(store))
+        if hit is None or hit[0] is not store:
+            hit = _MAPS_BY_ID[id(store)] = (store, _RowMap(store))
+        return hit[1]
+
+
+def _keys_and_labels(ep: Episode, part: dict[str, list[str]]) -> tuple[list[str], np.ndarray]:
+    keys: list[str] = []
+    labels: list[int] = []
+    for i, c in enumerate(ep.classes):  # class by class: support is ordered [class 0 x k, class 1 x k, ...]
+        keys.extend(part[c])
+        labels.extend([i] * len(part[c]))
+    return keys, np.asarray(labels, dtype=np.int64)
+
+
+def _gather(store: StoreLike, rows: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
+    """(len(rows), *image_shape) float32, each distinct row read once, in ascending order."""
+    uniq, inv = np.unique(rows, return_inverse=True)
+    data = np.asarray(store.images[uniq])  # one sorted read from the memmap
+    t = torch.from_numpy(np.ascontiguousarray(data))
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    return t[torch.from_numpy(inv).to(t.device)].to(torch.float32)
+
+
+def episode_arrays(
+    ep: Episode, store: StoreLike, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_s, y_s, x_q, y_q): x float32 (n, C, H, W) or (n, C, D, H, W); y int64 = position in `ep.classes`."""
+    x_s, y_s, x_q, y_q = stack_episodes([ep], store, device)
+    return x_s[0], y_s[0], x_q[0], y_q[0]
+
+
+def stack_episodes(
+    episodes: list[Episode], store: StoreLike, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A meta-batch of equal-shape episodes: x_s (T, n_way*k_shot, C, H, W), y_s (T, n_way*k_shot),
+    x_q (T, n_way*q_query, C, H, W), y_q (T, n_way*q_query)."""
+    if not episodes:
+        raise ValueError("stack_episodes needs at least one episode")
+    rmap = row_map(store)
+    keys_s: list[str] = []
+    keys_q: list[str] = []
+    ys, yq = [], []
+    shape: tuple[int, int] | None = None
+    for ep in episodes:
+        ks, ls = _keys_and_labels(ep, ep.support)
+        kq, lq = _keys_and_labels(ep, ep.query)
+        if shape is None:
+            shape = (len(ks), len(kq))
+        elif shape != (len(ks), len(kq)):
+            raise ValueError(
+                f"episode {ep.id} has {len(ks)} support / {len(kq)} query scans, the first had {shape}: "
+                "stack only episodes of one kind, n_way, k_shot and q_query (TrainSampler.sample_batch)"
+            )
+        keys_s.extend(ks)
+        keys_q.extend(kq)
+        ys.append(ls)
+        yq.append(lq)
+    assert shape is not None
+    n_s, n_q = shape
+    t = len(episodes)
+    # All supports, then all queries: both halves are contiguous views of one gathered tensor.
+    x = _gather(store, rmap(keys_s + keys_q), device)  # (T*n_s + T*n_q, C, H, W)
+    x_s = x[: t * n_s].reshape(t, n_s, *x.shape[1:])
+    x_q = x[t * n_s :].reshape(t, n_q, *x.shape[1:])
+    y_s = torch.from_numpy(np.stack(ys)).to(x.device)
+    y_q = torch.from_numpy(np.stack(yq)).to(x.device)
+    return x_s, y_s, x_q, y_q

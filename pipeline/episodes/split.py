@@ -1,0 +1,281 @@
+"""Condition split (common / validation / rare) and patient-disjoint pools.
+
+Pools. Every patient belongs to exactly one pool, `train`, `val` or `test`:
+  1. a patient with any scan of a rare (meta-test) condition -> test;
+  2. otherwise, with any scan of a validation condition -> val;
+  3. otherwise, with any scan of a common condition -> train;
+  4. otherwise (normal-only, or only excluded findings) -> shared by `normal_fraction`, by a seeded
+     permutation of the sorted patient keys.
+Held-out conditions take priority because they are scarce: a patient with Effusion and Hernia scans
+serves the Hernia test, and meta-training never sees a scan of a patient that the test uses, nor any
+scan showing a rare condition. The price is that some common-condition scans of those patients go
+unused; `split.json` reports, per condition, how many images and patients its pool keeps.
+
+A pool lists, for each condition of its own split, every scan in the pool that carries the condition
+(multi-label scans appear under each of their conditions; the samplers apply the multi-label rule per
+episode), and under the normal label every scan whose labels are exactly the normal label.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+
+from pipeline.episodes.config import EpisodesConfig, SplitConfig
+from pipeline.episodes.labels import LabelTable, eligible
+from pipeline.errors import ConfigError, DataError
+
+POOLS = ("train", "val", "test")
+_LIST_TO_POOL = {"common": "train", "validation": "val", "rare": "test"}
+POOL_RULE = (
+    "patients with a rare-condition scan -> test; else with a validation-condition scan -> val; "
+    "else with a common-condition scan -> train; else split by normal_fraction (seeded)"
+)
+
+
+def split_rng(seed: int) -> np.random.Generator:
+    """The generator that shares normal-only patients between pools (stream 0 of the suite seed)."""
+    return np.random.default_rng([seed, 0])
+
+
+def validate_condition_names(split: SplitConfig, names: list[str], normal_label: str) -> None:
+    """Fail on condition names the scan index does not know, with the valid names and the closest match."""
+    problems = []
+    for key in ("common", "validation", "rare", "exclude"):
+        for name in getattr(split, key):
+            if name == normal_label:
+                problems.append(
+                    f"  - episodes.split.{key}: '{name}' is the normal label, not a condition "
+                    "(normal scans are the negative class of binary episodes)"
+                )
+            elif name not in names:
+                close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+                if not close:  # case or separator slips: "pleural thickening" vs "Pleural_Thickening"
+                    folded = {n.lower().replace("_", " "): n for n in names}
+                    hit = folded.get(name.lower().replace("_", " "))
+                    close = [hit] if hit else []
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                problems.append(f"  - episodes.split.{key}: unknown condition '{name}'.{hint}")
+    if problems:
+        raise ConfigError(
+            "unknown condition name(s) in the task suite:\n"
+            + "\n".join(problems)
+            + f"\n  Valid conditions in this scan index: {', '.join(names)} (normal label: '{normal_label}')"
+        )
+
+
+def assign_conditions(split: SplitConfig, names: list[str], patients: np.ndarray) -> dict[str, str]:
+    """Condition -> "train" | "val" | "test" | "excluded" | "absent" (explicit lists, then the rules)."""
+    out: dict[str, str] = {}
+    for key, pool in _LIST_TO_POOL.items():
+        for name in getattr(split, key):
+            out[name] = pool
+    for name in split.exclude:
+        out[name] = "excluded"
+    for j, name in enumerate(names):
+        if name in out:
+            continue
+        n = int(patients[j])
+        if n == 0:
+            out[name] = "absent"
+        elif split.rare_below_patients is not None and n < split.rare_below_patients:
+            out[name] = "test"
+        elif split.validation_below_patients is not None and n < split.validation_below_patients:
+            out[name] = "val"
+        else:
+            out[name] = "train"
+    return out
+
+
+def assign_patient_pools(
+    table: LabelTable, assignment: dict[str, str], cfg: EpisodesConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """(P,) int8 pool of every patient code: 0 train, 1 val, 2 test (rule in the module docstring)."""
+    rank = np.zeros(len(table.names), dtype=np.int8)  # 0 unused, 1 train, 2 val, 3 test
+    for j, name in enumerate(table.names):
+        rank[j] = {"train": 1, "val": 2, "test": 3}.get(assignment.get(name, ""), 0)
+    # (N,) highest-priority split among each scan's findings, then max over each patient's scans
+    scan_rank = (table.findings * rank[None, :]).max(axis=1) if len(rank) else np.zeros(len(table.scan_keys))
+    patient_rank = np.zeros(len(table.patient_keys), dtype=np.int8)
+    np.maximum.at(patient_rank, table.patient_codes, scan_rank.astype(np.int8))
+    pool = (patient_rank - 1).astype(np.int8)
+
+    rest = np.flatnonzero(patient_rank == 0)  # sorted codes = sorted patient keys
+    rest = rest[rng.permutation(len(rest))]
+    frac = cfg.normal_fraction
+    n_train = int(round(frac.train * len(rest)))
+    n_val = int(round(frac.val * len(rest)))
+    n_val = min(n_val, len(rest) - n_train)
+    pool[rest[:n_train]] = 0
+    pool[rest[n_train : n_train + n_val]] = 1
+    pool[rest[n_train + n_val :]] = 2
+    return pool
+
+
+def _n_patients(codes: np.ndarray) -> int:
+    return int(len(np.unique(codes)))
+
+
+def build_split(table: LabelTable, cfg: EpisodesConfig) -> tuple[dict, list[str]]:
+    """The content of `split.json` and the warnings to show (dropped conditions).
+
+    Raises DataError, with a table of every condition's patient count against what an episode needs,
+    when a condition (or a pool's normal class) has too few patients and `on_insufficient` is "fail".
+    """
+    validate_condition_names(cfg.split, table.names, table.normal_label)
+    images, patients = table.condition_counts()
+    assignment = assign_conditions(cfg.split, table.names, patients)
+    patient_pool = assign_patient_pools(table, assignment, cfg, split_rng(cfg.seed))
+    scan_pool = patient_pool[table.patient_codes]  # (N,)
+    need = cfg.max_patients_per_class
+    # Which pools must hold full episodes: train (meta-training), test, and val when asked for.
+    used_pools = ["train", "test"] + (["val"] if cfg.val_episodes > 0 else [])
+
+    conditions: dict[str, dict] = {}
+    rows_of: dict[str, np.ndarray] = {}
+    short: list[str] = []
+    for j, name in enumerate(table.names):
+        where = assignment[name]
+        info: dict = {"split": where, "images": int(images[j]), "patients": int(patients[j])}
+        if where in POOLS:
+            p = POOLS.index(where)
+            rows = np.flatnonzero(table.findings[:, j] & (scan_pool == p))
+            rows_of[name] = rows
+            info["pool_images"] = int(len(rows))
+            info["pool_patients"] = _n_patients(table.patient_codes[rows])
+            # Patients that can serve this condition in any episode of the configured kinds: with
+            # n_way, a scan must carry no other condition of its split (the strictest class set).
+            others = [table.code(n) for n, s in assignment.items() if s == where and n != name]
+            ok = np.ones(len(rows), dtype=bool)
+            for kind in cfg.kinds:
+                ok &= eligible(table, rows, j, others if kind == "n_way" else [], cfg.multilabel)
+            info["eligible_patients"] = _n_patients(table.patient_codes[rows[ok]])
+            if where in used_pools and info["eligible_patients"] < need:
+                short.append(name)
+        elif where == "excluded":
+            info["split"] = "dropped"
+            info["reason"] = "listed in episodes.split.exclude"
+        else:
+            info["split"] = "dropped"
+            info["reason"] = "no scan in the index carries it"
+        conditions[name] = info
+
+    normal: dict[str, dict] = {}
+    normal_short: list[str] = []
+    for p, pool in enumerate(POOLS):
+        rows = np.flatnonzero(table.is_normal & (scan_pool == p))
+        rows_of[f"normal:{pool}"] = rows
+        n_pat = _n_patients(table.patient_codes[rows])
+        normal[pool] = {"images": int(len(rows)), "patients": n_pat}
+        if "binary" in cfg.kinds and pool in used_pools and n_pat < need:
+            normal_short.append(pool)
+
+    warnings: list[str] = []
+    if normal_short or (short and cfg.on_insufficient == "fail"):
+        raise DataError(_shortage_message(conditions, normal, need, cfg, short, normal_short, used_pools))
+    for name in short:
+        info = conditions[name]
+        info["reason"] = (
+            f"{info['eligible_patients']} eligible patients in the {info['split']} pool, "
+            f"an episode needs {need} (k_shot {max(cfg.k_shots)} + q_query {cfg.q_query})"
+        )
+        info["split"] = "dropped"
+        warnings.append(f"dropped condition '{name}': {info['reason']}")
+
+    _check_enough_conditions(conditions, cfg, used_pools)
+
+    def keys(rows: np.ndarray) -> list[str]:  # sorted by scan key: split.json ignores the index row order
+        return table.scan_keys[rows[np.argsort(table.scan_rank[rows])]].tolist()
+
+    pools: dict[str, dict[str, list[str]]] = {}
+    for pool in POOLS:
+        entry = {name: keys(rows_of[name]) for name, info in conditions.items() if info["split"] == pool}
+        entry[table.normal_label] = keys(rows_of[f"normal:{pool}"])
+        pools[pool] = entry
+    pool_patients = {pool: int((patient_pool == p).sum()) for p, pool in enumerate(POOLS)}
+    pool_images = {pool: int((scan_pool == p).sum()) for p, pool in enumerate(POOLS)}
+    split = {
+        "normal_label": table.normal_label,
+        "conditions": conditions,
+        "normal": normal,
+        "pools": pools,
+        "pool_patients": pool_patients,
+        "pool_images": pool_images,
+        "pool_rule": POOL_RULE,
+        "kinds": list(cfg.kinds),
+        "k_shots": cfg.k_shots,
+        "q_query": cfg.q_query,
+        "n_way": cfg.n_way,
+        "multilabel": cfg.multilabel,
+        "patients_needed_per_class": need,
+        "seed": cfg.seed,
+    }
+    return split, warnings
+
+
+def _check_enough_conditions(conditions: dict[str, dict], cfg: EpisodesConfig, used_pools: list[str]) -> None:
+    for pool in used_pools:
+        names = [n for n, i in conditions.items() if i["split"] == pool]
+        want = cfg.n_way if "n_way" in cfg.kinds else 1
+        if len(names) < want:
+            what = {"train": "common (meta-train)", "val": "validation", "test": "rare (meta-test)"}[pool]
+            fix = {
+                "train": "list conditions under episodes.split.common",
+                "val": "list conditions under episodes.split.validation (or set val_episodes: 0)",
+                "test": "list conditions under episodes.split.rare or set episodes.split.rare_below_patients",
+            }[pool]
+            dropped = [
+                n for n, i in conditions.items() if i.get("reason", "").endswith(f"q_query {cfg.q_query})")
+            ]
+            extra = f" (dropped for too few patients: {', '.join(dropped)})" if dropped else ""
+            raise DataError(
+                f"the {what} split has {len(names)} usable condition(s) {names}{extra}, "
+                f"but {'n_way episodes need ' + str(cfg.n_way) if 'n_way' in cfg.kinds else 'episodes need 1'}: "
+                f"{fix}{', or lower episodes.n_way' if 'n_way' in cfg.kinds else ''}"
+            )
+
+
+def _shortage_message(
+    conditions: dict[str, dict],
+    normal: dict[str, dict],
+    need: int,
+    cfg: EpisodesConfig,
+    short: list[str],
+    normal_short: list[str],
+    used_pools: list[str],
+) -> str:
+    rule = "n_way: scans with no other condition of the split" if "n_way" in cfg.kinds else "any scan with it"
+    lines = [
+        f"not enough patients: an episode needs {need} distinct patients per class "
+        f"(k_shot {max(cfg.k_shots)} + q_query {cfg.q_query}; one scan per patient per episode). "
+        f"Eligible patients count {rule}.",
+        f"  {'condition':<24} {'split':<8} {'patients':>8} {'in pool':>8} {'eligible':>8} {'needed':>6}  status",
+    ]
+    for name, info in sorted(conditions.items(), key=lambda kv: (kv[1].get("eligible_patients", -1), kv[0])):
+        if "eligible_patients" in info:
+            status = "TOO FEW" if name in short else ("ok" if info["split"] in used_pools else "unused pool")
+            lines.append(
+                f"  {name:<24} {info['split']:<8} {info['patients']:>8} {info['pool_patients']:>8} "
+                f"{info['eligible_patients']:>8} {need:>6}  {status}"
+            )
+        else:
+            lines.append(
+                f"  {name:<24} {'-':<8} {info['patients']:>8} {'-':>8} {'-':>8} {'-':>6}  {info['split']}"
+            )
+    if "binary" in cfg.kinds:
+        for pool, n in normal.items():
+            status = "TOO FEW" if pool in normal_short else "ok"
+            label = f"(normal, {pool} pool)"
+            lines.append(
+                f"  {label:<24} {pool:<8} {'':>8} {n['patients']:>8} {n['patients']:>8} {need:>6}  {status}"
+            )
+    fixes = "lower k_shot / q_query, move the condition to another split"
+    if short:
+        fixes += ", or set episodes.on_insufficient: drop to drop it with a warning"
+    if normal_short:
+        fixes += (
+            f"; for normal patients adjust episodes.normal_fraction (short in: {', '.join(normal_short)})"
+        )
+    lines.append(f"Fix: {fixes}.")
+    return "\n".join(lines)

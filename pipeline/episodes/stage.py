@@ -1,0 +1,161 @@
+"""`fewscan episodes`: an ingest run + the suite's `episodes:` section -> split.json, fixed episodes,
+leakage_audit.json (artifacts of an MLflow run tagged fewscan.stage=episodes). Reads no image: only
+`store/scan_index.parquet` and `store/store.json` of the ingest run are fetched, so a remote artifact
+store never downloads the image array for this stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+import pandas as pd
+
+from pipeline.episodes.audit import LeakageError
+from pipeline.episodes.build import build_episodes, write_outputs
+from pipeline.episodes.config import EpisodesConfig
+from pipeline.errors import ConfigError
+from pipeline.progress import log
+from pipeline.tracking import StageResult, StageRun, UpstreamRun
+
+CONFIG = EpisodesConfig
+UPSTREAM = ("ingest",)
+
+
+def _kinds_label(cfg: EpisodesConfig) -> str:
+    return "+".join("binary" if k == "binary" else f"{cfg.n_way}way" for k in cfg.kinds)
+
+
+def run_name(cfg: EpisodesConfig) -> str:
+    """e.g. "episodes binary+3way k=1,5 q=15"."""
+    return f"episodes {_kinds_label(cfg)} k={','.join(map(str, cfg.k_shots))} q={cfg.q_query}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("episodes options (override the suite's episodes: section)")
+    g.add_argument("--k-shot", dest="ep_k_shot", metavar="K[,K...]", help="support scans per class, e.g. 1,5")
+    g.add_argument("--q-query", dest="ep_q_query", type=int, metavar="Q", help="query scans per class")
+    g.add_argument("--n-way", dest="ep_n_way", type=int, metavar="N", help="classes of n_way episodes")
+    g.add_argument("--kinds", dest="ep_kinds", metavar="KIND[,KIND]", help="binary, n_way or binary,n_way")
+    g.add_argument(
+        "--val-episodes", dest="ep_val_episodes", type=int, metavar="N", help="per kind and k_shot"
+    )
+    g.add_argument(
+        "--test-episodes", dest="ep_test_episodes", type=int, metavar="N", help="per kind and k_shot"
+    )
+    g.add_argument(
+        "--episode-seed", dest="ep_seed", type=int, metavar="SEED", help="seed of split and episodes"
+    )
+    g.add_argument(
+        "--on-insufficient",
+        dest="ep_on_insufficient",
+        choices=("fail", "drop"),
+        help="too few patients: fail|drop",
+    )
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{flag} takes integers separated by commas, e.g. 1,5 (got '{text}')") from None
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if getattr(args, "ep_k_shot", None):
+        out.append(f"k_shot={_int_list(args.ep_k_shot, '--k-shot')}")
+    if getattr(args, "ep_kinds", None):
+        kinds = [k.strip() for k in args.ep_kinds.split(",") if k.strip()]
+        out.append(f"kinds=[{','.join(kinds)}]")
+    for dest, key in (
+        ("ep_q_query", "q_query"),
+        ("ep_n_way", "n_way"),
+        ("ep_val_episodes", "val_episodes"),
+        ("ep_test_episodes", "test_episodes"),
+        ("ep_seed", "seed"),
+        ("ep_on_insufficient", "on_insufficient"),
+    ):
+        v = getattr(args, dest, None)
+        if v is not None:
+            out.append(f"{key}={v}")
+    return out
+
+
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def _metric_key(*parts: str) -> str:
+    return ".".join(_METRIC_UNSAFE.sub("_", p) for p in parts)
+
+
+def split_metrics(split: dict[str, Any], n_val: int, n_test: int) -> tuple[dict[str, str], dict[str, float]]:
+    """Params (each condition's split) and metrics (image / patient counts) that make runs comparable."""
+    params: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    for name, info in split["conditions"].items():
+        params[_metric_key("condition", name)] = info["split"]
+        metrics[_metric_key("images", name)] = info["images"]
+        metrics[_metric_key("patients", name)] = info["patients"]
+        if "pool_patients" in info:
+            metrics[_metric_key("pool_images", name)] = info["pool_images"]
+            metrics[_metric_key("pool_patients", name)] = info["pool_patients"]
+            metrics[_metric_key("eligible_patients", name)] = info["eligible_patients"]
+    for pool, n in split["pool_patients"].items():
+        metrics[_metric_key("pool_patients", pool)] = n
+        metrics[_metric_key("pool_images", pool)] = split["pool_images"][pool]
+        metrics[_metric_key("normal_patients", pool)] = split["normal"][pool]["patients"]
+    for s in ("train", "val", "test", "dropped"):
+        metrics[_metric_key("conditions", s)] = sum(
+            1 for i in split["conditions"].values() if i["split"] == s
+        )
+    metrics["episodes.val"] = n_val
+    metrics["episodes.test"] = n_test
+    return params, metrics
+
+
+def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    up = upstream["ingest"]
+    meta = up.read_json("store/store.json")
+    index = pd.read_parquet(up.artifact("store/scan_index.parquet"))
+    log(f"episodes: scan index of ingest run {up.run_id}: {len(index)} scans")
+
+    built = build_episodes(index, meta, cfg)
+    for w in built.warnings:
+        log(f"WARNING: {w}")
+    paths = write_outputs(built, run.outdir)
+
+    params, metrics = split_metrics(built.split, len(built.val), len(built.test))
+    params["normal_label"] = built.split["normal_label"]
+    run.log_params(params)
+    run.log_metrics(metrics)
+    failed = [c for c in built.audit["checks"] if not c["passed"]]
+    metrics["leakage_checks_failed"] = len(failed)
+    if failed:
+        # Upload the audit now: a failing stage uploads nothing else, and this file is the evidence.
+        run.log_artifact(paths["audit"])
+        raise LeakageError(
+            f"leakage audit failed ({len(failed)} of {len(built.audit['checks'])} checks): "
+            + "; ".join(f"{c['name']}: {c['detail']}" for c in failed)
+            + ". See leakage_audit.json of this run; this is a bug in the split or sampler, please report it"
+        )
+
+    conds = built.split["conditions"]
+    by = {
+        s: sorted(n for n, i in conds.items() if i["split"] == s) for s in ("train", "val", "test", "dropped")
+    }
+    summary = (
+        f"{len(by['train'])} common / {len(by['val'])} validation / {len(by['test'])} rare conditions"
+        + (f" ({len(by['dropped'])} dropped)" if by["dropped"] else "")
+        + f"; patients train/val/test {built.split['pool_patients']['train']}/"
+        f"{built.split['pool_patients']['val']}/{built.split['pool_patients']['test']}; "
+        f"{len(built.val)} val + {len(built.test)} test episodes ({_kinds_label(cfg)}, k={cfg.k_shots}, "
+        f"q={cfg.q_query}); leakage audit passed ({len(built.audit['checks'])} checks)"
+    )
+    headline = {
+        "conditions.test": metrics["conditions.test"],
+        "episodes.test": float(len(built.test)),
+        "leakage_checks_failed": 0.0,
+    }
+    return StageResult(summary=summary, metrics=headline)
