@@ -1,0 +1,274 @@
+"""The traditional baselines MAML is compared against, as `FewShotMethod`s.
+
+- Traditional transfer learning: the meta-model's backbone architecture, trained with plain cross-entropy
+  on every single-finding scan of the meta-train pool (common conditions + normal), then fine-tuned on
+  each episode's support set with a fresh zero-initialised n-way head: head only (the pretrained features
+  frozen, a linear classifier on top) or the whole network.
+- Training from scratch: the same architecture from a seeded random initialization, trained on the
+  support set alone.
+
+All per-episode adaptation goes through the one inner loop `pipeline.meta.inner.adapt` (plain gradient
+descent on the support cross-entropy). Pretraining is ordinary minibatch Adam training, not adaptation.
+
+Why a zero head: the label order of an episode is arbitrary, so no class may start favoured; a zero
+head gives exactly uniform predictions before the first step (the "zeroing trick", Kao et al. 2022).
+Head-only fine-tuning computes the frozen features once and runs the inner loop on the linear head alone:
+mathematically the same as `adapt(..., trainable=head)` on the whole network (no batch statistics are
+kept by any of our normalization policies), at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import DataError
+from pipeline.evaluate.config import PretrainConfig
+from pipeline.meta import inner
+from pipeline.meta.methods import Adapted, GradientMethod
+from pipeline.meta.models import FewShotNet, ModelSpec, build_model
+from pipeline.progress import Bar
+
+Params = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class PretrainData:
+    """Single-finding scans of the meta-train pool. rows index the image store; y index `classes`."""
+
+    rows: np.ndarray  # (n,) int, store rows
+    y: np.ndarray  # (n,) int
+    patients: np.ndarray  # (n,) str, salted patient keys (for a patient-level hold-out)
+    classes: list[str]
+    n_multi_label_dropped: int
+
+
+def pretrain_data(split: Mapping[str, Any], index: pd.DataFrame, rows_for: Any) -> PretrainData:
+    """The traditional classifier's training set: every train-pool scan with exactly one label.
+
+    Multi-label policy: a scan with two or more findings is left out (its class is ambiguous for a
+    single-label softmax classifier, and it may carry a finding of a rare condition). Normal scans
+    (the normal label alone) are a class of their own.
+    """
+    pools = split.get("pools", {}).get("train")
+    if not pools:
+        raise DataError("split.json has no train pool; the traditional baseline needs the meta-train pool")
+    classes = sorted(pools)
+    by_key = index.set_index("scan_key")
+    keys: list[str] = []
+    ys: list[int] = []
+    dropped: set[str] = set()
+    seen: set[str] = set()
+    for ci, c in enumerate(classes):
+        for key in pools[c]:
+            if key in seen or key in dropped:
+                continue
+            labels = str(by_key.at[key, "labels"]).split("|")
+            if len(labels) != 1:
+                dropped.add(key)
+                continue
+            if labels[0] != c:
+                continue  # listed under a class that is not its label; keep it only under its own
+            seen.add(key)
+            keys.append(key)
+            ys.append(ci)
+    if not keys:
+        raise DataError("the train pool has no single-label scans to pretrain the traditional classifier on")
+    present = sorted(set(ys))
+    if len(present) < 2:
+        raise DataError(
+            f"the train pool has single-label scans of only {[classes[i] for i in present]}; need >= 2 classes"
+        )
+    rows = np.asarray(rows_for(keys), dtype=np.int64)
+    patients = by_key.loc[keys, "patient_key"].astype(str).to_numpy()
+    return PretrainData(rows, np.asarray(ys, dtype=np.int64), patients, classes, len(dropped))
+
+
+def _stratified_cap(y: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a class-stratified subsample of at most `cap` items (proportional, at least 1 per class)."""
+    if cap >= y.size:
+        return np.arange(y.size)
+    out = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        take = max(1, int(round(cap * idx.size / y.size)))
+        out.append(rng.choice(idx, size=min(take, idx.size), replace=False))
+    return np.sort(np.concatenate(out))
+
+
+# --------------------------------------------------------------------------------------------- pretrain
+def _seeded_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:
+    """Build the network with its default initialization drawn from torch's RNG seeded with `seed`.
+
+    Module constructors draw from the global torch generator; `fork_rng` scopes the seed so nothing
+    else in the process is affected and the same seed always gives the same weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec.model_copy(update={"head": "zero"}), in_channels, image_size)
+
+
+@dataclass
+class Pretrained:
+    """The traditional classifier: a FewShotNet (zero head) whose backbone was pretrained."""
+
+    model: FewShotNet
+    report: dict[str, Any]
+
+
+def pretrain_classifier(
+    spec: ModelSpec,
+    in_channels: int,
+    image_size: tuple[int, ...],
+    images: np.ndarray,
+    data: PretrainData,
+    cfg: PretrainConfig,
+    seed: int,
+    device: torch.device | None = None,
+) -> Pretrained:
+    """Train backbone + a (n_classes) linear head with cross-entropy; keep the backbone.
+
+    Class-balanced sampling (each class drawn equally often) so that the abundant normal scans do not
+    dominate the representation. A hold-out of train-pool PATIENTS measures the classifier itself.
+    """
+    device = device or torch.device("cpu")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E7A]))
+    idx = np.arange(data.y.size)
+    if cfg.max_images is not None:
+        idx = _stratified_cap(data.y, cfg.max_images, rng)
+    patients = np.unique(data.patients[idx])
+    n_hold = int(math.floor(cfg.holdout_fraction * patients.size))
+    hold_patients = set(rng.choice(patients, size=n_hold, replace=False).tolist()) if n_hold else set()
+    is_hold = np.array([p in hold_patients for p in data.patients[idx]], dtype=bool)
+    tr, ho = idx[~is_hold], idx[is_hold]
+
+    model = _seeded_model(spec, in_channels, image_size, seed).to(device)
+    n_cls = len(data.classes)
+    gen = torch.Generator().manual_seed(seed)
+    clf = nn.Linear(model.feat_dim, n_cls)
+    with torch.no_grad():
+        clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) / math.sqrt(model.feat_dim))
+        clf.bias.zero_()
+    clf = clf.to(device)
+    opt = torch.optim.Adam(
+        list(model.backbone.parameters()) + list(clf.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    # class-balanced draws: P(scan) ∝ 1 / count(its class)
+    counts = np.bincount(data.y[tr], minlength=n_cls).astype(np.float64)
+    w = 1.0 / counts[data.y[tr]]
+    w /= w.sum()
+    per_epoch = tr.size
+    n_batches = max(1, per_epoch // cfg.batch_size)
+    bar = Bar(cfg.epochs * n_batches, desc=f"pretrain traditional classifier (seed {seed})")
+    losses = []
+    model.train()
+    for _epoch in range(cfg.epochs):
+        order = rng.choice(tr, size=n_batches * cfg.batch_size, replace=True, p=w)
+        for b in range(n_batches):
+            sel = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+            x = torch.from_numpy(np.asarray(images[data.rows[sel]], dtype=np.float32)).to(device)
+            y = torch.from_numpy(data.y[sel]).to(device)
+            loss = F.cross_entropy(clf(model.features(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(loss=losses[-1])
+    bar.close()
+    model.eval()
+
+    report: dict[str, Any] = {
+        "classes": data.classes,
+        "n_train_images": int(tr.size),
+        "n_holdout_images": int(ho.size),
+        "n_holdout_patients": len(hold_patients),
+        "n_multi_label_dropped": data.n_multi_label_dropped,
+        "train_class_counts": {c: int(n) for c, n in zip(data.classes, counts)},
+        "epochs": cfg.epochs,
+        "batches": len(losses),
+        "final_loss": float(np.mean(losses[-max(1, n_batches) :])),
+        "sampling": "class-balanced",
+    }
+    if ho.size:
+        correct = per_class_total = 0
+        recalls = []
+        with torch.no_grad():
+            preds = []
+            for s in range(0, ho.size, 256):
+                x = torch.from_numpy(np.asarray(images[data.rows[ho[s : s + 256]]], dtype=np.float32)).to(
+                    device
+                )
+                preds.append(clf(model.features(x)).argmax(1).cpu().numpy())
+        pred = np.concatenate(preds)
+        yh = data.y[ho]
+        correct = int((pred == yh).sum())
+        per_class_total = yh.size
+        for c in np.unique(yh):
+            recalls.append(float(np.mean(pred[yh == c] == c)))
+        report["holdout_acc"] = correct / per_class_total
+        report["holdout_balanced_acc"] = float(np.mean(recalls))
+        report["holdout_chance_balanced_acc"] = 1.0 / len(np.unique(yh))
+    return Pretrained(model=model.cpu(), report=report)
+
+
+def scratch_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:
+    """The same architecture at a seeded random initialization (one draw per evaluation seed)."""
+    return _seeded_model(spec, in_channels, image_size, seed + 1_000_003)
+
+
+# --------------------------------------------------------------------------------------------- methods
+def whole_network_method(name: str, model: FewShotNet, lr: float, steps: int) -> GradientMethod:
+    """Every parameter of `model` (zero n-way head) trained on the support set by the engine's method."""
+    if model.head_policy != "zero":
+        raise ValueError(f"{name}: baselines start from a zero head, got head policy '{model.head_policy}'")
+    # all named parameters: the zero head is not a meta-parameter but task_params needs its shape
+    return GradientMethod(
+        model, dict(model.named_parameters()), steps=steps, lr=float(lr), trainable="all", name=name
+    )
+
+
+class HeadOnlyMethod:
+    """Frozen pretrained features + a zero-initialised linear head trained on the support set by inner.adapt.
+
+    `Adapted.params` holds the head only: {"weight": (n_way, F), "bias": (n_way,)}.
+    """
+
+    def __init__(self, name: str, model: FewShotNet, lr: float, steps: int):
+        self.name = name
+        self.model = model
+        self.lr = float(lr)
+        self.steps = int(steps)
+        self._head = nn.Linear(model.feat_dim, 1)  # structure only; the n-way weights come in params
+
+    def _start(self, x_s: Tensor, n_way: int) -> tuple[Tensor, Params]:
+        with torch.no_grad():
+            feats = self.model.features(x_s)  # (n_support, F)
+        z = {"weight": feats.new_zeros(n_way, feats.shape[1]), "bias": feats.new_zeros(n_way)}
+        return feats, z
+
+    def fit(self, x_s: Tensor, y_s: Tensor, n_way: int, steps: int | None = None) -> Adapted:
+        return self.fit_trajectory(x_s, y_s, n_way, self.steps if steps is None else int(steps))[-1]
+
+    def fit_trajectory(self, x_s: Tensor, y_s: Tensor, n_way: int, steps: int) -> list[Adapted]:
+        """The head after 0..steps inner steps of one run (steps + 1 states)."""
+        feats, z = self._start(x_s, n_way)
+        with torch.no_grad():  # no outer graph; torch.func.grad differentiates inside regardless
+            out = inner.adapt(self._head, z, feats, y_s, steps=steps, lr=self.lr, trajectory=True)
+        assert isinstance(out, list)
+        return [Adapted(n_way=n_way, params=p) for p in out]
+
+    def predict_proba(self, adapted: Adapted, x: Tensor) -> Tensor:
+        if adapted.params is None:
+            raise ValueError(f"{self.name}: this Adapted holds no head parameters")
+        with torch.no_grad():
+            logits = inner.forward(self._head, adapted.params, self.model.features(x))
+            return torch.softmax(logits, dim=-1)

@@ -1,0 +1,117 @@
+"""`evaluate:` section of a task suite: which methods, how many episodes, the validation grids."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StrictModel
+
+
+def _positive_unique(values: list[int] | list[float], name: str) -> None:
+    if not values:
+        raise ValueError(f"{name} must list at least one candidate")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{name} candidates must be > 0, got {values}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} lists a candidate twice: {values}")
+
+
+class MetaSearchConfig(StrictModel):
+    """Test-time knobs of the meta-trained methods, chosen on validation episodes."""
+
+    # Candidate numbers of inner steps at test time for gradient-based meta-methods; null = only the
+    # number they were meta-trained with. ProtoNet has no test-time hyper-parameter.
+    steps: list[int] | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            _positive_unique(v, "meta.steps")
+        return v
+
+
+class PretrainConfig(StrictModel):
+    """The traditional classifier: the meta-model's backbone trained with plain cross-entropy on every
+    single-finding scan (and normal) of the meta-train pool."""
+
+    epochs: int = Field(default=5, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=64, ge=2)
+    # Cap on the number of training images (a seeded, class-stratified subsample); null = all.
+    max_images: int | None = Field(default=None, ge=2)
+    # Held-out fraction of train-pool PATIENTS used to report the classifier's own accuracy (never test data).
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+
+
+class FinetuneConfig(StrictModel):
+    """Fine-tuning the pretrained classifier on each episode's support set (a fresh zero head)."""
+
+    enabled: bool = True
+    modes: list[Literal["head", "whole"]] = ["head", "whole"]
+    steps: list[int] = [10, 25]
+    lrs: list[float] = [0.01, 0.1]
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _grids(self) -> FinetuneConfig:
+        _positive_unique(self.steps, "finetune.steps")
+        _positive_unique(self.lrs, "finetune.lrs")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"finetune.modes must list 'head' and/or 'whole' once each, got {self.modes}")
+        return self
+
+
+class ScratchConfig(StrictModel):
+    """Training the same backbone from a random initialization on each support set alone."""
+
+    enabled: bool = True
+    steps: list[int] = [25, 50]
+    lrs: list[float] = [0.01, 0.1]
+
+    @model_validator(mode="after")
+    def _grids(self) -> ScratchConfig:
+        _positive_unique(self.steps, "scratch.steps")
+        _positive_unique(self.lrs, "scratch.lrs")
+        return self
+
+
+class EvaluateConfig(StrictModel):
+    # Folder names under the meta-train run's models/ to evaluate; null = every trained method.
+    methods: list[str] | None = None
+    # One evaluation per seed (pretraining of the traditional classifier, scratch initializations);
+    # reported as mean and spread across seeds. Episodes stay the fixed ones of the episodes run.
+    seeds: list[int] = [0]
+    # Cap on the number of test episodes per (kind, k_shot) group; null = all of them.
+    max_episodes: int | None = Field(default=None, ge=1)
+    # Validation episodes per (kind, k_shot) group used to choose hyper-parameters.
+    val_episodes: int = Field(default=50, ge=1)
+    # Adaptation curves: inner steps 0..curve_steps and k' = 1..k support scans per class, measured on
+    # the first `curve_episodes` test episodes of each group.
+    curve_steps: int = Field(default=10, ge=1)
+    curve_episodes: int = Field(default=100, ge=0)
+    ece_bins: int = Field(default=10, ge=2, le=100)
+    meta: MetaSearchConfig = Field(default_factory=MetaSearchConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    scratch: ScratchConfig = Field(default_factory=ScratchConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds must list at least one seed, e.g. [0]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds lists a seed twice: {v}")
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds must be >= 0, got {v}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"methods must be null (all) or a non-empty list without repeats, got {v}")
+        return v

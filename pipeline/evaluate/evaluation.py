@@ -1,0 +1,371 @@
+"""The whole evaluation, as a library function (no mlflow): methods × seeds × episode groups.
+
+For every seed and every (kind, k_shot) group of the fixed test episodes:
+1. each method's hyper-parameters are chosen on that group's VALIDATION episodes (`select_on_validation`,
+   which refuses any episode holding a scan outside the validation pool);
+2. the chosen configuration runs once on the test episodes;
+3. on the first seed, adaptation curves (accuracy vs inner steps, vs k-shot) are measured on the first
+   `curve_episodes` test episodes with the chosen configuration.
+Meta-learned methods involve no randomness at test time (the meta-learned weights are fixed, adaptation
+is deterministic), so they are evaluated once and marked seed-independent; the baselines are re-run per
+seed (pretraining of the traditional classifier and the scratch initialization depend on it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import DataError
+from pipeline.evaluate import baselines, runner, summary
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.runner import Candidate, EpisodeOutcome, Group, Loader, Method, Selection
+from pipeline.meta.model_io import MetaModel
+from pipeline.meta.models import ModelSpec
+from pipeline.progress import log
+
+FAMILY_META = "meta-learned"
+FAMILY_TRAD = "traditional"
+FAMILY_SCRATCH = "from scratch"
+
+
+@dataclass
+class Inputs:
+    """Everything the evaluation reads, already loaded."""
+
+    meta_models: dict[str, MetaModel]  # folder name under models/ → loaded meta-model
+    val: list[Any]  # Episode
+    test: list[Any]
+    split: dict[str, Any]
+    store: Any  # ImageStore: .images, .index, .rows_for
+    load: Loader  # episode → (x_s, y_s, x_q, y_q)
+    provenance: dict[str, str]  # meta_train_run, episodes_run, ingest_run
+    device: torch.device = torch.device("cpu")
+
+
+def _pool_keys(split: dict[str, Any], pool: str) -> set[str]:
+    return {k for keys in split.get("pools", {}).get(pool, {}).values() for k in keys}
+
+
+@dataclass
+class MethodPlan:
+    """How to evaluate one method for one seed: its grid of candidates and inner-step counts."""
+
+    name: str
+    family: str
+    description: str
+    candidates: list[Candidate]
+    step_grid: list[int | None]
+    seed_independent: bool
+
+
+def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig) -> MethodPlan:
+    if mm.meta["method"] == "protonet":
+        return MethodPlan(
+            name,
+            FAMILY_META,
+            "prototypical network meta-trained on the same episodes (nearest class mean of embeddings; "
+            "no inner loop, no test-time hyper-parameter)",
+            [Candidate({}, lambda: mm.method())],
+            [None],
+            True,
+        )
+    inner = mm.meta["inner"]
+    trained = int(inner.get("eval_steps") or inner["steps"])
+    steps: list[int | None] = list(cfg.meta.steps) if cfg.meta.steps else [trained]
+    lr = "learned per-layer/step" if inner.get("learned_lr") else f"{inner.get('lr')}"
+    return MethodPlan(
+        name,
+        FAMILY_META,
+        f"{mm.meta['method']} meta-learned initialization ({mm.meta['model'].get('backbone')}, head "
+        f"{mm.meta.get('head')}, norm {mm.meta.get('normalization')}), adapted on the support set with "
+        f"inner lr {lr}, trained with {inner['steps']} inner steps; test-time steps from {steps}",
+        [Candidate({}, lambda: mm.method())],
+        steps,
+        True,
+    )
+
+
+def _spec_of(inputs: Inputs) -> tuple[ModelSpec, int, tuple[int, ...]]:
+    """The architecture every baseline uses: that of the (first) meta-trained model."""
+    if not inputs.meta_models:
+        raise DataError("the meta-train run has no trained model under models/; nothing to compare with")
+    mm = next(iter(inputs.meta_models.values()))
+    shape = mm.image_shape
+    return ModelSpec.model_validate(mm.meta["model"]), int(shape[0]), tuple(int(s) for s in shape[1:])
+
+
+def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig, seed: int) -> MethodPlan:
+    cands = []
+    for mode in cfg.finetune.modes:
+        for lr in cfg.finetune.lrs:
+
+            def build(mode: str = mode, lr: float = lr) -> Method:
+                if mode == "head":
+                    return baselines.HeadOnlyMethod("finetune", pre.model, lr, max(cfg.finetune.steps))
+                return baselines.whole_network_method("finetune", pre.model, lr, max(cfg.finetune.steps))
+
+            cands.append(Candidate({"mode": mode, "lr": lr}, build))
+    return MethodPlan(
+        "finetune",
+        FAMILY_TRAD,
+        "the same architecture trained as an ordinary classifier on every single-label scan of the meta-train "
+        "pool (common conditions + normal), then fine-tuned on each support set with a fresh zero head by "
+        f"gradient descent: head only or whole network, lr in {cfg.finetune.lrs}, steps in {cfg.finetune.steps} "
+        "(the better chosen on validation)",
+        cands,
+        list(cfg.finetune.steps),
+        False,
+    )
+
+
+def _scratch_plan(
+    spec: ModelSpec, in_ch: int, size: tuple[int, ...], cfg: EvaluateConfig, seed: int
+) -> MethodPlan:
+    model = baselines.scratch_model(spec, in_ch, size, seed)
+    cands = []
+    for lr in cfg.scratch.lrs:
+
+        def build(lr: float = lr) -> Method:
+            return baselines.whole_network_method("scratch", model, lr, max(cfg.scratch.steps))
+
+        cands.append(Candidate({"lr": lr}, build))
+    return MethodPlan(
+        "scratch",
+        FAMILY_SCRATCH,
+        "the same architecture from a random initialization (one draw per seed), trained on the support set "
+        f"alone by gradient descent, lr in {cfg.scratch.lrs}, steps in {cfg.scratch.steps}",
+        cands,
+        list(cfg.scratch.steps),
+        False,
+    )
+
+
+def _first(episodes: Sequence[Any], n: int | None) -> list[Any]:
+    return list(episodes if n is None else episodes[:n])
+
+
+def run(
+    inputs: Inputs, cfg: EvaluateConfig, on_method_done: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Evaluate every method; return the results dict (the content of results.json)."""
+    val_keys = _pool_keys(inputs.split, "val")
+    test_keys = _pool_keys(inputs.split, "test")
+    # The test files must hold test-pool scans only (a swapped or foreign file is refused).
+    runner.assert_from_pool(inputs.test, test_keys, "test")
+    test_groups = {g: _first(eps, cfg.max_episodes) for g, eps in runner.group_episodes(inputs.test).items()}
+    val_groups = {g: _first(eps, cfg.val_episodes) for g, eps in runner.group_episodes(inputs.val).items()}
+    missing = [g for g in test_groups if g not in val_groups]
+    if missing:
+        raise DataError(
+            f"no validation episodes for {', '.join(f'{k} k={s}' for k, s in missing)}: hyper-parameters are "
+            "only chosen on validation episodes; re-run the episodes stage with val_episodes > 0"
+        )
+    spec, in_ch, size = _spec_of(inputs)
+    seeds = list(cfg.seeds)
+
+    selection: dict[str, dict[str, dict[str, Any]]] = {}
+    outcomes: dict[str, dict[str, dict[str, list[EpisodeOutcome]]]] = {}  # method → seed → group → outs
+    curves: dict[str, dict[str, Any]] = {}
+    methods: dict[str, dict[str, Any]] = {}
+    pretrain: dict[str, Any] = {}
+    timing: dict[str, float] = {}
+
+    def evaluate_plan(plan: MethodPlan, seed: int, first_seed: bool) -> None:
+        t0 = time.monotonic()
+        methods.setdefault(
+            plan.name,
+            {
+                "family": plan.family,
+                "description": plan.description,
+                "seed_independent": plan.seed_independent,
+            },
+        )
+        for g, test_eps in test_groups.items():
+            gk = summary.group_key(*g)
+            sel, method = _select(plan, val_groups[g], inputs.load, val_keys, g)
+            selection.setdefault(plan.name, {}).setdefault(str(seed), {})[gk] = sel.to_dict()
+            steps = sel.chosen.get("steps")
+            outs = runner.run_episodes(
+                method, test_eps, inputs.load, steps=steps, desc=f"{plan.name} {gk} test"
+            )
+            outcomes.setdefault(plan.name, {}).setdefault(str(seed), {})[gk] = outs
+            if first_seed and cfg.curve_episodes > 0:
+                curves.setdefault(plan.name, {})[gk] = _curves(
+                    method, test_eps[: cfg.curve_episodes], inputs.load, steps, cfg
+                )
+        timing[plan.name] = timing.get(plan.name, 0.0) + time.monotonic() - t0
+        if on_method_done:
+            on_method_done(plan.name)
+
+    # Meta-learned methods: seed-independent, evaluated once.
+    for name, mm in inputs.meta_models.items():
+        evaluate_plan(_meta_plan(name, mm, cfg), seeds[0], True)
+
+    data = None
+    for si, seed in enumerate(seeds):
+        if cfg.finetune.enabled:
+            if data is None:
+                data = baselines.pretrain_data(inputs.split, inputs.store.index, inputs.store.rows_for)
+            t0 = time.monotonic()
+            pre = baselines.pretrain_classifier(
+                spec, in_ch, size, inputs.store.images, data, cfg.finetune.pretrain, seed, inputs.device
+            )
+            timing["pretrain"] = timing.get("pretrain", 0.0) + time.monotonic() - t0
+            pretrain[str(seed)] = pre.report
+            log(f"evaluate: traditional classifier (seed {seed}): {_pretrain_line(pre.report)}")
+            evaluate_plan(_finetune_plan(pre, cfg, seed), seed, si == 0)
+        if cfg.scratch.enabled:
+            evaluate_plan(_scratch_plan(spec, in_ch, size, cfg, seed), seed, si == 0)
+
+    return assemble(
+        inputs=inputs,
+        cfg=cfg,
+        methods=methods,
+        selection=selection,
+        outcomes=outcomes,
+        curves=curves,
+        pretrain=pretrain,
+        timing=timing,
+        n_test={summary.group_key(*g): len(v) for g, v in test_groups.items()},
+        n_val={summary.group_key(*g): len(val_groups[g]) for g in test_groups},
+        n_way={summary.group_key(*g): len(eps[0].classes) for g, eps in test_groups.items()},
+    )
+
+
+def _pretrain_line(rep: dict[str, Any]) -> str:
+    ho = rep.get("holdout_balanced_acc")
+    return (
+        f"{rep['n_train_images']} scans, {len(rep['classes'])} classes, final loss {rep['final_loss']:.3f}"
+        + (
+            f", held-out balanced accuracy {ho:.3f} (chance {rep['holdout_chance_balanced_acc']:.3f})"
+            if ho is not None
+            else ""
+        )
+    )
+
+
+def _select(
+    plan: MethodPlan, val_eps: list[Any], load: Loader, val_keys: set[str], g: Group
+) -> tuple[Selection, Method]:
+    if len(plan.candidates) == 1 and len(plan.step_grid) == 1:
+        # Nothing to choose: record the single configuration, spend no validation episode on it.
+        runner.assert_from_pool(val_eps, val_keys, "val")
+        chosen = {**plan.candidates[0].hparams, "steps": plan.step_grid[0]}
+        sel = Selection(g, 0, [dict(chosen)], chosen)
+        return sel, plan.candidates[0].build()
+    return runner.select_on_validation(
+        plan.candidates,
+        plan.step_grid,
+        val_eps,
+        load,
+        val_keys,
+        g,
+        desc=f"{plan.name} {g[0]}.k{g[1]} validation",
+    )
+
+
+def _curves(
+    method: Method, eps: list[Any], load: Loader, steps: int | None, cfg: EvaluateConfig
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"n_episodes": len(eps), "steps": None, "shots": None}
+    if not eps:
+        return out
+    if runner.has_inner_loop(method):
+        by = runner.accuracy_by_steps(
+            method, eps, load, list(range(cfg.curve_steps + 1)), desc=f"{method.name} curve vs steps"
+        )
+        out["steps"] = {str(s): summary.metrics.mean_ci95(v).to_dict() for s, v in by.items()}
+    shots = runner.shot_curve(method, eps, load, steps=steps, desc=f"{method.name} curve vs k")
+    out["shots"] = {str(k): v.to_dict() for k, v in shots.items()}
+    out["shots_steps"] = steps
+    return out
+
+
+def assemble(
+    *,
+    inputs: Inputs,
+    cfg: EvaluateConfig,
+    methods: dict[str, dict[str, Any]],
+    selection: dict[str, Any],
+    outcomes: dict[str, dict[str, dict[str, list[EpisodeOutcome]]]],
+    curves: dict[str, Any],
+    pretrain: dict[str, Any],
+    timing: dict[str, float],
+    n_test: dict[str, int],
+    n_val: dict[str, int],
+    n_way: dict[str, int],
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for m, by_seed in outcomes.items():
+        res_m: dict[str, Any] = {}
+        groups = next(iter(by_seed.values())).keys()
+        for gk in groups:
+            per_seed = {s: summary.summarize(by_seed[s][gk], cfg.ece_bins) for s in by_seed}
+            res_m[gk] = {
+                "per_seed": per_seed,
+                "across_seeds": summary.across_seeds([v["acc"]["mean"] for v in per_seed.values()]),
+                "episodes": [
+                    {"id": o.episode_id, "acc": o.acc, "classes": o.classes}
+                    for o in by_seed[next(iter(by_seed))][gk]
+                ],
+            }
+        results[m] = res_m
+    comparisons = {}
+    for gk in n_test:
+        per_method = {
+            m: summary.episode_acc_over_seeds([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
+        }
+        comparisons[gk] = summary.compare(per_method)
+    split = inputs.split
+    conds = split.get("conditions", {})
+    return {
+        "setup": {
+            **inputs.provenance,
+            "seeds": list(cfg.seeds),
+            "normal_label": split.get("normal_label"),
+            "test_conditions": sorted(c for c, i in conds.items() if i.get("split") == "test"),
+            "val_conditions": sorted(c for c, i in conds.items() if i.get("split") == "val"),
+            "train_conditions": sorted(c for c, i in conds.items() if i.get("split") == "train"),
+            "n_test_episodes": n_test,
+            "n_way": n_way,
+            "n_val_episodes": n_val,
+            "config": cfg.model_dump(mode="json"),
+        },
+        "methods": methods,
+        "selection": selection,
+        "results": results,
+        "comparisons": comparisons,
+        "curves": curves,
+        "pretrain": pretrain,
+        "definitions": summary.DEFINITIONS,
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+    }
+
+
+def key_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers logged as MLflow metrics: test.<method>.<kind>.k<k>.<name>."""
+    out: dict[str, float] = {}
+    first = str(results["setup"]["seeds"][0])
+    for gk, comp in results["comparisons"].items():
+        for m, acc in comp["acc"].items():
+            base = f"test.{m}.{gk}"
+            out[f"{base}.acc"] = acc["mean"]
+            if acc["ci95"] is not None:
+                out[f"{base}.acc_ci95"] = acc["ci95"]
+            r = results["results"][m][gk]
+            s0 = r["per_seed"].get(first) or next(iter(r["per_seed"].values()))
+            for name in ("auc", "sens", "spec"):
+                if s0.get(name):
+                    out[f"{base}.{name}"] = s0[name]["mean"]
+            if s0.get("ece") is not None:
+                out[f"{base}.ece"] = s0["ece"]
+            if r["across_seeds"]["std"] is not None:
+                out[f"{base}.acc_seed_std"] = r["across_seeds"]["std"]
+        out[f"test.{gk}.n_episodes"] = float(comp["n_episodes"])
+    return {k: float(v) for k, v in out.items() if np.isfinite(v)}

@@ -1,0 +1,245 @@
+"""`report.md`: the verdict in plain sentences, the comparison tables, and the setup — from results.json.
+
+The report is rendered from the results dict alone, so every number in it is one in results.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PCT = 100.0
+
+
+def _pct(d: dict[str, Any] | None) -> str:
+    """'72.1 ± 1.8' (percent) from a MeanCI dict, or '—'."""
+    if not d:
+        return "—"
+    ci = d.get("ci95")
+    return f"{d['mean'] * PCT:.1f} ± {ci * PCT:.1f}" if ci is not None else f"{d['mean'] * PCT:.1f}"
+
+
+def _num(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def _interval(d: dict[str, Any]) -> str:
+    if d.get("ci95") is None:
+        return f"{d['mean'] * PCT:.1f}% (no interval: one episode)"
+    return (
+        f"{d['mean'] * PCT:.1f}% [{(d['mean'] - d['ci95']) * PCT:.1f}, {(d['mean'] + d['ci95']) * PCT:.1f}]"
+    )
+
+
+def _group_title(gkey: str) -> str:
+    kind, _, k = gkey.partition(".k")
+    what = "binary (condition vs normal)" if kind == "binary" else "n-way (among rare conditions)"
+    return f"{what}, {k}-shot"
+
+
+def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+    """Plain sentences: who won this group, and whether the intervals of the others overlap with it."""
+    win = comp["winner"]
+    acc = comp["acc"]
+    lines = [
+        f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes): the highest mean accuracy is "
+        f"**{win}** ({methods[win]['family']}), {_interval(acc[win])}."
+    ]
+    tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
+    apart = [m for m, v in comp["vs_winner"].items() if not v["overlap"]]
+    if tied:
+        lines.append(
+            f"Its 95% interval overlaps with {', '.join(f'{m} ({_interval(acc[m])})' for m in tied)}: "
+            f"by this criterion these cannot be told apart."
+        )
+    if apart:
+        lines.append(
+            f"It is separated from {', '.join(f'{m} ({_interval(acc[m])})' for m in apart)} (intervals do not overlap)."
+        )
+    sig = [m for m in tied if comp["vs_winner"][m]["paired_significant"]]
+    if sig:
+        diffs = ", ".join(f"{m}: {_pct(comp['vs_winner'][m]['paired_diff'])} points" for m in sig)
+        lines.append(
+            f"On the same episodes (paired difference, a more sensitive test), {win} is still ahead of "
+            f"{', '.join(sig)} ({diffs})."
+        )
+    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
+    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
+    if meta and trad:
+        bm, bt = meta[0], trad[0]
+        a, b = acc[bm], acc[bt]
+        from pipeline.evaluate.metrics import MeanCI
+
+        ma = MeanCI(a["mean"], a["ci95"], a["std"], a["n"])
+        mb = MeanCI(b["mean"], b["ci95"], b["std"], b["n"])
+        better = bm if a["mean"] > b["mean"] else bt
+        lines.append(
+            f"Best meta-learned ({bm}, {_interval(a)}) vs best traditional ({bt}, {_interval(b)}): "
+            f"{better} is higher; the intervals {'overlap' if ma.overlaps(mb) else 'do not overlap'}."
+        )
+    return lines
+
+
+def _hp(chosen: dict[str, Any]) -> str:
+    items = [f"{k}={v}" for k, v in chosen.items() if k not in ("val_acc",)]
+    return ", ".join(items) if items else "none"
+
+
+def render(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    methods = results["methods"]
+    seeds = setup["seeds"]
+    first = str(seeds[0])
+    out: list[str] = ["# Evaluation: meta-learning vs traditional training on the rare conditions", ""]
+
+    out += ["## Verdict", ""]
+    for gkey, comp in results["comparisons"].items():
+        out.append("- " + " ".join(verdict(gkey, comp, methods)))
+    out += [
+        "",
+        "Intervals are 95% confidence intervals of the mean over test episodes (1.96·s/√n)"
+        + (
+            f"; with {len(seeds)} seeds each episode's accuracy is first averaged over the seeds."
+            if len(seeds) > 1
+            else "."
+        )
+        + " Every hyper-parameter was chosen on validation episodes (other conditions, other patients); "
+        "none was chosen on test episodes.",
+        "",
+    ]
+
+    out += ["## Results", ""]
+    for gkey in results["comparisons"]:
+        out += [f"### {_group_title(gkey)}", ""]
+        binary = gkey.startswith("binary")
+        head = "| method | family | accuracy % | macro AUC | " + (
+            "sensitivity % | specificity % | " if binary else ""
+        )
+        head += "ECE | chosen on validation |" + (" seed mean ± sd % |" if len(seeds) > 1 else "")
+        out.append(head)
+        out.append("|" + "---|" * (head.count("|") - 1))
+        for m in results["comparisons"][gkey]["ranking"]:
+            r = results["results"][m][gkey]
+            s0 = r["per_seed"][first]
+            acc = results["comparisons"][gkey]["acc"][m]
+            auc = s0["auc"]["mean"] if s0.get("auc") else None
+            row = f"| {m} | {methods[m]['family']} | {_pct(acc)} | {_num(auc)} | "
+            if binary:
+                row += f"{_pct(s0.get('sens'))} | {_pct(s0.get('spec'))} | "
+            sel = results["selection"].get(m, {}).get(first, {}).get(gkey)
+            row += f"{_num(s0.get('ece'))} | {_hp(sel['chosen']) if sel else 'none (no hyper-parameter)'} |"
+            if len(seeds) > 1:
+                a = r["across_seeds"]
+                sd = "—" if a["std"] is None else f"{a['std'] * PCT:.1f}"
+                row += f" {a['mean'] * PCT:.1f} ± {sd} |"
+            out.append(row)
+        out.append("")
+        if len(seeds) > 1:
+            out += [
+                f"AUC, sensitivity, specificity and ECE are those of seed {first}.",
+                "",
+            ]
+
+    out += ["## Per rare condition (accuracy %, seed " + first + ")", ""]
+    for gkey in results["comparisons"]:
+        ranking = results["comparisons"][gkey]["ranking"]
+        conds = sorted(
+            {c for m in ranking for c in results["results"][m][gkey]["per_seed"][first]["per_condition"]}
+        )
+        out += [f"### {_group_title(gkey)}", "", "| condition | " + " | ".join(ranking) + " |"]
+        out.append("|" + "---|" * (len(ranking) + 1))
+        for c in conds:
+            cells = [
+                _pct(results["results"][m][gkey]["per_seed"][first]["per_condition"].get(c)) for m in ranking
+            ]
+            out.append(f"| {c} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    out += ["## Adaptation curves (accuracy %, seed " + first + ")", ""]
+    for gkey in results["comparisons"]:
+        rows = []
+        for m in results["comparisons"][gkey]["ranking"]:
+            cur = results.get("curves", {}).get(m, {}).get(gkey)
+            if not cur:
+                continue
+            steps = (
+                " ".join(f"{s}:{v['mean'] * PCT:.0f}" for s, v in cur["steps"].items())
+                if cur.get("steps")
+                else "—"
+            )
+            shots = (
+                " ".join(f"{k}:{v['mean'] * PCT:.0f}" for k, v in cur["shots"].items())
+                if cur.get("shots")
+                else "—"
+            )
+            rows.append(f"| {m} | {cur['n_episodes']} | {steps} | {shots} |")
+        if rows:
+            out += [
+                f"### {_group_title(gkey)}",
+                "",
+                "| method | episodes | vs inner steps (steps:acc) | vs k-shot (k:acc) |",
+                "|---|---|---|---|",
+                *rows,
+                "",
+            ]
+
+    out += ["## Setup", ""]
+    out += [
+        f"- Meta-train run `{setup['meta_train_run']}`, episodes run `{setup['episodes_run']}`, "
+        f"ingest run `{setup['ingest_run']}`.",
+        f"- Rare (test) conditions: {', '.join(setup['test_conditions'])}. Validation conditions: "
+        f"{', '.join(setup['val_conditions'])}. Normal label: {setup['normal_label']}.",
+        f"- Seeds: {', '.join(str(s) for s in seeds)}. Test episodes per group: "
+        + ", ".join(f"{g} {n}" for g, n in setup["n_test_episodes"].items())
+        + ". Validation episodes per group used for selection: "
+        + ", ".join(f"{g} {n}" for g, n in setup["n_val_episodes"].items())
+        + ".",
+        "",
+        "Methods:",
+        "",
+    ]
+    for m, info in methods.items():
+        out.append(f"- **{m}** ({info['family']}): {info['description']}")
+    out.append("")
+    pre = results.get("pretrain", {})
+    if pre:
+        out += ["Traditional classifier (pretrained on the meta-train pool, single-label scans only):", ""]
+        for seed, rep in pre.items():
+            ho = rep.get("holdout_balanced_acc")
+            ho_s = (
+                f"balanced accuracy {ho * PCT:.1f}% on {rep['n_holdout_images']} held-out train-pool scans "
+                f"({rep['n_holdout_patients']} patients; chance {rep['holdout_chance_balanced_acc'] * PCT:.1f}%)"
+                if ho is not None
+                else "no hold-out"
+            )
+            out.append(
+                f"- seed {seed}: {len(rep['classes'])} classes, {rep['n_train_images']} training scans "
+                f"({rep['n_multi_label_dropped']} multi-label scans left out), {rep['epochs']} epochs, {ho_s}."
+            )
+        out.append("")
+    out += ["Hyper-parameter selection (validation episodes only; grid → choice):", ""]
+    for m, by_seed in results["selection"].items():
+        for seed, by_group in by_seed.items():
+            for gkey, sel in by_group.items():
+                if sel["n_val_episodes"] == 0:
+                    out.append(
+                        f"- {m}, seed {seed}, {gkey}: a single configuration ({_hp(sel['chosen'])}), nothing to choose."
+                    )
+                    continue
+                grid = "; ".join(
+                    f"{_hp({k: v for k, v in row.items() if k not in ('val_acc', 'val_acc_ci95')})} → "
+                    f"{row['val_acc'] * PCT:.1f}%"
+                    for row in sel["grid"]
+                )
+                out.append(
+                    f"- {m}, seed {seed}, {gkey}: chose {_hp(sel['chosen'])} on {sel['n_val_episodes']} "
+                    f"validation episodes ({grid})."
+                )
+    out += ["", "Definitions:", ""]
+    out += [f"- {k}: {v}" for k, v in results["definitions"].items()]
+    timing = results.get("timing_s")
+    if timing:
+        out += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()) + "."]
+    plots = results.get("plots")
+    if plots:
+        out += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
+    return "\n".join(out) + "\n"

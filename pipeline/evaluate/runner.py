@@ -1,0 +1,293 @@
+"""Run a few-shot method over fixed episodes: per-episode outcomes, adaptation curves, validation search.
+
+Everything here is protocol-level: a method is anything with `fit(x_s, y_s, n_way, steps=None)` and
+`predict_proba(adapted, x)` (the engine's `FewShotMethod`). A method may also offer
+`fit_trajectory(x_s, y_s, n_way, steps) -> list[Adapted]` (the states after 0..steps inner steps of ONE
+adaptation run); curves and step grids then cost one adaptation instead of one per step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.errors import DataError
+from pipeline.evaluate import metrics
+from pipeline.meta import inner
+from pipeline.meta.methods import Adapted, GradientMethod
+from pipeline.progress import progress
+
+# (x_s, y_s, x_q, y_q): x (n, C, H, W) float32, y (n,) int64 = position of the class in episode.classes
+Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class EpisodeLike(Protocol):
+    id: int
+    kind: str
+    k_shot: int
+    classes: list[str]
+    support: dict[str, list[str]]
+    query: dict[str, list[str]]
+
+
+Loader = Callable[[Any], Arrays]
+
+
+class Method(Protocol):
+    name: str
+
+    def fit(self, x_s: torch.Tensor, y_s: torch.Tensor, n_way: int, steps: int | None = None) -> Any: ...
+
+    def predict_proba(self, adapted: Any, x: torch.Tensor) -> torch.Tensor: ...
+
+
+Group = tuple[str, int]  # (episode kind, k_shot)
+
+
+@dataclass
+class EpisodeOutcome:
+    """One episode's query predictions. probs (q, n_way), y (q,)."""
+
+    episode_id: int
+    kind: str
+    k_shot: int
+    classes: list[str]
+    y: np.ndarray
+    probs: np.ndarray
+    acc: float = field(init=False)
+    auc: float | None = field(init=False)
+    sens: float | None = field(init=False)
+    spec: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.acc = metrics.accuracy(self.probs, self.y)
+        self.auc = metrics.macro_auc(self.probs, self.y)
+        if self.probs.shape[1] == 2 and self.kind == "binary":
+            self.sens, self.spec = metrics.sensitivity_specificity(self.probs, self.y)
+        else:
+            self.sens = self.spec = None
+
+    def class_recall(self) -> dict[str, float]:
+        """Recall of every class in this episode, by condition name."""
+        pred = self.probs.argmax(axis=1)
+        out = {}
+        for c, name in enumerate(self.classes):
+            m = self.y == c
+            if m.any():
+                out[name] = float(np.mean(pred[m] == c))
+        return out
+
+
+def group_episodes(episodes: Iterable[EpisodeLike]) -> dict[Group, list[EpisodeLike]]:
+    """Episodes by (kind, k_shot), in file order inside a group, groups sorted."""
+    groups: dict[Group, list[EpisodeLike]] = {}
+    for ep in episodes:
+        groups.setdefault((ep.kind, int(ep.k_shot)), []).append(ep)
+    return dict(sorted(groups.items()))
+
+
+def _probs(method: Method, adapted: Any, x_q: torch.Tensor, n_way: int) -> np.ndarray:
+    with torch.no_grad():
+        p = method.predict_proba(adapted, x_q)
+    p_np = p.detach().float().cpu().numpy().astype(np.float64)
+    if p_np.shape != (x_q.shape[0], n_way):
+        raise ValueError(
+            f"{method.name}.predict_proba returned {p_np.shape}, expected {(x_q.shape[0], n_way)}"
+        )
+    return p_np
+
+
+def fit_trajectory(method: Method, x_s: torch.Tensor, y_s: torch.Tensor, n_way: int, steps: int) -> list[Any]:
+    """The adapted states after 0..steps inner steps of ONE adaptation run (steps + 1 states).
+
+    Methods may provide `fit_trajectory`; the engine's `GradientMethod` is driven through the one inner
+    loop with `trajectory=True` (same initialization, learning rates and trainable set as its `fit`);
+    anything else falls back to one `fit` per step count.
+    """
+    own = getattr(method, "fit_trajectory", None)
+    if own is not None:
+        states = list(own(x_s, y_s, n_way, steps))
+    elif isinstance(method, GradientMethod):
+        with torch.enable_grad():
+            p0 = method.model.task_params(n_way, method.params)
+            traj = inner.adapt(
+                method.model,
+                p0,
+                x_s,
+                y_s,
+                steps=steps,
+                lr=method.lr,
+                trainable=method.trainable,
+                trajectory=True,
+            )
+        assert isinstance(traj, list)
+        states = [Adapted(n_way=n_way, params={k: v.detach() for k, v in p.items()}) for p in traj]
+    else:
+        states = [method.fit(x_s, y_s, n_way, steps=s) for s in range(steps + 1)]
+    if len(states) != steps + 1:
+        raise ValueError(f"{method.name}: trajectory has {len(states)} states for {steps} steps")
+    return states
+
+
+def has_inner_loop(method: Method) -> bool:
+    """Whether the number of inner steps means anything for `method` (not for ProtoNet)."""
+    return hasattr(method, "fit_trajectory") or isinstance(method, GradientMethod)
+
+
+def _trajectory(
+    method: Method, x_s: torch.Tensor, y_s: torch.Tensor, n_way: int, steps: Sequence[int]
+) -> list[Any]:
+    """Adapted states after each count in `steps`, from one run."""
+    states = fit_trajectory(method, x_s, y_s, n_way, max(steps))
+    return [states[s] for s in steps]
+
+
+def run_episodes(
+    method: Method,
+    episodes: Sequence[EpisodeLike],
+    load: Loader,
+    steps: int | None = None,
+    desc: str = "",
+) -> list[EpisodeOutcome]:
+    """Adapt `method` on each episode's support set and predict its query set."""
+    out = []
+    for ep in progress(episodes, total=len(episodes), desc=desc or method.name):
+        x_s, y_s, x_q, y_q = load(ep)
+        n_way = len(ep.classes)
+        adapted = method.fit(x_s, y_s, n_way, steps=steps)
+        out.append(
+            EpisodeOutcome(
+                ep.id,
+                ep.kind,
+                int(ep.k_shot),
+                list(ep.classes),
+                y_q.numpy().copy(),
+                _probs(method, adapted, x_q, n_way),
+            )
+        )
+    return out
+
+
+def accuracy_by_steps(
+    method: Method, episodes: Sequence[EpisodeLike], load: Loader, steps: Sequence[int], desc: str = ""
+) -> dict[int, np.ndarray]:
+    """Per-episode query accuracy after each inner-step count in `steps`: {steps: (n_episodes,)}."""
+    grid = sorted(set(int(s) for s in steps))
+    accs = np.zeros((len(grid), len(episodes)))
+    for j, ep in enumerate(progress(episodes, total=len(episodes), desc=desc or f"{method.name} steps")):
+        x_s, y_s, x_q, y_q = load(ep)
+        n_way = len(ep.classes)
+        for i, state in enumerate(_trajectory(method, x_s, y_s, n_way, grid)):
+            accs[i, j] = metrics.accuracy(_probs(method, state, x_q, n_way), y_q.numpy())
+    return {s: accs[i] for i, s in enumerate(grid)}
+
+
+def truncate_support(ep: Any, k: int) -> Any:
+    """The same episode with only the first k support scans per class (same query)."""
+    return dataclasses.replace(ep, k_shot=k, support={c: list(keys[:k]) for c, keys in ep.support.items()})
+
+
+def shot_curve(
+    method: Method, episodes: Sequence[EpisodeLike], load: Loader, steps: int | None = None, desc: str = ""
+) -> dict[int, metrics.MeanCI]:
+    """Accuracy with k' = 1..k support scans per class, on the same episodes and queries."""
+    if not episodes:
+        return {}
+    k_max = min(int(ep.k_shot) for ep in episodes)
+    out = {}
+    for k in range(1, k_max + 1):
+        sub = [truncate_support(ep, k) for ep in episodes]
+        res = run_episodes(method, sub, load, steps=steps, desc=desc or f"{method.name} k'={k}")
+        out[k] = metrics.mean_ci95([r.acc for r in res])
+    return out
+
+
+def assert_from_pool(episodes: Iterable[EpisodeLike], pool_keys: set[str], pool: str) -> None:
+    """Refuse episodes with a scan outside `pool` — the guard that keeps test scans out of selection."""
+    for ep in episodes:
+        for part in (ep.support, ep.query):
+            for keys in part.values():
+                bad = [k for k in keys if k not in pool_keys]
+                if bad:
+                    raise DataError(
+                        f"episode {ep.id} holds scan {bad[0]} that is not in the {pool} pool; hyper-parameters "
+                        f"may only be chosen on {pool} episodes (pass episodes/val.jsonl, never test.jsonl)"
+                    )
+
+
+@dataclass
+class Candidate:
+    """One point of a validation grid: a label, the hyper-parameters it stands for, a method to build."""
+
+    hparams: dict[str, Any]
+    build: Callable[[], Method]
+
+
+@dataclass
+class Selection:
+    """Which hyper-parameters won on the validation episodes, out of which grid, by how much."""
+
+    group: Group
+    n_val_episodes: int
+    grid: list[dict[str, Any]]  # every candidate: its hparams + val accuracy mean and ci95
+    chosen: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": {"kind": self.group[0], "k_shot": self.group[1]},
+            "selected_on": "validation",
+            "n_val_episodes": self.n_val_episodes,
+            "grid": self.grid,
+            "chosen": self.chosen,
+        }
+
+
+def select_on_validation(
+    candidates: Sequence[Candidate],
+    step_grid: Sequence[int | None],
+    val_episodes: Sequence[EpisodeLike],
+    load: Loader,
+    val_pool_keys: set[str],
+    group: Group,
+    desc: str = "",
+) -> tuple[Selection, Method]:
+    """Choose (candidate, steps) by mean validation accuracy; ties go to the earlier candidate and fewer steps.
+
+    `step_grid` lists inner-step counts to try for every candidate (None = the method's own default, for
+    methods without a step knob). One adaptation run per candidate and episode covers the whole step grid.
+    """
+    if not val_episodes:
+        raise DataError(
+            f"no validation episodes for {group[0]} k={group[1]}: the episodes run must provide some"
+        )
+    assert_from_pool(val_episodes, val_pool_keys, "val")
+    grid_rows: list[dict[str, Any]] = []
+    best: tuple[float, int, int | None] | None = None
+    methods = []
+    for ci, cand in enumerate(candidates):
+        m = cand.build()
+        methods.append(m)
+        if step_grid == [None] or list(step_grid) == [None]:
+            res = run_episodes(m, val_episodes, load, steps=None, desc=desc or f"select {m.name}")
+            per_steps: dict[int | None, np.ndarray] = {None: np.array([r.acc for r in res])}
+        else:
+            ints = [int(s) for s in step_grid if s is not None]
+            per_steps = {}
+            for s_, v_ in accuracy_by_steps(
+                m, val_episodes, load, ints, desc=desc or f"select {m.name}"
+            ).items():
+                per_steps[s_] = v_
+        for s in step_grid:
+            acc = metrics.mean_ci95(per_steps[s])
+            grid_rows.append({**cand.hparams, "steps": s, "val_acc": acc.mean, "val_acc_ci95": acc.ci95})
+            if best is None or acc.mean > best[0] + 1e-12:
+                best = (acc.mean, ci, s)
+    assert best is not None
+    _, ci, s = best
+    chosen = {**candidates[ci].hparams, "steps": s, "val_acc": best[0]}
+    return Selection(group, len(val_episodes), grid_rows, chosen), methods[ci]

@@ -1,0 +1,160 @@
+"""`fewscan evaluate`: a meta-train run → results.json, report.md, plots/*.png (an MLflow run tagged
+fewscan.stage=evaluate). Thin: loads the upstream artifacts, calls `evaluation.run`, writes and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.episodes.batch import episode_arrays
+from pipeline.episodes.episode import load_episodes
+from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate import evaluation, plots, report
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.ingest.store import ImageStore
+from pipeline.meta.device import pick_device
+from pipeline.meta.model_io import META_FILE, load_meta_model
+from pipeline.progress import log
+from pipeline.tracking import StageResult, StageRun, UpstreamRun
+
+CONFIG = EvaluateConfig
+UPSTREAM = ("meta-train",)
+
+
+def run_name(cfg: EvaluateConfig) -> str:
+    """e.g. "evaluate all methods seeds=0,1,2 max=600"."""
+    methods = ",".join(cfg.methods) if cfg.methods else "all methods"
+    cap = f" max={cfg.max_episodes}" if cfg.max_episodes else ""
+    return f"evaluate {methods} seeds={','.join(map(str, cfg.seeds))}{cap}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluate options (override the suite's evaluate: section)")
+    g.add_argument("--seeds", dest="ev_seeds", metavar="S[,S...]", help="evaluation seeds, e.g. 0,1,2")
+    g.add_argument(
+        "--max-episodes",
+        dest="ev_max_episodes",
+        type=int,
+        metavar="N",
+        help="test episodes per kind and k_shot",
+    )
+    g.add_argument(
+        "--methods", dest="ev_methods", metavar="M[,M...]", help="meta-trained methods to evaluate"
+    )
+    g.add_argument(
+        "--val-episodes", dest="ev_val_episodes", type=int, metavar="N", help="validation episodes per group"
+    )
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{flag} takes integers separated by commas, e.g. 0,1,2 (got '{text}')") from None
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if getattr(args, "ev_seeds", None):
+        out.append(f"seeds={_ints(args.ev_seeds, '--seeds')}")
+    if getattr(args, "ev_max_episodes", None) is not None:
+        out.append(f"max_episodes={args.ev_max_episodes}")
+    if getattr(args, "ev_methods", None):
+        names = [m.strip() for m in args.ev_methods.split(",") if m.strip()]
+        out.append(f"methods=[{','.join(names)}]")
+    if getattr(args, "ev_val_episodes", None) is not None:
+        out.append(f"val_episodes={args.ev_val_episodes}")
+    return out
+
+
+def _meta_models(models_dir: Path, wanted: list[str] | None, device: Any) -> dict[str, Any]:
+    if not models_dir.is_dir():
+        raise DataError(f"the meta-train run has no models/ folder ({models_dir}); did meta-training finish?")
+    found = sorted(p.name for p in models_dir.iterdir() if (p / META_FILE).is_file())
+    if not found:
+        raise DataError(f"no trained model under {models_dir} (expected models/<method>/{META_FILE})")
+    if wanted:
+        unknown = [m for m in wanted if m not in found]
+        if unknown:
+            raise ConfigError(
+                f"evaluate.methods lists {unknown}, not trained in this run; valid: {', '.join(found)}"
+            )
+        found = [m for m in found if m in wanted]
+    return {name: load_meta_model(models_dir / name, device=device) for name in found}
+
+
+def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evaluation.Inputs:
+    mt = upstream["meta-train"]
+    ep = mt.upstream("episodes")
+    ing = ep.upstream("ingest")
+    device = pick_device("auto")
+    store = ImageStore.open(ing.artifact("store"))
+    return evaluation.Inputs(
+        meta_models=_meta_models(mt.artifact("models"), cfg.methods, device),
+        val=load_episodes(ep.artifact("episodes/val.jsonl")),
+        test=load_episodes(ep.artifact("episodes/test.jsonl")),
+        split=ep.read_json("split.json"),
+        store=store,
+        load=lambda e: episode_arrays(e, store, device),
+        provenance={"meta_train_run": mt.run_id, "episodes_run": ep.run_id, "ingest_run": ing.run_id},
+        device=device,
+    )
+
+
+def write_outputs(results: dict[str, Any], outdir: Path) -> None:
+    """plots/*.png, results.json, report.md into outdir (JSON and report written atomically)."""
+    results["plots"] = plots.write_all(results, outdir)
+    _atomic(outdir / "results.json", json.dumps(results, indent=1, sort_keys=False, default=float))
+    _atomic(outdir / "report.md", report.render(results))
+
+
+def _atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def headline(results: dict[str, Any]) -> str:
+    parts = []
+    for gk, comp in results["comparisons"].items():
+        w = comp["winner"]
+        a = comp["acc"][w]
+        ci = f"±{a['ci95'] * 100:.1f}" if a["ci95"] is not None else ""
+        tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
+        parts.append(
+            f"{gk}: {w} {a['mean'] * 100:.1f}{ci}%"
+            + (f" (overlaps {','.join(tied)})" if tied else " (separated)")
+        )
+    n = sum(results["setup"]["n_test_episodes"].values())
+    return f"{len(results['methods'])} methods on {n} test episodes; " + "; ".join(parts)
+
+
+def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    inputs = load_inputs(cfg, upstream)
+    run.log_params(
+        {
+            "methods": sorted(inputs.meta_models)
+            + [m for m in ("finetune", "scratch") if getattr(cfg, m).enabled],
+            "n_val_episodes_file": len(inputs.val),
+            "n_test_episodes_file": len(inputs.test),
+            "device": str(inputs.device),
+        }
+    )
+    log(
+        f"evaluate: {len(inputs.test)} test / {len(inputs.val)} validation episodes, methods {sorted(inputs.meta_models)}"
+    )
+    results = evaluation.run(inputs, cfg)
+    write_outputs(results, run.outdir)
+    chosen = {
+        f"chosen.{m}.{gk}": {k: v for k, v in sel["chosen"].items() if k != "val_acc"}
+        for m, by_seed in results["selection"].items()
+        for gk, sel in next(iter(by_seed.values())).items()
+    }
+    run.log_params(chosen)
+    # logged by the framework with the run (names: test.<method>.<kind>.k<k>.<metric>)
+    return StageResult(summary=headline(results), metrics=evaluation.key_metrics(results))

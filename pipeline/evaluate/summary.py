@@ -1,0 +1,160 @@
+"""From per-episode outcomes to the numbers of the report: per group, per condition, across seeds,
+and paired comparisons between methods on the same episodes.
+
+How each number is aggregated (also written into results.json under `definitions`):
+- accuracy, AUC, sensitivity, specificity: computed per episode, then mean ± 95% CI over episodes;
+- ECE, reliability bins and confusion matrices: pooled over all query predictions of the group (a
+  calibration estimate needs many predictions; one episode has a few dozen);
+- per condition: binary episodes → the accuracy of the episodes of that condition; n-way episodes →
+  the recall of that condition's queries in every episode that contains it;
+- across seeds: the mean and sample std (ddof=1) of the per-seed mean accuracies;
+- paired difference: per-episode accuracy of A minus B on the same episodes, mean ± 95% CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.evaluate import metrics
+from pipeline.evaluate.runner import EpisodeOutcome
+
+DEFINITIONS = {
+    "ci95": "1.96 * sample std (ddof=1) / sqrt(n) over episodes",
+    "acc/auc/sens/spec": "per episode, then mean over episodes",
+    "auc": "macro one-vs-rest ROC AUC over the episode's classes",
+    "sens/spec": "binary episodes, classes [condition, normal]: recall of condition / recall of normal",
+    "ece": "pooled over all query predictions of the group, equal-width bins of top-class confidence",
+    "per_condition": "binary: accuracy of that condition's episodes; n_way: recall of that condition per episode",
+    "across_seeds": "mean and sample std of per-seed mean accuracies",
+    "paired_diff": "mean over the same episodes of acc(A) - acc(B), with its 95% CI",
+}
+
+
+def group_key(kind: str, k_shot: int) -> str:
+    return f"{kind}.k{k_shot}"
+
+
+def _ci_or_none(values: Sequence[float | None]) -> dict[str, Any] | None:
+    vals = [v for v in values if v is not None]
+    return metrics.mean_ci95(vals).to_dict() if vals else None
+
+
+def summarize(outcomes: Sequence[EpisodeOutcome], n_bins: int = 10) -> dict[str, Any]:
+    """All numbers of one method on one (kind, k_shot) group of episodes."""
+    if not outcomes:
+        raise ValueError("summarize needs at least one episode outcome")
+    kind = outcomes[0].kind
+    probs = np.concatenate([o.probs for o in outcomes])
+    y = np.concatenate([o.y for o in outcomes])
+    rel = metrics.reliability(probs, y, n_bins) if len({o.probs.shape[1] for o in outcomes}) == 1 else None
+    out: dict[str, Any] = {
+        "n_episodes": len(outcomes),
+        "n_queries": int(y.size),
+        "acc": metrics.mean_ci95([o.acc for o in outcomes]).to_dict(),
+        "auc": _ci_or_none([o.auc for o in outcomes]),
+        "ece": rel.ece if rel is not None else None,
+        "reliability": None
+        if rel is None
+        else {
+            "edges": rel.edges.tolist(),
+            "count": rel.count.tolist(),
+            "confidence": [None if np.isnan(v) else float(v) for v in rel.confidence],
+            "accuracy": [None if np.isnan(v) else float(v) for v in rel.accuracy],
+        },
+    }
+    if kind == "binary":
+        out["sens"] = _ci_or_none([o.sens for o in outcomes])
+        out["spec"] = _ci_or_none([o.spec for o in outcomes])
+    out["per_condition"] = per_condition(outcomes)
+    out["confusion"] = confusion_by_name(outcomes)
+    return out
+
+
+def per_condition(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
+    vals: dict[str, list[float]] = {}
+    for o in outcomes:
+        if o.kind == "binary":
+            vals.setdefault(o.classes[0], []).append(o.acc)
+        else:
+            for name, r in o.class_recall().items():
+                vals.setdefault(name, []).append(r)
+    return {name: metrics.mean_ci95(v).to_dict() for name, v in sorted(vals.items())}
+
+
+def confusion_by_name(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
+    """Pooled confusion matrix. Binary: positions [condition, normal]. n-way: by condition name."""
+    if all(o.kind == "binary" for o in outcomes):
+        m = sum(metrics.confusion_matrix(o.probs, o.y) for o in outcomes)
+        normal = outcomes[0].classes[1]
+        return {"labels": ["condition", normal], "matrix": np.asarray(m).tolist()}
+    names = sorted({c for o in outcomes for c in o.classes})
+    pos = {n: i for i, n in enumerate(names)}
+    m = np.zeros((len(names), len(names)), dtype=np.int64)
+    for o in outcomes:
+        pred = o.probs.argmax(axis=1)
+        for t, p in zip(o.y, pred):
+            m[pos[o.classes[t]], pos[o.classes[p]]] += 1
+    return {"labels": names, "matrix": m.tolist()}
+
+
+def across_seeds(per_seed_acc: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(per_seed_acc, dtype=np.float64)
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else None,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n_seeds": int(v.size),
+    }
+
+
+def paired_difference(a: Sequence[EpisodeOutcome], b: Sequence[EpisodeOutcome]) -> dict[str, Any]:
+    """acc(a) - acc(b) on the same episodes (matched by id), mean ± 95% CI."""
+    bid = {o.episode_id: o.acc for o in b}
+    diffs = [o.acc - bid[o.episode_id] for o in a if o.episode_id in bid]
+    if len(diffs) != len(a) or len(a) != len(b):
+        raise ValueError("paired comparison needs both methods on the same episodes")
+    return metrics.mean_ci95(diffs).to_dict()
+
+
+def episode_acc_over_seeds(per_seed: Sequence[Sequence[EpisodeOutcome]]) -> dict[int, float]:
+    """Per episode id, its accuracy averaged over seeds (the unit for comparisons across methods)."""
+    acc: dict[int, list[float]] = {}
+    for outs in per_seed:
+        for o in outs:
+            acc.setdefault(o.episode_id, []).append(o.acc)
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def compare(per_method: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """Rank methods on one group and compare the best with every other one.
+
+    `per_method`: method → {episode id → accuracy (mean over seeds)}, all on the same episodes.
+    """
+    ids = None
+    for accs in per_method.values():
+        ids = set(accs) if ids is None else ids
+        if set(accs) != ids:
+            raise ValueError("methods were not run on the same episodes; cannot compare them")
+    order = sorted(ids or [])
+    stats = {m: metrics.mean_ci95([accs[i] for i in order]) for m, accs in per_method.items()}
+    ranking = sorted(stats, key=lambda m: (-stats[m].mean, m))
+    best = ranking[0]
+    vs = {}
+    for m in ranking[1:]:
+        diff = metrics.mean_ci95([per_method[best][i] - per_method[m][i] for i in order])
+        vs[m] = {
+            "overlap": stats[best].overlaps(stats[m]),
+            "paired_diff": diff.to_dict(),
+            "paired_significant": diff.ci95 is not None and diff.mean - diff.ci95 > 0,
+        }
+    return {
+        "n_episodes": len(order),
+        "acc": {m: s.to_dict() for m, s in stats.items()},
+        "ranking": ranking,
+        "winner": best,
+        "vs_winner": vs,
+    }

@@ -1,0 +1,100 @@
+"""Traditional baselines: the pretraining set, the classifier learns, head-only == the engine's head
+adaptation, and everything is deterministic for a seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import DataError
+from pipeline.evaluate import baselines
+from pipeline.evaluate.config import PretrainConfig
+from pipeline.meta.methods import GradientMethod
+from tests.evaluate.world import NORMAL, SIZE, SPEC, World, build_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"), per_class=20)
+
+
+def test_pretrain_data_is_the_train_pool_single_label_scans(world: World) -> None:
+    d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
+    assert d.classes == sorted(["Alpha", "Beta", NORMAL])
+    assert d.n_multi_label_dropped == 4
+    labels = world.store.index.set_index("store_index").loc[d.rows, "labels"].tolist()
+    assert all("|" not in lab for lab in labels)
+    assert [d.classes[y] for y in d.y] == labels
+    train_keys = {k for ks in world.split["pools"]["train"].values() for k in ks}
+    keys = world.store.index.set_index("store_index").loc[d.rows, "scan_key"]
+    assert set(keys) <= train_keys
+    assert np.bincount(d.y).tolist() == [20, 20, 40]
+
+
+def test_pretrain_data_needs_a_train_pool(world: World) -> None:
+    with pytest.raises(DataError, match="train pool"):
+        baselines.pretrain_data({"pools": {}}, world.store.index, world.store.rows_for)
+
+
+def _pretrain(world: World, seed: int) -> baselines.Pretrained:
+    d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
+    cfg = PretrainConfig(epochs=6, lr=3e-3, batch_size=16, holdout_fraction=0.25)
+    return baselines.pretrain_classifier(SPEC, 1, (SIZE, SIZE), world.store.images, d, cfg, seed)
+
+
+def test_pretrained_classifier_learns_and_is_deterministic(world: World) -> None:
+    a = _pretrain(world, 0)
+    rep = a.report
+    assert rep["n_holdout_patients"] > 0 and rep["n_train_images"] + rep["n_holdout_images"] == 80
+    # held-out PATIENTS of the train pool, 3 classes: clearly above chance
+    assert rep["holdout_balanced_acc"] > rep["holdout_chance_balanced_acc"] + 0.2, rep
+    b = _pretrain(world, 0)
+    for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    c = _pretrain(world, 1)
+    assert not torch.equal(
+        a.model.state_dict()["backbone.features.0.weight"], c.model.state_dict()["backbone.features.0.weight"]
+    )
+    assert a.model.head_policy == "zero"
+
+
+def test_head_only_equals_engine_head_adaptation(world: World) -> None:
+    """Frozen features + inner loop on the head == GradientMethod(trainable='head') on the whole net."""
+    pre = _pretrain(world, 0)
+    head = baselines.HeadOnlyMethod("finetune", pre.model, lr=0.05, steps=4)
+    ref = GradientMethod(
+        pre.model, dict(pre.model.named_parameters()), steps=4, lr=0.05, trainable="head", name="ref"
+    )
+    x_s, y_s, x_q, _ = world.load(world.test[0])
+    p_head = head.predict_proba(head.fit(x_s, y_s, 2), x_q)
+    p_ref = ref.predict_proba(ref.fit(x_s, y_s, 2), x_q)
+    assert torch.allclose(p_head, p_ref, atol=1e-5)
+    traj = head.fit_trajectory(x_s, y_s, 2, 4)
+    assert torch.allclose(head.predict_proba(traj[4], x_q), p_head)
+    assert torch.allclose(head.predict_proba(traj[0], x_q), torch.full_like(p_head, 0.5))  # zero head
+
+
+def test_whole_network_and_scratch_fit_the_support_set(world: World) -> None:
+    pre = _pretrain(world, 0)
+    scratch = baselines.scratch_model(SPEC, 1, (SIZE, SIZE), seed=0)
+    assert scratch.head_policy == "zero"
+    x_s, y_s, _, _ = world.load(world.test[0])
+    for model in (pre.model, scratch):
+        m = baselines.whole_network_method("m", model, lr=0.03, steps=8)
+        a = m.fit(x_s, y_s, 2)
+        assert a.info["support_loss_after"] < a.info["support_loss_before"] - 0.05
+    # a scratch model is seeded: same seed, same weights; another seed, other weights
+    same = baselines.scratch_model(SPEC, 1, (SIZE, SIZE), seed=0)
+    other = baselines.scratch_model(SPEC, 1, (SIZE, SIZE), seed=1)
+    w = "backbone.features.0.weight"
+    assert torch.equal(scratch.state_dict()[w], same.state_dict()[w])
+    assert not torch.equal(scratch.state_dict()[w], other.state_dict()[w])
+
+
+def test_baselines_refuse_a_non_zero_head(world: World) -> None:
+    from pipeline.meta.models import build_model
+
+    m = build_model(SPEC, 1, (SIZE, SIZE))  # shared head
+    with pytest.raises(ValueError, match="zero head"):
+        baselines.whole_network_method("x", m, 0.1, 2)

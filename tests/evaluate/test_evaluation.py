@@ -1,0 +1,163 @@
+"""The whole evaluation on a tiny synthetic world: every method reported, selection on validation only,
+deterministic, report and plots written from results.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.evaluate import evaluation, report, runner
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.stage import write_outputs
+from tests.evaluate.world import World, build_world
+
+CFG = {
+    "seeds": [0, 1],
+    "val_episodes": 6,
+    "curve_steps": 3,
+    "curve_episodes": 3,
+    "meta": {"steps": [1, 3]},
+    "finetune": {"steps": [2, 4], "lrs": [0.01, 0.05], "pretrain": {"epochs": 2, "batch_size": 16}},
+    "scratch": {"steps": [2, 4], "lrs": [0.05]},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"), n_test=8, n_val=6)
+
+
+def _inputs(w: World) -> evaluation.Inputs:
+    return evaluation.Inputs(
+        meta_models=w.meta_models,
+        val=w.val,
+        test=w.test,
+        split=w.split,
+        store=w.store,
+        load=w.load,
+        provenance={"meta_train_run": "mt", "episodes_run": "ep", "ingest_run": "in"},
+    )
+
+
+@pytest.fixture(scope="module")
+def spied(world: World) -> tuple[dict[str, Any], list[list[Any]]]:
+    """One evaluation, recording every episode list handed to the selection code."""
+    seen: list[list[Any]] = []
+    real = runner.select_on_validation
+
+    def spy(cands, step_grid, val_episodes, *a, **kw):
+        seen.append(list(val_episodes))
+        return real(cands, step_grid, val_episodes, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runner, "select_on_validation", spy)
+    try:
+        res = evaluation.run(_inputs(world), EvaluateConfig.model_validate(CFG))
+    finally:
+        mp.undo()
+    return res, seen
+
+
+def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], list], tmp_path: Path) -> None:
+    res, _ = spied
+    assert set(res["methods"]) == {"maml", "protonet", "finetune", "scratch"}
+    assert res["methods"]["maml"]["family"] == "meta-learned"
+    assert res["methods"]["finetune"]["family"] == "traditional"
+    for gk in ("binary.k2", "n_way.k2"):
+        comp = res["comparisons"][gk]
+        assert set(comp["ranking"]) == set(res["methods"]) and comp["n_episodes"] == 8
+        for m in res["methods"]:
+            s = res["results"][m][gk]["per_seed"]["0"]
+            assert s["n_episodes"] == 8 and 0.0 <= s["acc"]["mean"] <= 1.0 and s["acc"]["ci95"] is not None
+            assert s["ece"] is not None and s["auc"] is not None
+            if gk.startswith("binary"):
+                assert s["sens"] is not None and s["spec"] is not None
+                assert set(s["per_condition"]) == {"Delta", "Epsilon"}
+    # baselines run per seed, meta-learned methods once (no randomness at test time)
+    assert set(res["results"]["finetune"]["binary.k2"]["per_seed"]) == {"0", "1"}
+    assert set(res["results"]["maml"]["binary.k2"]["per_seed"]) == {"0"}
+    assert res["results"]["scratch"]["binary.k2"]["across_seeds"]["n_seeds"] == 2
+    text = report.render(copy.deepcopy(res))
+    for m in res["methods"]:
+        assert f"| {m} |" in text
+    assert "## Verdict" in text and "interval" in text
+    assert "Best meta-learned" in text
+
+
+def test_hyper_parameters_come_from_validation_episodes_only(
+    world: World, spied: tuple[dict[str, Any], list]
+) -> None:
+    res, seen = spied
+    val_ids = {(e.kind, e.id) for e in world.val}
+    test_keys = {k for ks in world.split["pools"]["test"].values() for k in ks}
+    assert seen, "the selection code was never called"
+    for eps in seen:
+        assert {(e.kind, e.id) for e in eps} <= val_ids
+        keys = {k for e in eps for part in (e.support, e.query) for ks in part.values() for k in ks}
+        assert not keys & test_keys
+    # the record says what was chosen, on what, from which grid
+    sel = res["selection"]["finetune"]["0"]["binary.k2"]
+    assert sel["selected_on"] == "validation" and sel["n_val_episodes"] == 6
+    assert len(sel["grid"]) == 2 * 2 * 2  # modes x lrs x steps
+    best = max(sel["grid"], key=lambda r: r["val_acc"])
+    assert sel["chosen"]["val_acc"] == best["val_acc"]
+    assert {sel["chosen"]["mode"], sel["chosen"]["steps"]} <= {"head", "whole", 2, 4}
+    meta = res["selection"]["maml"]["0"]["n_way.k2"]
+    assert [r["steps"] for r in meta["grid"]] == [1, 3]
+    proto = res["selection"]["protonet"]["0"]["binary.k2"]
+    assert proto["n_val_episodes"] == 0 and proto["chosen"] == {"steps": None}  # nothing to choose
+
+
+def test_test_episodes_handed_as_validation_are_refused(world: World) -> None:
+    inputs = _inputs(world)
+    inputs.val = world.test  # a swapped file: test scans where validation scans must be
+    with pytest.raises(DataError, match="not in the val pool"):
+        evaluation.run(inputs, EvaluateConfig.model_validate(CFG))
+
+
+def test_curves_cover_steps_and_shots(spied: tuple[dict[str, Any], list]) -> None:
+    res, _ = spied
+    cur = res["curves"]["maml"]["binary.k2"]
+    assert list(cur["steps"]) == ["0", "1", "2", "3"] and list(cur["shots"]) == ["1", "2"]
+    assert cur["n_episodes"] == 3
+    assert res["curves"]["protonet"]["binary.k2"]["steps"] is None  # no inner loop
+    # at 0 steps a zero-head baseline predicts uniformly: argmax picks class 0 = half the queries
+    assert res["curves"]["scratch"]["binary.k2"]["steps"]["0"]["mean"] == pytest.approx(0.5)
+
+
+def test_key_metrics_names(spied: tuple[dict[str, Any], list]) -> None:
+    res, _ = spied
+    m = evaluation.key_metrics(res)
+    for meth in res["methods"]:
+        assert f"test.{meth}.binary.k2.acc" in m and f"test.{meth}.binary.k2.acc_ci95" in m
+        assert f"test.{meth}.binary.k2.sens" in m and f"test.{meth}.n_way.k2.ece" in m
+    assert "test.finetune.binary.k2.acc_seed_std" in m
+    assert m["test.binary.k2.n_episodes"] == 8.0
+
+
+def test_evaluation_is_deterministic(world: World, spied: tuple[dict[str, Any], list]) -> None:
+    res, _ = spied
+    cfg = copy.deepcopy(CFG)
+    again = evaluation.run(_inputs(world), EvaluateConfig.model_validate(cfg))
+    a, b = dict(res), dict(again)
+    a.pop("timing_s")
+    b.pop("timing_s")
+    assert json.dumps(a, sort_keys=True, default=float) == json.dumps(b, sort_keys=True, default=float)
+
+
+def test_outputs_written(spied: tuple[dict[str, Any], list], tmp_path: Path) -> None:
+    res = copy.deepcopy(spied[0])
+    write_outputs(res, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["comparisons"].keys() == res["comparisons"].keys()
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert "adaptation_vs_steps.png" in pngs and "per_condition.png" in pngs
+    assert "reliability_binary_k2.png" in pngs and "confusion_n_way_k2.png" in pngs
+    assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in pngs)
+    md = (tmp_path / "report.md").read_text()
+    assert "plots/adaptation_vs_steps.png" in md
