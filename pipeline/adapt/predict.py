@@ -1,0 +1,84 @@
+"""`fewscan predict`: new scans -> a CSV of class probabilities from an adapted model.
+
+One row per scan: the file path, the predicted class, one probability column per class, and an error
+column. An unreadable or mismatched file gets a row with its error and empty probabilities, never a crash.
+Every scan is preprocessed exactly like the meta-model's training data (inside the adapted model), and
+a scan's probabilities do not depend on which other scans are in the same batch.
+
+This writes to the local CSV only (and stderr); nothing goes to MLflow, so clear file paths are fine here.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.adapt.adapted import AdaptedClassifier, prob_column
+from pipeline.adapt.support import list_inputs
+from pipeline.errors import ConfigError
+from pipeline.progress import log
+
+
+def write_predictions_csv(rows: list[dict[str, Any]], classes: list[str], output_csv: Path) -> None:
+    """Write the rows atomically (temp file + os.replace): a crash never leaves half a CSV."""
+    output_csv = Path(output_csv)
+    if output_csv.is_dir():
+        raise ConfigError(f"--output {output_csv} is a folder; give a file name such as predictions.csv")
+    output_csv.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["path", "predicted_class", *(prob_column(c) for c in classes), "error"]
+    tmp = output_csv.with_name(f".{output_csv.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            # an unscored row (error) has empty cells, not "nan": spreadsheets and pandas read both as missing
+            w.writerow(
+                {
+                    k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                    for k, v in r.items()
+                }
+            )
+    os.replace(tmp, output_csv)
+
+
+def predict(model_uri: str, input_path: Path, output_csv: Path, batch_size: int = 64) -> dict[str, Any]:
+    """Predict every scan under `input_path` (a file or a folder) with the adapted model at `model_uri`.
+
+    `model_uri`: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/adapted_model`, or a local
+    folder holding the saved pyfunc model. Returns a summary dict (counts, classes, output path, timing).
+    """
+    from pipeline.serving import load_adapted
+
+    t0 = time.perf_counter()
+    refs = list_inputs(Path(input_path))
+    model: AdaptedClassifier = load_adapted(model_uri)
+    t_load = time.perf_counter() - t0
+    rows = model.predict_paths([r.path for r in refs], batch_size=batch_size)
+    for r, ref in zip(rows, refs):
+        r["path"] = str(ref.path)
+    write_predictions_csv(rows, model.classes, Path(output_csv))
+    n_err = sum(1 for r in rows if r.get("error"))
+    counts = Counter(r["predicted_class"] for r in rows if not r.get("error"))
+    elapsed = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "model": model_uri,
+        "output": str(output_csv),
+        "classes": model.classes,
+        "n_scans": len(rows),
+        "n_predicted": len(rows) - n_err,
+        "n_errors": n_err,
+        "predicted": {c: counts.get(c, 0) for c in model.classes},
+        "seconds_load": round(t_load, 3),
+        "seconds_total": round(elapsed, 3),
+    }
+    per_class = ", ".join(f"{c}: {n}" for c, n in summary["predicted"].items())
+    err = f"; {n_err} unreadable (see the error column)" if n_err else ""
+    log(
+        f"predicted {len(rows) - n_err}/{len(rows)} scans ({per_class}){err} -> {output_csv} in {elapsed:.1f} s"
+    )
+    return summary

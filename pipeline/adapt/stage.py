@@ -1,0 +1,444 @@
+"""`fewscan adapt`: a meta-model + a few labelled scans of a new condition -> a registered, servable model.
+
+1. The meta-model: `models/<method>` of the upstream meta-train run, with the ingest preprocessing it
+   was trained on (from `meta_model.json`; the ingest run's store for the modalities and salt id).
+2. The support set (and optional query set): every scan through that preprocessing; unreadable scans
+   are reported and skipped if every class keeps `min_per_class`; a scan of another modality/geometry
+   refuses the set.
+3. The one inner loop (`MetaModel.method(...).fit`), steps/lr from the meta-model unless overridden;
+   the support loss and accuracy after every step are logged as metric curves.
+4. With a query set: accuracy, AUC, sensitivity, specificity of the adapted model (and of the
+   unadapted one, for comparison); scans also present in the support set are left out of these.
+5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`.
+
+No file name or path reaches MLflow: scans are salted content hashes, config paths are hashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.adapt.adapted import AdaptedClassifier, save_adapted
+from pipeline.adapt.config import AdaptConfig
+from pipeline.adapt.support import (
+    LabelledSet,
+    ScanSpec,
+    list_labelled,
+    load_labelled,
+    order_classes,
+    write_json_atomic,
+)
+from pipeline.errors import ConfigError, DataError, UpstreamError
+from pipeline.evaluate import metrics as M
+from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
+from pipeline.meta.methods import Adapted, FewShotMethod
+from pipeline.meta.model_io import MetaModel, load_meta_model
+from pipeline.progress import log
+from pipeline.tracking import StageResult, StageRun, UpstreamRun
+
+CONFIG = AdaptConfig
+UPSTREAM = ("meta-train",)
+DEFAULT_NORMAL = "No Finding"
+# Distributions the adapted pyfunc imports (pinned to this environment's versions); listing them
+# explicitly skips MLflow's requirement inference, which loads the model in a subprocess (seconds).
+_RUNTIME_DISTS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "pillow",
+    "nibabel",
+    "monai",
+    "tqdm",
+)
+
+
+def run_name(cfg: AdaptConfig) -> str:
+    return f"adapt {cfg.condition or 'new condition'}" + (f" ({cfg.method})" if cfg.method else "")
+
+
+# ------------------------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("adapt")
+    g.add_argument(
+        "--support", type=Path, metavar="DIR", help="support set: one subfolder per class, or a CSV"
+    )
+    g.add_argument("--query", type=Path, metavar="DIR", help="optional labelled query set (same layout)")
+    g.add_argument("--condition", metavar="NAME", help="the positive class (a class folder name)")
+    g.add_argument("--steps", type=int, metavar="N", help="inner steps (default: the meta-model's)")
+    g.add_argument("--lr", type=float, metavar="X", help="inner learning rate (default: the meta-model's)")
+    g.add_argument("--method", metavar="NAME", help="which method of the meta-train run (default: primary)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for key in ("support", "query", "condition", "steps", "lr", "method"):
+        v = getattr(args, key, None)
+        if v is not None:
+            # JSON is valid YAML: quoting keeps "No Finding: x" or "1e-3" from being reinterpreted
+            out.append(f"{key}={json.dumps(str(v) if isinstance(v, Path) else v)}")
+    return out
+
+
+def _listing_digest(root: Path | None) -> str | None:
+    """Digest of a set's file listing (relative names, sizes, mtimes): changes when the set changes."""
+    if root is None:
+        return None
+    root = Path(root)
+    h = hashlib.sha256()
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}:".encode())
+        h.update(root.read_bytes())
+        return h.hexdigest()[:16]
+    if not root.is_dir():
+        return "missing"
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_inputs(cfg: AdaptConfig) -> dict[str, str | None]:
+    """The support/query content enters the fingerprint, so `fewscan run` re-adapts after the set changes."""
+    return {"support": _listing_digest(cfg.support), "query": _listing_digest(cfg.query)}
+
+
+# ------------------------------------------------------------------------------------ meta-model
+def choose_method(mt: UpstreamRun, requested: str | None) -> tuple[str, Path]:
+    """(method name, local models/<method> folder) of the meta-train run."""
+    try:
+        models = mt.artifact("models")
+    except UpstreamError:
+        raise UpstreamError(
+            f"meta-train run {mt.run_id} has no models/ artifact (did it finish meta-training?); "
+            "pass another meta-model with --model"
+        ) from None
+    available = sorted(d.name for d in models.iterdir() if (d / "meta_model.json").is_file())
+    if not available:
+        raise UpstreamError(f"meta-train run {mt.run_id} holds no meta-model under models/")
+    if requested:
+        if requested not in available:
+            raise ConfigError(
+                f"meta-train run {mt.run_id} has no method '{requested}'; it has: {', '.join(available)}"
+            )
+        return requested, models / requested
+    primary = _primary_method(mt.params, available)
+    if primary is None:
+        raise ConfigError(
+            f"meta-train run {mt.run_id} holds several methods ({', '.join(available)}); choose one with "
+            "--method NAME (adapt.method)"
+        )
+    return primary, models / primary
+
+
+def _primary_method(params: dict[str, str], available: list[str]) -> str | None:
+    """The first method of the meta-train config that has a saved model (the registered one)."""
+    for key in ("methods", "method"):
+        raw = params.get(key)
+        if not raw:
+            continue
+        try:
+            listed = json.loads(raw)
+        except json.JSONDecodeError:
+            listed = raw
+        for name in [listed] if isinstance(listed, str) else list(listed):
+            name = name.get("name") if isinstance(name, dict) else name
+            if name in available:
+                return str(name)
+    return available[0] if len(available) == 1 else None
+
+
+def _ingest_facts(mt: UpstreamRun, mm: MetaModel) -> dict[str, Any]:
+    """Modalities, normal label and salt id of the ingest the meta-model was trained on (best effort)."""
+    rid = mm.meta.get("ingest_run_id")
+    try:
+        ing = UpstreamRun.from_id(str(rid), "ingest") if rid else mt.upstream("episodes").upstream("ingest")
+        store = ing.read_json("store/store.json")
+    except UpstreamError as err:
+        log(f"adapt: the meta-model's ingest run is not reachable ({err}); modality is not checked")
+        return {}
+    facts: dict[str, Any] = {"ingest_run_id": ing.run_id, "store": store}
+    try:
+        import pandas as pd
+
+        idx = pd.read_parquet(ing.artifact("store/scan_index.parquet"), columns=["modality", "patient_key"])
+        mods = {str(m).strip().upper() for m in idx["modality"].dropna() if str(m).strip()}
+        facts["modalities"] = frozenset(mods) if mods else None
+        facts["patient_keys"] = set(idx["patient_key"].dropna().astype(str)) - {""}
+    except (UpstreamError, OSError, KeyError, ValueError) as err:
+        log(f"adapt: cannot read the ingest scan index ({err}); modality is not checked")
+    return facts
+
+
+def scan_spec(mm: MetaModel, facts: dict[str, Any]) -> ScanSpec:
+    prep = mm.meta.get("preprocessing")
+    if not isinstance(prep, dict) or not prep:
+        raise UpstreamError(
+            "the meta-model records no ingest preprocessing (meta_model.json 'preprocessing'); it cannot "
+            "read new scans the way its training data was read. Re-run meta-train with this fewscan"
+        )
+    store_prep = (facts.get("store") or {}).get("preprocessing")
+    if isinstance(store_prep, dict) and store_prep != prep:
+        raise UpstreamError(
+            f"the meta-model's preprocessing differs from its ingest run {facts.get('ingest_run_id')}'s; "
+            "its lineage is inconsistent — re-run meta-train on that ingest"
+        )
+    return ScanSpec(preprocessing=dict(prep), shape=tuple(mm.image_shape), modalities=facts.get("modalities"))
+
+
+# ------------------------------------------------------------------------------------ adaptation
+def fit_curve(
+    method: FewShotMethod, x: torch.Tensor, y: torch.Tensor, n_way: int, steps: int
+) -> list[Adapted]:
+    """States after 0..steps inner steps of one adaptation (one run when the method offers a trajectory)."""
+    traj = getattr(method, "fit_trajectory", None)
+    if traj is not None:
+        return list(traj(x, y, n_way, steps))
+    if getattr(method, "name", "") == "protonet":
+        return [method.fit(x, y, n_way)]
+    # Fallback: one inner-loop call per step count. Deterministic, so state s equals the s-th state of a
+    # single run; costs steps*(steps+1)/2 inner steps (small for few-shot step counts).
+    return [method.fit(x, y, n_way, steps=s) for s in range(steps + 1)]
+
+
+def _nll(probs: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def query_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy, AUC, sensitivity, specificity; the condition (index 0) is the positive class."""
+    out: dict[str, float] = {"accuracy": M.accuracy(probs, y), "n": float(len(y))}
+    # condition vs the rest: for 2 classes this is the ordinary binary AUC / sens / spec
+    auc = M.binary_auc(probs[:, 0], y == 0)
+    if auc is not None:
+        out["auc"] = auc
+    if probs.shape[1] > 2:
+        macro = M.macro_auc(probs, y)
+        if macro is not None:
+            out["auc_macro"] = macro
+    pred0 = probs.argmax(axis=1) == 0
+    if (y == 0).any():
+        out["sensitivity"] = float(np.mean(pred0[y == 0]))
+    if (y != 0).any():
+        out["specificity"] = float(np.mean(~pred0[y != 0]))
+    return out
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for dist in _RUNTIME_DISTS:
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _patient_keys(refs_paths: list[Path], salt: bytes) -> set[str]:
+    """Salted patient keys (ingest's scheme) of DICOM files; non-DICOM files have none."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    keys = set()
+    for p in refs_paths:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["PatientID"])
+        except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+            continue
+        pid = str(getattr(ds, "PatientID", "") or "").strip()
+        if pid:
+            keys.add(salted_key(salt, "patient", pid))
+    return keys
+
+
+def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    from pipeline.meta.device import pick_device
+    from pipeline.serving import ARTIFACT_KEY, MODEL_ARTIFACT, FewscanAdaptedModel
+
+    mt = upstream["meta-train"]
+    method_name, mm_dir = choose_method(mt, cfg.method)
+    mm = load_meta_model(mm_dir, device=pick_device())
+    facts = _ingest_facts(mt, mm)
+    spec = scan_spec(mm, facts)
+    store = facts.get("store") or {}
+    normal = str(store.get("normal_label") or mm.meta.get("normal_label") or DEFAULT_NORMAL)
+    salt = load_or_create_salt(cfg.salt_file)
+
+    # ---- support (and query) sets
+    refs = list_labelled(cfg.support, "support")
+    classes = order_classes([str(r.label) for r in refs], cfg.condition, normal)
+    condition = classes[0]
+    support = load_labelled(refs, classes, spec, salt, cfg.min_per_class, "support")
+    query: LabelledSet | None = None
+    if cfg.query is not None:
+        qrefs = list_labelled(cfg.query, "query")
+        query = load_labelled(qrefs, classes, spec, salt, 0, "query")
+        if len(query.keys) == 0:
+            raise DataError(f"no readable scan in the query set {cfg.query}; fix it or leave --query out")
+
+    # ---- adapt: the one inner loop, with the support loss after every step
+    method = mm.method(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size)
+    steps = int(cfg.steps if cfg.steps is not None else getattr(method, "steps", 0))
+    n_way = len(classes)
+    torch.manual_seed(cfg.seed)  # nothing in the MAML family samples here; explicit for any method that does
+    t0 = time.perf_counter()
+    if hasattr(method, "fit_trajectory"):
+        states = fit_curve(method, support.x, support.y, n_way, steps)
+        adapted = states[-1]
+        adapt_seconds = time.perf_counter() - t0
+    else:
+        adapted = method.fit(support.x, support.y, n_way, steps=steps)
+        adapt_seconds = time.perf_counter() - t0
+        states = fit_curve(method, support.x, support.y, n_way, steps)
+    y_s = support.y.numpy()
+    clf = AdaptedClassifier(mm, method, adapted, classes, spec, card={})
+    for s, st in enumerate(states):
+        c = AdaptedClassifier(mm, method, st, classes, spec, card={})
+        p = c.proba(support.x, cfg.batch_size)
+        run.log_metrics({"support_loss": _nll(p, y_s), "support_accuracy": M.accuracy(p, y_s)}, step=s)
+
+    headline: dict[str, float] = {
+        "adapt_seconds": adapt_seconds,
+        "support_scans": float(len(support.keys)),
+        "support_rejected": float(len(support.rejected)),
+        "support_loss_final": _nll(clf.proba(support.x, cfg.batch_size), y_s),
+    }
+    for name, n in support.counts().items():
+        log(f"support: {n} scan(s) of '{name}'")
+    query_report: dict[str, Any] = {}
+    if query is not None:
+        in_support = set(support.keys)
+        keep = [i for i, k in enumerate(query.keys) if k not in in_support]
+        if len(keep) < len(query.keys):
+            log(
+                f"query: {len(query.keys) - len(keep)} scan(s) are also in the support set; left out of the metrics"
+            )
+        if not keep:
+            raise DataError("every query scan is also in the support set: the query must hold other scans")
+        xq, yq = query.x[keep], query.y.numpy()[keep]
+        probs = clf.proba(xq, cfg.batch_size)
+        qm = query_metrics(probs, yq)
+        q0 = query_metrics(AdaptedClassifier(mm, method, states[0], classes, spec, {}).proba(xq), yq)
+        for k, v in qm.items():
+            headline[f"query_{k}"] = v
+        for k in ("accuracy", "auc"):
+            if k in q0:
+                headline[f"query_{k}_unadapted"] = q0[k]
+        # Patients, not only scans: a query patient seen in the support set (or in meta-training) makes
+        # the query numbers optimistic. Keys use ingest's salt, so they are comparable only with the same salt.
+        q_pat = _patient_keys([r.path for r in qrefs], salt)
+        s_pat = _patient_keys([r.path for r in refs], salt)
+        overlap_support = len(q_pat & s_pat)
+        headline["query_patients_in_support"] = float(overlap_support)
+        if overlap_support:
+            log(
+                f"query: {overlap_support} query patient(s) also appear in the support set: metrics are optimistic"
+            )
+        if store.get("salt_id") == salt_id(salt) and facts.get("patient_keys"):
+            seen = len(q_pat & facts["patient_keys"])
+            headline["query_patients_in_meta_training_data"] = float(seen)
+            if seen:
+                log(
+                    f"query: {seen} query patient(s) were in the meta-model's ingest data: metrics are optimistic"
+                )
+        query_report = {
+            **query.report(),
+            "metrics": qm,
+            "metrics_unadapted": q0,
+            "confusion_matrix": M.confusion_matrix(probs, yq).tolist(),
+            "excluded_as_in_support": len(query.keys) - len(keep),
+        }
+
+    # ---- reports (de-identified) and the local one with clear paths
+    write_json_atomic(run.outdir / "support_report.json", support.report())
+    if query_report:
+        write_json_atomic(run.outdir / "query_report.json", query_report)
+    local = {"support": support.local_report(), "query": query.local_report() if query else None}
+    local_path = Path(cfg.local_report_dir) / f"adapt-{run.run_id}.json"
+    write_json_atomic(local_path, local)
+
+    # ---- the adapted model: pyfunc + registry
+    reg_name = cfg.registry_name(condition)
+    card = {
+        "condition": condition,
+        "normal_label": normal,
+        "method": method_name,
+        "steps": steps,
+        "lr": cfg.lr,
+        "support_counts": support.counts(),
+        "meta_train_run_id": mt.run_id,
+        "ingest_run_id": facts.get("ingest_run_id") or mm.meta.get("ingest_run_id"),
+        "adapt_run_id": run.run_id,
+        "normalization": mm.meta.get("normalization"),
+    }
+    with tempfile.TemporaryDirectory(prefix="fewscan-adapt-") as tmpname:
+        tmp = Path(tmpname)
+        folder = save_adapted(
+            tmp / "adapted", meta_model_dir=mm_dir, adapted=adapted, classes=classes, spec=spec, card=card
+        )
+        model_uri = run.log_pyfunc(
+            MODEL_ARTIFACT,
+            FewscanAdaptedModel(),
+            artifacts={ARTIFACT_KEY: str(folder)},
+            input_example=None,  # an example would be a file path or pixels: neither belongs in MLflow
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the `pipeline` package: self-contained
+            pip_requirements=_pip_requirements(),
+        )
+    version = run.register_model(MODEL_ARTIFACT, reg_name, cfg.alias)
+    run.set_tags(
+        {
+            "fewscan.adapt.condition": condition,
+            "fewscan.adapt.classes": json.dumps(classes),
+            "fewscan.adapt.method": method_name,
+            "fewscan.adapt.registered": f"{reg_name}/{version}",
+        }
+    )
+    run.log_params({"resolved": {"method": method_name, "steps": steps, "classes": classes, "n_way": n_way}})
+
+    k = ", ".join(f"{c}: {n}" for c, n in support.counts().items())
+    rej = f", {len(support.rejected)} unreadable skipped" if support.rejected else ""
+    q = ""
+    if "query_accuracy" in headline:
+        q = f"; query acc {headline['query_accuracy']:.3f}"
+        if "query_accuracy_unadapted" in headline:
+            q += f" (unadapted {headline['query_accuracy_unadapted']:.3f})"
+        if "query_auc" in headline:
+            q += f", AUC {headline['query_auc']:.3f}"
+    summary = (
+        f"adapted {method_name} to '{condition}' from {len(support.keys)} scans ({k}{rej}) in {steps} steps, "
+        f"{adapt_seconds:.2f} s{q}; registered {reg_name} v{version} -> {model_uri}"
+    )
+    print(f"local report (clear paths, not in MLflow): {local_path}", file=sys.stderr)
+    return StageResult(summary=summary, metrics=headline)
+
+
+__all__ = [
+    "CONFIG",
+    "UPSTREAM",
+    "add_arguments",
+    "execute",
+    "fingerprint_inputs",
+    "overrides_from_args",
+    "run_name",
+]

@@ -1,0 +1,405 @@
+"""Reading a labelled support (or query) set and the scans to predict, exactly as ingest would.
+
+A set is either a folder with one subfolder per class (`Hernia/`, `No Finding/`, files may sit in
+nested series folders) or a label CSV with the columns `path,label` (relative paths resolve against the
+CSV's folder). Every scan goes through the ingest preprocessing of the meta-model's own ingest run
+(`pipeline.ingest.preprocess.load_for_model`), so support, query and training images are identical in
+geometry, windowing and normalisation.
+
+De-identification: a scan is known outside this module only by a salted hash of its *content* (the same
+salt file as ingest, kept outside MLflow), so nothing written to MLflow holds a file name, and the same
+scan in support and query is detected whatever it is called. Clear paths appear only on stderr and in the
+local-only report (next to the salt), for the person who owns the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.ingest.deid import salted_key
+from pipeline.progress import log, progress
+
+# Files in a scan folder that are never scans (a README next to the DICOMs is not an "unreadable scan").
+NON_SCAN_SUFFIXES = frozenset(
+    {".txt", ".md", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html", ".pdf"}
+)
+
+
+class ScanMismatch(DataError):
+    """A readable scan that does not fit the meta-model (other modality, channels or spatial dims)."""
+
+
+@dataclass(frozen=True)
+class ScanRef:
+    path: Path
+    label: str | None  # None for unlabelled scans (predict)
+    shown: str  # path relative to the set's root: for local messages only, never for MLflow
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """What the meta-model expects of every scan: ingest's preprocessing and the resulting geometry."""
+
+    preprocessing: dict[str, Any]
+    shape: tuple[int, ...]  # (C, H, W) or (C, D, H, W), as stored by ingest
+    modalities: frozenset[str] | None = None  # DICOM modalities seen at ingest (None: not checked)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "preprocessing": self.preprocessing,
+            "shape": list(self.shape),
+            "modalities": sorted(self.modalities) if self.modalities is not None else None,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> ScanSpec:
+        mods = d.get("modalities")
+        return ScanSpec(
+            preprocessing=dict(d["preprocessing"]),
+            shape=tuple(int(s) for s in d["shape"]),
+            modalities=frozenset(mods) if mods is not None else None,
+        )
+
+
+def _is_candidate(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NON_SCAN_SUFFIXES
+
+
+def _files_under(folder: Path) -> list[Path]:
+    # sorted: the order of the support set is the order of the rows of x_s, so it must not depend on the
+    # file system's enumeration order
+    return sorted(
+        (p for p in folder.rglob("*") if _is_candidate(p) and not any(s.startswith(".") for s in p.parts)),
+        key=lambda p: str(p),
+    )
+
+
+def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
+    """The labelled scans of a class-folder tree or a `path,label` CSV, in a deterministic order."""
+    source = Path(source)
+    if not source.exists():
+        raise ConfigError(
+            f"{what} set not found: {source} (give a folder with one subfolder per class, or a CSV)"
+        )
+    if source.is_file():
+        return _list_csv(source, what)
+    class_dirs = sorted(
+        (d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+    )
+    if not class_dirs:
+        raise DataError(
+            f"{what} folder {source} has no class subfolders: put each class's scans in a subfolder named "
+            "after the class, e.g. Hernia/ and 'No Finding'/"
+        )
+    loose = [p for p in source.iterdir() if _is_candidate(p)]
+    if loose:
+        log(f"{what}: ignoring {len(loose)} file(s) directly in {source} (scans belong in a class subfolder)")
+    refs: list[ScanRef] = []
+    for d in class_dirs:
+        files = _files_under(d)
+        if not files:
+            raise DataError(
+                f"{what} class folder '{d.name}' in {source} holds no scan files: add scans of class "
+                f"'{d.name}' or remove the empty folder"
+            )
+        refs.extend(ScanRef(path=f, label=d.name, shown=str(f.relative_to(source))) for f in files)
+    return refs
+
+
+def _list_csv(path: Path, what: str) -> list[ScanRef]:
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+            cols = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"{what} label file {path} is not a readable CSV: {err}") from None
+    if not rows:
+        raise DataError(
+            f"{what} label file {path} has no rows (expected a header 'path,label' and one row per scan)"
+        )
+    if "path" not in cols or "label" not in cols:
+        raise ConfigError(
+            f"{what} label file {path} needs the columns 'path' and 'label'; it has: {', '.join(cols)}"
+        )
+    refs: list[ScanRef] = []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        norm = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+        rel, label = norm["path"], norm["label"]
+        if not rel or not label:
+            raise DataError(f"{what} label file {path}, line {i}: empty path or label")
+        p = Path(rel)
+        p = p if p.is_absolute() else path.parent / p
+        refs.append(ScanRef(path=p, label=label, shown=rel))
+    return refs
+
+
+def list_inputs(source: Path) -> list[ScanRef]:
+    """Unlabelled scans to predict: one file, or every candidate file under a folder (recursively)."""
+    source = Path(source)
+    if source.is_file():
+        return [ScanRef(path=source, label=None, shown=str(source))]
+    if not source.is_dir():
+        raise ConfigError(f"input not found: {source} (give a scan file or a folder of scans)")
+    files = _files_under(source)
+    if not files:
+        raise DataError(f"input folder {source} holds no scan files")
+    return [ScanRef(path=f, label=None, shown=str(f)) for f in files]
+
+
+def order_classes(labels: Sequence[str], condition: str | None, normal_label: str) -> list[str]:
+    """Label index order: the condition first, the normal class last, any others in between (sorted).
+
+    The same convention as the binary episodes the meta-model was trained and evaluated on
+    (`classes == [condition, normal]`), so sensitivity is recall of index 0.
+    """
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise DataError(
+            f"the support set has {len(present)} class(es) ({', '.join(present) or 'none'}); "
+            "adaptation needs at least two, e.g. the condition and 'No Finding'"
+        )
+    if condition is None:
+        others = [c for c in present if c != normal_label]
+        if len(others) != 1:
+            raise ConfigError(
+                f"cannot tell which class is the condition among {', '.join(present)}: set adapt.condition "
+                "(--condition NAME)"
+            )
+        condition = others[0]
+    if condition not in present:
+        raise ConfigError(
+            f"condition '{condition}' is not a class of the support set; its classes are: {', '.join(present)}"
+        )
+    middle = [c for c in present if c not in (condition, normal_label)]
+    tail = [normal_label] if normal_label in present and normal_label != condition else []
+    return [condition, *middle, *tail]
+
+
+def content_key(salt: bytes, data: bytes) -> str:
+    """Salted key of a scan's bytes: stable across renames, unlinkable without the salt."""
+    return salted_key(salt, "adapt-scan", hashlib.sha256(data).hexdigest())
+
+
+def dicom_modality(path: Path) -> str | None:
+    """The DICOM Modality of a file, or None when it is not DICOM (PNG, NIfTI, ...) or has none."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+        return None
+    mod = str(getattr(ds, "Modality", "") or "").strip().upper()
+    return mod or None
+
+
+def _describe_shape(shape: tuple[int, ...]) -> str:
+    kind = {3: "2-D", 4: "3-D"}.get(len(shape), f"{len(shape) - 1}-D")
+    return f"{kind}, {shape[0]} channel(s), {'x'.join(str(s) for s in shape[1:])}"
+
+
+def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
+    """One scan file -> the array ingest would have stored for it ((C, H, W) float32), checked against spec.
+
+    Raises DataError when the file cannot be read, ScanMismatch when it is readable but of another
+    modality or geometry than the meta-model's training data.
+    """
+    from pipeline.ingest.preprocess import load_for_model
+
+    if spec.modalities:
+        mod = dicom_modality(path)
+        if mod is not None and mod not in spec.modalities:
+            raise ScanMismatch(
+                f"modality {mod}, but the meta-model was trained on {', '.join(sorted(spec.modalities))}"
+            )
+    try:
+        arr = load_for_model(path, spec.preprocessing)
+    except DataError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:  # a decoder's own error on a broken file
+        raise DataError(f"cannot read scan: {type(err).__name__}: {err}") from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if tuple(arr.shape) != spec.shape:
+        raise ScanMismatch(
+            f"preprocessed to {_describe_shape(tuple(arr.shape))}, but the meta-model takes "
+            f"{_describe_shape(spec.shape)}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise DataError("preprocessing produced non-finite values (NaN/inf): the pixel data is corrupt")
+    return arr
+
+
+def read_scan_bytes(data: bytes, spec: ScanSpec, suffix: str = ".dcm") -> np.ndarray:
+    """Like read_scan for a scan held in memory (a DICOM file's bytes, e.g. from a scoring request)."""
+    fd, name = tempfile.mkstemp(suffix=suffix, prefix="fewscan-scan-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return read_scan(Path(name), spec)
+    finally:
+        os.unlink(name)
+
+
+def scrub(text: str, path: Path) -> str:
+    """A reader's message without the file's path or name (those may carry PHI; MLflow gets keys only)."""
+    for token in (str(path.resolve()), str(path), path.name):
+        if token:
+            text = text.replace(token, "<file>")
+    return text.removeprefix("<file>: ")
+
+
+@dataclass
+class Rejected:
+    ref: ScanRef
+    key: str
+    reason: str
+
+
+@dataclass
+class LabelledSet:
+    """A labelled set ready for the inner loop: x (n, C, H, W) float32, y (n,) int64 = index in classes."""
+
+    classes: list[str]
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(int(v) for v in self.y.tolist())
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def report(self) -> dict[str, Any]:
+        """De-identified summary for MLflow: salted keys, class names, reasons; no paths."""
+        return {
+            "classes": self.classes,
+            "counts": self.counts(),
+            "accepted": [
+                {"scan_key": k, "label": self.classes[int(v)]} for k, v in zip(self.keys, self.y.tolist())
+            ],
+            "rejected": [
+                {"scan_key": r.key, "label": r.ref.label, "reason": r.reason} for r in self.rejected
+            ],
+        }
+
+    def local_report(self) -> dict[str, Any]:
+        """Same with clear paths: written only next to the salt, never to MLflow."""
+        return {
+            "rejected": [
+                {"path": str(r.ref.path), "scan_key": r.key, "reason": r.reason} for r in self.rejected
+            ],
+        }
+
+
+def load_labelled(
+    refs: Sequence[ScanRef],
+    classes: Sequence[str],
+    spec: ScanSpec,
+    salt: bytes,
+    min_per_class: int = 1,
+    what: str = "support",
+    reader: Callable[[Path, ScanSpec], np.ndarray] = read_scan,
+) -> LabelledSet:
+    """Read and preprocess every scan; unreadable ones are reported and skipped if enough remain.
+
+    A scan that is readable but does not match the meta-model refuses the whole set: a CT among chest
+    radiographs means the wrong folder was given, and silently dropping it would hide that.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    keys: list[str] = []
+    seen: dict[str, str] = {}  # key -> label
+    rejected: list[Rejected] = []
+    mismatched: list[tuple[ScanRef, str]] = []
+    for ref in progress(refs, total=len(refs), desc=f"reading {what} scans"):
+        if ref.label not in index:
+            raise DataError(
+                f"{what} scan {ref.shown} has label '{ref.label}', not one of: {', '.join(classes)}"
+            )
+        try:
+            data = ref.path.read_bytes()
+        except OSError as err:
+            rejected.append(
+                Rejected(
+                    ref,
+                    salted_key(salt, "adapt-path", str(ref.path)),
+                    f"cannot open file: {err.strerror or type(err).__name__}",
+                )
+            )
+            continue
+        key = content_key(salt, data)
+        if key in seen:
+            if seen[key] != ref.label:
+                raise DataError(
+                    f"the same scan appears in {what} classes '{seen[key]}' and '{ref.label}' ({ref.shown}): "
+                    "a scan can have only one label here"
+                )
+            log(f"{what}: {ref.shown} is a duplicate of another '{ref.label}' scan; using it once")
+            continue
+        try:
+            arr = reader(ref.path, spec)
+        except ScanMismatch as err:
+            mismatched.append((ref, scrub(str(err), ref.path)))
+            continue
+        except DataError as err:
+            rejected.append(Rejected(ref, key, scrub(str(err), ref.path)))
+            continue
+        seen[key] = ref.label
+        xs.append(arr)
+        ys.append(index[ref.label])
+        keys.append(key)
+
+    for r in rejected:
+        log(f"{what}: skipped unreadable scan {r.ref.shown}: {r.reason}")
+    if mismatched:
+        for ref, why in mismatched:
+            log(f"{what}: {ref.shown} does not match the meta-model: {why}")
+        reasons = Counter(why for _, why in mismatched)
+        top, n_top = reasons.most_common(1)[0]
+        raise ScanMismatch(
+            f"{len(mismatched)} of {len(refs)} {what} scans do not match the meta-model ({n_top}x: {top}); "
+            "they are listed above. Use scans of the modality and kind the meta-model was trained on, or "
+            "meta-train on data like them"
+        )
+    counts = Counter(ys)
+    short = {c: counts.get(i, 0) for i, c in enumerate(classes) if counts.get(i, 0) < min_per_class}
+    if short:
+        bad = Counter(r.ref.label for r in rejected)
+        parts = [
+            f"'{c}': {n} readable" + (f" ({bad[c]} unreadable)" if bad.get(c) else "")
+            for c, n in short.items()
+        ]
+        raise DataError(
+            f"too few {what} scans: {'; '.join(parts)}; every class needs at least {min_per_class} "
+            f"(adapt.min_per_class). Add readable scans to those classes"
+        )
+    x = torch.from_numpy(np.stack(xs)) if xs else torch.empty(0)
+    return LabelledSet(
+        classes=list(classes),
+        x=x,
+        y=torch.tensor(ys, dtype=torch.int64),
+        keys=keys,
+        rejected=rejected,
+    )
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file + os.replace, so a crash never leaves a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
