@@ -1,0 +1,398 @@
+"""The ingest library entry point: manifest -> image store + scan index + reports (no MLflow here).
+
+Flow: discover files by content -> decode in parallel worker processes (each file, or each 3D series,
+is one task; the decode cache makes re-ingest cheap) -> join labels -> stream accepted images into the
+store -> commit atomically. Every file ends up in the report as accepted or rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from pipeline.errors import DataError
+from pipeline.ingest import reasons as R
+from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
+from pipeline.ingest.discover import Candidate, discover
+from pipeline.ingest.labels import LabelTable, folder_label, load_table
+from pipeline.ingest.manifest import IngestConfig
+from pipeline.ingest.preprocess import PREPROCESS_VERSION
+from pipeline.ingest.store import StoreWriter, atomic_write_json
+from pipeline.ingest.worker import Task, run_task
+from pipeline.progress import log, progress
+
+# below this many tasks, starting worker processes costs more than it saves
+MIN_PARALLEL_TASKS = 48
+
+INDEX_COLUMNS = [
+    "scan_key",
+    "patient_key",
+    "study_key",
+    "series_key",
+    "labels",
+    "modality",
+    "manufacturer",
+    "photometric",
+    "orig_shape",
+    "spacing",
+    "store_index",
+    "source_format",
+    "frame",
+    "voi_rule",
+    "age_bin",
+    "sex",
+    "file_key",
+    "npz_split",
+]
+
+
+@dataclass
+class IngestSummary:
+    n_files: int
+    n_images: int
+    n_patients: int
+    n_rejected_files: int
+    reasons: dict[str, int]
+    label_counts: dict[str, int]
+    cached: int
+    seconds: float
+    digest: str
+    index: pd.DataFrame
+    meta: dict[str, Any]
+    report: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def line(self) -> str:
+        rej = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) or "none"
+        return (
+            f"ingested {self.n_images} images of {self.n_patients} patients from {self.n_files} files "
+            f"({self.cached} from cache) in {self.seconds:.1f}s; rejected: {rej}"
+        )
+
+
+def preprocessing_dict(cfg: IngestConfig) -> dict[str, Any]:
+    """Everything `load_for_model` needs to reproduce the stored array of one new file."""
+    prep = cfg.preprocess.model_dump(mode="json")
+    prep["version"] = PREPROCESS_VERSION
+    prep["dtype"] = "float16"
+    return prep
+
+
+def _worker_prep(cfg: IngestConfig) -> dict[str, Any]:
+    prep = preprocessing_dict(cfg)
+    prep["_label_names"] = list(cfg.labels.names or [])
+    prep["_npz_splits"] = list(cfg.labels.npz_splits)
+    return prep
+
+
+def _pool_map(tasks: list[Task], workers: int, desc: str) -> Iterator[dict[str, Any]]:
+    """Results in task order; decoding spread over `workers` processes (1 = in this process)."""
+    if workers <= 1 or len(tasks) < MIN_PARALLEL_TASKS:
+        yield from progress(map(run_task, tasks), total=len(tasks), desc=desc)
+        return
+    # forkserver: workers do not inherit this process's threads/sockets (MLflow's SQLite connection)
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        # import the decoders once in the server; each worker then forks with them loaded
+        ctx.set_forkserver_preload(["pipeline.ingest.worker", "pipeline.ingest.dicom_read", "PIL.Image"])
+    chunk = max(1, min(64, len(tasks) // (workers * 8)))
+    with ctx.Pool(workers) as pool:
+        try:
+            yield from progress(pool.imap(run_task, tasks, chunksize=chunk), total=len(tasks), desc=desc)
+        except BaseException:
+            pool.terminate()
+            raise
+
+
+def _digest(index: pd.DataFrame) -> str:
+    h = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).values.tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> IngestSummary:
+    """Ingest per `cfg` into `outdir/store/` and `outdir/ingest_report.json`. Raises DataError when nothing
+    usable was found (the report is still written, so the reasons can be read)."""
+    t0 = time.monotonic()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    salt = load_or_create_salt(cfg.salt_file)
+    nproc = workers if workers is not None else (cfg.workers or os.cpu_count() or 1)
+    lab = cfg.labels
+    table: LabelTable | None = load_table(lab, salt) if lab.source == "csv" else None
+    skip = {Path(lab.path)} if lab.path else set()
+    cands = discover(cfg.scans.root, cfg.scans.exclude, skip)
+    if not cands:
+        raise DataError(f"no files under scan root {cfg.scans.root} (check scans.root and scans.exclude)")
+    prep = _worker_prep(cfg)
+    dims = cfg.preprocess.spatial_dims
+    cache = str(cfg.cache_dir) if cfg.cache_dir else None
+
+    files: dict[str, dict[str, Any]] = {}  # rel -> report entry (rel stays local)
+
+    def reject(rel: str, fmt: str, reason: str, detail: str) -> None:
+        files[rel] = {
+            "file_key": salted_key(salt, "file", rel),
+            "format": fmt,
+            "status": "rejected",
+            "reason": reason,
+            "detail": detail,
+        }
+
+    usable: list[Candidate] = []
+    for c in cands:
+        if c.fmt == "unknown":
+            reject(c.rel, c.fmt, R.UNREADABLE, "not a DICOM, NIfTI, PNG, JPEG or npz file")
+        elif c.fmt not in cfg.scans.formats:
+            reject(
+                c.rel, c.fmt, R.FORMAT_NOT_SELECTED, f"{c.fmt} is not in scans.formats {cfg.scans.formats}"
+            )
+        else:
+            usable.append(c)
+
+    def mk(kind: str, cs: list[Candidate]) -> Task:
+        return Task(kind, [str(c.path) for c in cs], [c.rel for c in cs], cs[0].fmt, prep, salt, cache)
+
+    tasks: list[Task] = []
+    if dims == 3:
+        # pass 1: headers of DICOM files, to group single-frame slices into series
+        dcm = [c for c in usable if c.fmt == "dicom"]
+        heads = list(_pool_map([mk("header", [c]) for c in dcm], nproc, "ingest: reading DICOM headers"))
+        series: dict[str, list[tuple[Candidate, dict[str, Any]]]] = {}
+        for c, res in zip(dcm, heads):
+            if not res["ok"]:
+                reject(c.rel, c.fmt, res["reason"], res["detail"])
+                continue
+            it = res["items"][0]
+            if int(it.get("frames", 1)) > 1:
+                tasks.append(mk("file", [c]))
+            elif not it.get("series_key"):
+                reject(c.rel, c.fmt, R.INCONSISTENT_SERIES, "slice without SeriesInstanceUID")
+            else:
+                series.setdefault(it["series_key"], []).append((c, it))
+        for key in sorted(series):
+            members = series[key]
+            seen: set[str] = set()
+            keep = []
+            for c, it in members:
+                if it["sop_key"] and it["sop_key"] in seen:
+                    reject(c.rel, c.fmt, R.DUPLICATE_SOP, "SOPInstanceUID already seen in this series")
+                    continue
+                seen.add(it["sop_key"])
+                keep.append(c)
+            tasks.append(mk("series", keep))
+        tasks += [mk("file", [c]) for c in usable if c.fmt != "dicom"]
+    else:
+        tasks = [mk("file", [c]) for c in usable]
+
+    store_dir = outdir / "store"
+    item_shape = (cfg.preprocess.channels, *cfg.preprocess.image_size)
+    writer = StoreWriter(store_dir, item_shape)
+    rows: list[dict[str, Any]] = []
+    seen_scans: set[str] = set()
+    cached = 0
+    try:
+        for task, res in zip(tasks, _pool_map(tasks, nproc, f"ingest {cfg.name}: decoding")):
+            rel0 = task.rels[0]
+            if not res["ok"]:
+                for rel in task.rels:
+                    reject(rel, task.fmt, res["reason"], res["detail"])
+                continue
+            cached += int(res["cached"])
+            arr = res["array"]  # (k, C, ...) float16
+            keep_rows, accepted = [], 0
+            notes: Counter[str] = Counter()
+            for j, it in enumerate(res["items"]):
+                if task.kind == "series":
+                    scan_key = it["series_key"]
+                elif it.get("source_format") == "npz":
+                    scan_key = salted_key(
+                        salt, "npz", f"{it['file_key']}#{it['npz_split']}#{it['npz_index']}"
+                    )
+                elif it.get("sop_key"):
+                    scan_key = (
+                        it["sop_key"]
+                        if it.get("frame", -1) < 0
+                        else salted_key(salt, "frame", f"{it['sop_key']}#{it['frame']}")
+                    )
+                else:
+                    scan_key = (
+                        it["file_key"]
+                        if it.get("frame", -1) < 0
+                        else salted_key(salt, "frame", f"{it['file_key']}#{it['frame']}")
+                    )
+                if scan_key in seen_scans:
+                    notes[R.DUPLICATE_SOP] += 1
+                    continue
+                # labels
+                row = None
+                if lab.source == "csv":
+                    assert table is not None
+                    # a 3D series is labelled by the folder that holds its slices (its name, or its path)
+                    row = table.lookup(_series_folder(task.rels) if task.kind == "series" else rel0, it)
+                    labels = row.labels if row else []
+                elif lab.source == "folders":
+                    fl = folder_label(rel0)
+                    labels = [fl] if fl else []
+                else:
+                    labels = list(it.get("labels") or [])
+                    labels = labels or [lab.normal_label]  # MedMNIST multi-label all-zero row = no finding
+                if not labels:
+                    notes[R.NO_LABEL] += 1
+                    continue
+                seen_scans.add(scan_key)
+                patient = (
+                    (row.patient_key if row else "")
+                    or it.get("patient_key")
+                    or it.get("study_key")
+                    or scan_key
+                )
+                keep_rows.append(j)
+                rows.append(
+                    {
+                        "scan_key": scan_key,
+                        "patient_key": patient,
+                        "study_key": it.get("study_key") or scan_key,
+                        "series_key": it.get("series_key", ""),
+                        "labels": "|".join(sorted(labels)),
+                        "modality": it.get("modality", ""),
+                        "manufacturer": it.get("manufacturer", ""),
+                        "photometric": it.get("photometric", ""),
+                        "orig_shape": "x".join(str(s) for s in it.get("orig_shape", [])),
+                        "spacing": "x".join(f"{s:g}" for s in (it.get("spacing") or [])),
+                        "source_format": it.get("source_format", task.fmt),
+                        "frame": int(it.get("frame", -1)),
+                        "voi_rule": it.get("voi_rule", ""),
+                        "age_bin": (row.age_bin if row and row.age_bin else it.get("age_bin", "")),
+                        "sex": (row.sex if row and row.sex else it.get("sex", "")),
+                        "file_key": it["file_key"],
+                        "npz_split": it.get("npz_split", ""),
+                    }
+                )
+                accepted += 1
+            if keep_rows:
+                rng = writer.append(arr[keep_rows])
+                for r, si in zip(rows[-len(keep_rows) :], rng):
+                    r["store_index"] = si
+            for rel in task.rels:
+                if accepted:
+                    files[rel] = {
+                        "file_key": salted_key(salt, "file", rel),
+                        "format": task.fmt,
+                        "status": "accepted",
+                        "images": accepted if rel == rel0 else 0,
+                        "cached": bool(res["cached"]),
+                    }
+                    if notes:
+                        files[rel]["dropped_images"] = dict(notes)
+                else:
+                    reason = next(iter(notes)) if notes else R.NO_PIXEL_DATA
+                    detail = {
+                        R.NO_LABEL: "no row of the label table matches this file"
+                        if lab.source == "csv"
+                        else "file lies directly under the scan root, outside any condition folder",
+                        R.DUPLICATE_SOP: "same SOPInstanceUID as an earlier file",
+                    }.get(reason, "no image")
+                    reject(rel, task.fmt, reason, detail)
+
+        if table is not None and table.join in ("file_name", "relative_path"):
+            # a row whose file exists but was rejected is not a "label for a missing file"
+            for rel, f in files.items():
+                if f["status"] == "rejected":
+                    table.lookup(rel, {})
+        label_rows_missing = table.unused() if table is not None else []
+        reasons = Counter(f["reason"] for f in files.values() if f["status"] == "rejected")
+        if label_rows_missing:
+            reasons[R.LABEL_FOR_MISSING_FILE] = len(label_rows_missing)
+        n_acc_files = sum(1 for f in files.values() if f["status"] == "accepted")
+        index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+        if len(index):
+            index["store_index"] = index["store_index"].astype("int64")
+        label_counts: Counter[str] = Counter()
+        for s in index["labels"]:
+            label_counts.update(s.split("|"))
+        report: dict[str, Any] = {
+            "manifest": cfg.name,
+            "salt_id": salt_id(salt),
+            "n_files": len(files),
+            "n_accepted_files": n_acc_files,
+            "n_rejected_files": len(files) - n_acc_files,
+            "n_images": len(index),
+            "reasons": dict(sorted(reasons.items())),
+            "label_counts": dict(sorted(label_counts.items())),
+            # keys hashed (join keys of hashed joins are already salted; file names are hashed here)
+            "label_rows_without_file": [salted_key(salt, "label_row", k) for k in label_rows_missing],
+            "files": sorted(files.values(), key=lambda f: f["file_key"]),
+            "note": "paths are salted hashes (file_key); the local report next to the salt maps them back to paths",
+        }
+        atomic_write_json(outdir / "ingest_report.json", report)
+        _write_local_report(cfg, files, label_rows_missing)
+        if len(index) == 0:
+            top = ", ".join(f"{k} {v}" for k, v in reasons.most_common()) or "no candidate files"
+            raise DataError(
+                f"nothing usable in {len(files)} files under scans.root ({top}); see ingest_report.json and "
+                f"check scans.root, scans.formats and the labels.join/key_column settings"
+            )
+        meta: dict[str, Any] = {
+            "manifest": cfg.name,
+            "spatial_dims": dims,
+            "channels": cfg.preprocess.channels,
+            "preprocessing": preprocessing_dict(cfg),
+            "label_names": sorted(label_counts),
+            "normal_label": lab.normal_label,
+            "n_patients": int(index["patient_key"].nunique()),
+            "salt_id": salt_id(salt),
+            "index_digest": _digest(index),
+        }
+        writer.commit(index, meta)
+    except BaseException:
+        writer.abort()
+        raise
+    summary = IngestSummary(
+        n_files=len(files),
+        n_images=len(index),
+        n_patients=meta["n_patients"],
+        n_rejected_files=report["n_rejected_files"],
+        reasons=dict(reasons),
+        label_counts=dict(label_counts),
+        cached=cached,
+        seconds=time.monotonic() - t0,
+        digest=meta["index_digest"],
+        index=index,
+        meta=meta,
+        report=report,
+    )
+    log(summary.line())
+    return summary
+
+
+def _series_folder(rels: list[str]) -> str:
+    parents = {str(PurePosixPath(r).parent) for r in rels}
+    return parents.pop() if len(parents) == 1 else os.path.commonpath(list(parents))
+
+
+def _write_local_report(cfg: IngestConfig, files: dict[str, dict[str, Any]], label_rows: list[str]) -> None:
+    """Clear paths for the researcher, kept next to the salt (never uploaded): file_key -> path."""
+    d = Path(cfg.local_report_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        d / f"{cfg.name}.paths.json",
+        {
+            "scan_root": str(cfg.scans.root),
+            "files": {
+                f["file_key"]: {"path": rel, **{k: v for k, v in f.items() if k != "file_key"}}
+                for rel, f in sorted(files.items())
+            },
+            "label_rows_without_file": label_rows
+            if cfg.labels.join in ("file_name", "relative_path")
+            else [],
+        },
+    )

@@ -1,0 +1,274 @@
+"""DICOM pixel pipeline: decode, modality LUT, VOI LUT / window, MONOCHROME1 inversion, frames.
+
+pydicom's `pixel_array` gives stored values; MONAI's PydicomReader does not invert MONOCHROME1 nor apply
+the VOI LUT, so the display pipeline of PS3.3 C.11 is applied here explicitly:
+stored value -> modality LUT (rescale slope/intercept or LUT) -> VOI (LUT or window) -> [0, 1] ->
+inverted for MONOCHROME1 so that "bright = dense" holds for every image in the store.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+
+from pipeline.ingest import reasons as R
+from pipeline.ingest.reasons import Rejected
+
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+
+
+@dataclass
+class DicomInfo:
+    """Header facts. The *_uid / patient_id fields hold PHI-grade identifiers: only hashed downstream."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    modality: str
+    manufacturer: str
+    photometric: str
+    transfer_syntax: str
+    rows: int
+    cols: int
+    frames: int
+    spacing: tuple[float, float] | None  # (row, col) mm
+    position: tuple[float, float, float] | None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6)
+    slice_thickness: float | None
+    age: str
+    sex: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _first(v: Any) -> Any:
+    if isinstance(v, pydicom.multival.MultiValue | list | tuple):
+        return v[0] if len(v) else None
+    return v
+
+
+def _floats(v: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        vals = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _shared_or_per_frame(ds: Dataset, seq: str, attr: str) -> Any:
+    """An attribute from the (shared, then first per-frame) functional groups of enhanced multi-frame."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        g = ds.get(groups)
+        if g and seq in g[0] and len(g[0][seq].value):
+            item = g[0][seq][0]
+            if attr in item:
+                return item.get(attr)
+    return None
+
+
+def read_dataset(data: bytes, header_only: bool = False) -> Dataset:
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=header_only)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, AttributeError) as e:
+        raise Rejected(R.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})") from None
+
+
+def header_info(ds: Dataset) -> DicomInfo:
+    if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
+        raise Rejected(R.UNREADABLE, "no DICOM image attributes (not a DICOM file or truncated header)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    spacing = _floats(
+        ds.get("PixelSpacing") or _shared_or_per_frame(ds, "PixelMeasuresSequence", "PixelSpacing") or [], 2
+    )
+    pos = _floats(ds.get("ImagePositionPatient") or [], 3)
+    ori = _floats(
+        ds.get("ImageOrientationPatient")
+        or _shared_or_per_frame(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+        or [],
+        6,
+    )
+    try:
+        thick = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (None, "") else None
+    except (TypeError, ValueError):
+        thick = None
+    return DicomInfo(
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        manufacturer=str(ds.get("Manufacturer", "") or ""),
+        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
+        transfer_syntax=str(ts or ""),
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        spacing=spacing,  # type: ignore[arg-type]
+        position=pos,  # type: ignore[arg-type]
+        orientation=ori,
+        slice_thickness=thick,
+        age=str(ds.get("PatientAge", "") or ""),
+        sex=str(ds.get("PatientSex", "") or ""),
+    )
+
+
+def check_image_object(ds: Dataset) -> None:
+    """Reject SR, presentation states, DICOMDIR, ... (not images) and image objects without pixels."""
+    has_pixels = any(t in ds for t in PIXEL_TAGS)
+    sop_class = ds.get("SOPClassUID")
+    class_name = getattr(sop_class, "name", "") if sop_class else ""
+    if not has_pixels:
+        if sop_class and "Image" not in class_name:
+            raise Rejected(R.NOT_IMAGE_OBJECT, f"SOP class '{class_name or sop_class}' is not an image")
+        if "DirectoryRecordSequence" in ds:
+            raise Rejected(R.NOT_IMAGE_OBJECT, "DICOMDIR (media directory), not an image")
+        raise Rejected(R.NO_PIXEL_DATA, f"'{class_name or 'image'}' object has no pixel data")
+
+
+def check_decodable(ds: Dataset) -> None:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or not ts.is_compressed:
+        return
+    try:
+        dec = get_decoder(ts)
+    except NotImplementedError:
+        raise Rejected(
+            R.UNDECODABLE, f"transfer syntax {ts.name} ({ts}) has no pixel data decoder in pydicom"
+        ) from None
+    if not dec.is_available:
+        need = "; ".join(dec.missing_dependencies) or "a decoder plugin"
+        raise Rejected(
+            R.UNDECODABLE, f"transfer syntax {ts.name} ({ts}) cannot be decoded here; install: {need}"
+        )
+
+
+def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    # enhanced multi-frame keeps rescale in functional groups
+    slope = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleSlope")
+    inter = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleIntercept")
+    out = arr.astype(np.float32)
+    if slope is not None:
+        out = out * np.float32(float(slope)) + np.float32(float(inter or 0.0))
+    return out
+
+
+def window_linear(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """PS3.3 C.11.2.1.2 window to [0, 1] (LINEAR, LINEAR_EXACT or SIGMOID)."""
+    f = function.upper()
+    if f == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if f == "LINEAR_EXACT":
+        y = (x - center) / width + 0.5
+    else:
+        w1 = max(width - 1.0, 1e-6)
+        y = (x - (center - 0.5)) / w1 + 0.5
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi <= lo:
+        return np.zeros_like(x, dtype=np.float32)
+    return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def _voi(x: np.ndarray, ds: Dataset, voi: str, window: dict[str, float] | None) -> tuple[np.ndarray, str]:
+    """Stored-after-modality values -> [0, 1]; returns the rule used (logged in the index)."""
+    if voi == "manifest" and window is not None:
+        return window_linear(x, float(window["center"]), float(window["width"])), "manifest_window"
+    if voi == "header":
+        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+            item = ds.VOILUTSequence[0]
+            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+            # a LUT is indexed by integer modality values
+            y = np.asarray(
+                apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True), dtype=np.float32
+            )
+            return np.clip(y / float(2**bits - 1), 0.0, 1.0), "voi_lut"
+        c = _first(ds.get("WindowCenter"))
+        w = _first(ds.get("WindowWidth"))
+        if c is None or w is None:
+            c = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowCenter")
+            w = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowWidth")
+            c, w = _first(c), _first(w)
+        if c is not None and w is not None and float(w) > 0:
+            fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+            return window_linear(x, float(c), float(w), fn), "header_window"
+    return minmax(x), "minmax"
+
+
+def modality_frames(ds: Dataset) -> tuple[np.ndarray, bool]:
+    """Decoded frames after the modality LUT: grey (F, H, W) float32 (True) or colour (F, 3, H, W) in [0, 1]
+    (False; RGB, YBR converted by pydicom, PALETTE COLOR via its LUT, scaled by bit depth: no VOI for colour).
+    """
+    check_image_object(ds)
+    check_decodable(ds)
+    try:
+        arr = ds.pixel_array  # pydicom 3 converts YBR_FULL(_422) to RGB by default
+    except (
+        ValueError,
+        RuntimeError,
+        AttributeError,
+        EOFError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+    ) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise Rejected(R.UNREADABLE, f"pixel data could not be decoded: {msg}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        top = 65535.0 if rgb.max() > 255 else 255.0
+        y = np.clip(rgb.reshape((frames, rows, cols, 3)).astype(np.float32) / top, 0, 1)
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), False
+    if spp == 1:
+        try:
+            arr = arr.reshape((frames, rows, cols))
+        except ValueError:
+            raise Rejected(
+                R.UNREADABLE, f"pixel data size {arr.size} does not match {frames}x{rows}x{cols}"
+            ) from None
+        return _modality_lut(arr, ds), True
+    bits = int(ds.get("BitsStored", 8) or 8)
+    arr = arr.reshape((frames, rows, cols, spp))[..., :3]
+    y = np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), False
+
+
+def to_unit(
+    x: np.ndarray, ds: Dataset, voi: str = "header", window: dict[str, float] | None = None
+) -> tuple[np.ndarray, str]:
+    """Grey modality values (any shape) -> [0, 1] by VOI LUT / window / min-max, MONOCHROME1 inverted."""
+    y, rule = _voi(x, ds, voi, window)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        y = 1.0 - y
+        rule += "+inverted"
+    return y, rule
+
+
+def decode_frames(
+    ds: Dataset, voi: str = "header", window: dict[str, float] | None = None
+) -> tuple[np.ndarray, str]:
+    """All frames of a DICOM image as float32 in [0, 1]: (F, C, H, W), C = 1 (grey) or 3 (colour).
+
+    Min-max (when no window applies) spans all frames of the file, so frames of one acquisition keep
+    their relative brightness.
+    """
+    x, grey = modality_frames(ds)
+    if not grey:
+        return x, "rgb_bitdepth"
+    y, rule = to_unit(x, ds, voi, window)
+    return y[:, None], rule  # (F, 1, H, W)

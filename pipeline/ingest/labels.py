@@ -1,0 +1,149 @@
+"""Labels: a CSV/TSV table joined to images, one folder per condition, or MedMNIST npz label arrays.
+
+Joins on identifiers (SOPInstanceUID, StudyInstanceUID, patient id) happen on salted hashes: the table's
+value is hashed with the same salt and namespace as the DICOM header's value inside the decode worker,
+so clear identifiers never need to meet in one place. File-name and relative-path joins use the paths,
+which stay on this machine (only their hashes reach the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.ingest.deid import age_bin, salted_key, sex_code
+from pipeline.ingest.manifest import LabelsConfig
+
+SCAN_EXTS = (".nii.gz", ".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nii")
+HASHED_JOINS = {"sop_instance_uid": "sop", "study_instance_uid": "study", "patient_id": "patient"}
+
+
+def strip_ext(name: str) -> str:
+    low = name.lower()
+    for e in SCAN_EXTS:
+        if low.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+def split_labels(text: str, separator: str, normal: str) -> list[str]:
+    """'Effusion|Mass ' -> ['Effusion', 'Mass'] (sorted, unique); the normal label only when alone."""
+    labs = sorted({t.strip() for t in str(text).split(separator) if t.strip()})
+    if len(labs) > 1 and normal in labs:
+        labs.remove(normal)  # "No Finding|Mass" is contradictory; the finding wins
+    return labs
+
+
+@dataclass
+class Row:
+    labels: list[str]
+    patient_key: str = ""
+    age_bin: str = ""
+    sex: str = ""
+
+
+@dataclass
+class LabelTable:
+    join: str
+    rows: dict[str, Row]
+    by_stem: dict[str, str] = field(default_factory=dict)  # file_name join: stem -> table key
+    used: set[str] = field(default_factory=set)
+
+    def join_value(self, rel: str, item: dict[str, Any]) -> str:
+        if self.join == "file_name":
+            return PurePosixPath(rel).name
+        if self.join == "relative_path":
+            return rel
+        return str(
+            item.get(
+                {"sop": "sop_key", "study": "study_key", "patient": "patient_key"}[HASHED_JOINS[self.join]]
+            )
+            or ""
+        )
+
+    def lookup(self, rel: str, item: dict[str, Any]) -> Row | None:
+        v = self.join_value(rel, item)
+        if not v:
+            return None
+        key = v if v in self.rows else self.by_stem.get(strip_ext(v)) if self.join == "file_name" else None
+        if key is None or key not in self.rows:
+            return None
+        self.used.add(key)
+        return self.rows[key]
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in self.rows if k not in self.used)
+
+
+def _read_table(cfg: LabelsConfig) -> pd.DataFrame:
+    path = Path(cfg.path)  # type: ignore[arg-type]
+    if not path.is_file():
+        raise DataError(
+            f"label file {path} not found (labels.path; relative paths resolve against {Path.cwd()})"
+        )
+    sep = cfg.delimiter
+    if sep == "auto":
+        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise DataError(
+            f"label file {path.name} cannot be parsed as {'TSV' if sep == chr(9) else 'CSV'}: {type(e).__name__}"
+        ) from None
+    cols = list(df.columns)
+    for key in ("key_column", "label_column", "patient_column", "age_column", "sex_column"):
+        col = getattr(cfg, key)
+        if col is not None and col not in df.columns:
+            raise ConfigError(
+                f"labels.{key} '{col}' is not a column of {path.name}; columns: {', '.join(map(str, cols))}"
+            )
+    return df
+
+
+def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
+    df = _read_table(cfg)
+    rows: dict[str, Row] = {}
+    kind = HASHED_JOINS.get(cfg.join)
+    for rec in df.to_dict("records"):
+        raw = str(rec[cfg.key_column]).strip()
+        if not raw:
+            continue
+        if cfg.join == "relative_path":
+            raw = PurePosixPath(raw.replace("\\", "/")).as_posix().lstrip("./")
+        key = salted_key(salt, kind, raw) if kind else raw
+        labs = split_labels(rec[cfg.label_column], cfg.separator, cfg.normal_label)
+        pk = (
+            salted_key(salt, "patient", str(rec[cfg.patient_column]).strip())
+            if cfg.patient_column and str(rec[cfg.patient_column]).strip()
+            else ""
+        )
+        if kind == "patient":
+            pk = key
+        row = Row(
+            labs,
+            pk,
+            age_bin(rec[cfg.age_column]) if cfg.age_column else "",
+            sex_code(rec[cfg.sex_column]) if cfg.sex_column else "",
+        )
+        if key in rows:  # repeated key (e.g. several rows per patient): labels are the union
+            old = rows[key]
+            row.labels = split_labels(cfg.separator.join(old.labels + labs), cfg.separator, cfg.normal_label)
+            row.patient_key = old.patient_key or row.patient_key
+        rows[key] = row
+    table = LabelTable(cfg.join, rows)
+    if cfg.join == "file_name":
+        stems: dict[str, list[str]] = {}
+        for k in rows:
+            stems.setdefault(strip_ext(k), []).append(k)
+        table.by_stem = {s: ks[0] for s, ks in stems.items() if len(ks) == 1}
+    return table
+
+
+def folder_label(rel: str) -> str | None:
+    """folder-per-condition: 'Pneumonia/patient3/img.png' -> 'Pneumonia' (None for files at the root)."""
+    parts = PurePosixPath(rel).parts
+    return parts[0] if len(parts) > 1 else None

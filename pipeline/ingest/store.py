@@ -1,0 +1,126 @@
+"""The image store: one memory-mappable float16 array + the scan index + store.json.
+
+Writing is crash-safe: images are streamed to a temporary raw file (memory stays flat whatever the study
+size), then turned into a `.npy` under a temporary name; the index and store.json are also written to
+temporary names, and only then are the three renamed into place (store.json last, carrying the row
+count). An interrupted ingest therefore leaves the previous store untouched, and `ImageStore.open`
+refuses a store whose three files disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError
+
+IMAGES, INDEX, META = "images.npy", "scan_index.parquet", "store.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class StoreWriter:
+    """Append (k, *item_shape) float16 blocks; `commit` publishes images + index + meta atomically."""
+
+    def __init__(self, store_dir: Path, item_shape: tuple[int, ...]):
+        self.dir = Path(store_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.item_shape = tuple(item_shape)
+        self.n = 0
+        self._raw_path = self.dir / f".images.raw.tmp-{os.getpid()}"
+        self._raw = open(self._raw_path, "wb")
+
+    def append(self, block: np.ndarray) -> range:
+        """Rows appended: `range(first, last+1)` (store indices of this block)."""
+        if tuple(block.shape[1:]) != self.item_shape:
+            raise ValueError(f"block shape {block.shape[1:]} != store item shape {self.item_shape}")
+        self._raw.write(np.ascontiguousarray(block, dtype=np.float16).tobytes())
+        start = self.n
+        self.n += block.shape[0]
+        return range(start, self.n)
+
+    def abort(self) -> None:
+        if not self._raw.closed:
+            self._raw.close()
+        for p in self.dir.glob(f".*.tmp-{os.getpid()}*"):
+            p.unlink(missing_ok=True)
+
+    def commit(self, index: pd.DataFrame, meta: dict[str, Any]) -> None:
+        if len(index) != self.n:
+            raise ValueError(f"index has {len(index)} rows for {self.n} images")
+        self._raw.close()
+        pid = os.getpid()
+        tmp_npy = self.dir / f".{IMAGES}.tmp-{pid}"
+        tmp_idx = self.dir / f".{INDEX}.tmp-{pid}"
+        try:
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                "fortran_order": False,
+                "shape": (self.n, *self.item_shape),
+            }
+            with open(tmp_npy, "wb") as out, open(self._raw_path, "rb") as raw:
+                np.lib.format.write_array_header_1_0(out, header)
+                shutil.copyfileobj(raw, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            index.to_parquet(tmp_idx, index=False)
+            meta = dict(meta, shape=[self.n, *self.item_shape], dtype="float16", n_images=self.n)
+            os.replace(tmp_npy, self.dir / IMAGES)
+            os.replace(tmp_idx, self.dir / INDEX)
+            atomic_write_json(self.dir / META, meta)
+        finally:
+            self.abort()
+
+
+class ImageStore:
+    """Read side: `images` memmap (N, C, H, W) or (N, C, D, H, W) float16, `index`, `meta`."""
+
+    def __init__(self, images: np.ndarray, index: pd.DataFrame, meta: dict[str, Any]):
+        self.images, self.index, self.meta = images, index, meta
+        self._row = {k: i for i, k in enumerate(index["scan_key"])}
+
+    @classmethod
+    def open(cls, store_dir: str | Path) -> ImageStore:
+        d = Path(store_dir)
+        missing = [n for n in (IMAGES, INDEX, META) if not (d / n).is_file()]
+        if missing:
+            raise DataError(
+                f"image store {d} lacks {', '.join(missing)} (not an ingest store, or an ingest never finished)"
+            )
+        meta = json.loads((d / META).read_text())
+        images = np.load(d / IMAGES, mmap_mode="r")
+        index = pd.read_parquet(d / INDEX)
+        if not (len(index) == images.shape[0] == int(meta.get("n_images", -1))):
+            raise DataError(
+                f"image store {d} is inconsistent: {images.shape[0]} images, {len(index)} index rows, store.json says {meta.get('n_images')}; re-run ingest"
+            )
+        return cls(images, index, meta)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def rows_for(self, scan_keys: Any) -> np.ndarray:
+        """Store rows (int64) of the given scan keys, in order; KeyError-free: unknown keys raise DataError."""
+        try:
+            return np.fromiter((self._row[k] for k in scan_keys), dtype=np.int64)
+        except KeyError as e:
+            raise DataError(
+                f"scan key {e.args[0]} is not in this image store (episodes from another ingest run?)"
+            ) from None

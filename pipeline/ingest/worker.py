@@ -1,0 +1,347 @@
+"""Decode work done in the worker processes: one file (or one 3D series) -> stored arrays + PHI-free facts.
+
+Identifiers (UIDs, patient ids) are hashed here, inside the worker, so that nothing identifying crosses
+back to the main process, into the decode cache or into any report. The decode cache is keyed by the
+file bytes, the relative path, the preprocessing and the salt, so a re-ingest reuses decodes exactly
+when the result could not differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.ingest import reasons as R
+from pipeline.ingest.deid import age_bin, salt_id, salted_key, sex_code
+from pipeline.ingest.preprocess import finish_2d, finish_3d, prep_digest
+from pipeline.ingest.reasons import Rejected
+
+Item = tuple[np.ndarray, dict[str, Any]]  # (stored array float16, facts)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _dicom_facts(ds: Any) -> dict[str, Any]:
+    from pipeline.ingest.dicom_read import header_info
+
+    info = header_info(ds)
+    return {
+        "_sop_uid": info.sop_uid,
+        "_study_uid": info.study_uid,
+        "_series_uid": info.series_uid,
+        "_patient_id": info.patient_id,
+        "modality": info.modality,
+        "manufacturer": info.manufacturer,
+        "photometric": info.photometric,
+        "age_bin": age_bin(info.age) if info.age else "",
+        "sex": sex_code(info.sex),
+        "spacing": info.spacing,
+        "_position": info.position,
+        "_orientation": info.orientation,
+        "rows": info.rows,
+        "cols": info.cols,
+        "frames": info.frames,
+        "transfer_syntax": info.transfer_syntax,
+        "slice_thickness": info.slice_thickness,
+        "_ds_spacing_between": float(ds.get("SpacingBetweenSlices") or 0) or None,
+    }
+
+
+def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list[Item]:
+    """One file -> its stored images. Multi-frame DICOM splits per `prep['multiframe']`."""
+    from pipeline.ingest import readers
+
+    dims = int(prep["spatial_dims"])
+    window = prep.get("window")
+    voi = prep["voi"]
+    if fmt == "dicom":
+        from pipeline.ingest.dicom_read import decode_frames, read_dataset
+
+        ds = read_dataset(data)
+        facts = _dicom_facts(ds)
+        frames, rule = decode_frames(ds, voi, window)  # (F, C, H, W) in [0, 1]
+        f = frames.shape[0]
+        shape = [f] if f > 1 else []
+        shape += [int(facts["rows"]), int(facts["cols"])] + ([3] if frames.shape[1] == 3 else [])
+        facts.update(voi_rule=rule, source_format="dicom", orig_shape=shape)
+        if dims == 2:
+            if f > 1 and prep["multiframe"] == "volume":
+                raise Rejected(
+                    R.WRONG_DIMENSIONALITY, f"multi-frame ({f} frames) kept as a volume needs spatial_dims 3"
+                )
+            if f > 1 and prep["multiframe"] == "first":
+                frames = frames[:1]
+            out = []
+            for i in range(frames.shape[0]):
+                fi = dict(facts, frame=i if f > 1 and prep["multiframe"] == "split" else -1)
+                out.append((finish_2d(frames[i], prep), fi))
+            return out
+        if f == 1:
+            raise Rejected(
+                R.WRONG_DIMENSIONALITY,
+                "a single-frame slice; 3D ingest groups slices by series (pass the folder)",
+            )
+        vol = frames.transpose(1, 0, 2, 3)  # (C, D, H, W)
+        sp = facts["spacing"] or (1.0, 1.0)
+        dz = facts["_ds_spacing_between"] or facts["slice_thickness"] or 1.0
+        return [(finish_3d(vol, (float(dz), float(sp[0]), float(sp[1])), prep), dict(facts, frame=-1))]
+    if fmt == "nifti":
+        vol, zyx, raw_shape = readers.read_nifti(path, voi, window)  # (1, D, H, W)
+        facts = {
+            "source_format": "nifti",
+            "orig_shape": list(raw_shape),
+            "spacing": zyx,
+            "modality": "",
+            "voi_rule": "manifest_window" if voi == "manifest" else "minmax",
+        }
+        if dims == 2:
+            if vol.shape[1] != 1:
+                raise Rejected(
+                    R.WRONG_DIMENSIONALITY,
+                    f"NIfTI volume {raw_shape} in a 2D ingest; set preprocess.spatial_dims: 3",
+                )
+            return [(finish_2d(vol[:, 0], prep), dict(facts, spacing=zyx[1:]))]
+        if vol.shape[1] == 1:
+            raise Rejected(R.WRONG_DIMENSIONALITY, f"2D NIfTI {raw_shape} in a 3D ingest")
+        return [(finish_3d(vol, (zyx[0], zyx[1], zyx[2]), prep), facts)]
+    if fmt in ("png", "jpeg"):
+        if dims == 3:
+            raise Rejected(R.WRONG_DIMENSIONALITY, f"{fmt.upper()} images are 2D; this ingest is 3D")
+        img, mode, raw_shape = readers.read_raster(data)
+        facts = {
+            "source_format": fmt,
+            "orig_shape": list(raw_shape),
+            "photometric": mode,
+            "modality": "",
+            "voi_rule": "bitdepth",
+        }
+        return [(finish_2d(img, prep), facts)]
+    if fmt == "npz":
+        arrays = readers.npz_arrays(path)
+        out = []
+        for split, i, x, labs in readers.iter_medmnist(
+            arrays, prep["_npz_splits"], prep["_label_names"], dims
+        ):
+            facts = {
+                "source_format": "npz",
+                "orig_shape": list(x.shape),
+                "npz_split": split,
+                "npz_index": i,
+                "labels": labs,
+                "modality": "",
+                "voi_rule": "bitdepth",
+            }
+            arr = finish_2d(x, prep) if dims == 2 else finish_3d(x, (1.0, 1.0, 1.0), prep)
+            out.append((arr, facts))
+        return out
+    raise Rejected(R.UNREADABLE, "not a DICOM, NIfTI, PNG, JPEG or npz file")
+
+
+def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item:
+    """Slices of one series -> (C, D, H, W) volume ordered along the slice normal, resampled with MONAI.
+
+    Order: position projected on the normal n = row_dir x col_dir (ImagePositionPatient . n), which is
+    correct for any orientation, unlike sorting on InstanceNumber or z. Gaps deviating more than
+    `gap_tolerance` from the median are "uneven": rejected, or linearly interpolated onto the median step.
+    """
+    from pipeline.ingest.dicom_read import modality_frames, read_dataset, to_unit
+
+    slices = []
+    for _, data in files:
+        ds = read_dataset(data)
+        facts = _dicom_facts(ds)
+        x, grey = modality_frames(ds)
+        if not grey or x.shape[0] != 1:
+            raise Rejected(R.INCONSISTENT_SERIES, "series mixes colour or multi-frame objects with slices")
+        slices.append((ds, facts, x[0]))
+    if len(slices) < 2:
+        raise Rejected(R.INCONSISTENT_SERIES, "a series needs at least 2 slices for a 3D volume")
+    f0 = slices[0][1]
+    ori = f0["_orientation"]
+    if ori is None or any(s[1]["_position"] is None for s in slices):
+        raise Rejected(R.INCONSISTENT_SERIES, "slices lack ImagePositionPatient/ImageOrientationPatient")
+    for _, f, _ in slices:
+        if (f["rows"], f["cols"]) != (f0["rows"], f0["cols"]):
+            raise Rejected(
+                R.INCONSISTENT_SERIES,
+                f"slice sizes differ ({f0['rows']}x{f0['cols']} vs {f['rows']}x{f['cols']})",
+            )
+        if f["_orientation"] is None or np.abs(np.subtract(f["_orientation"], ori)).max() > 1e-3:
+            raise Rejected(R.INCONSISTENT_SERIES, "slices have different orientations")
+    normal = np.cross(np.asarray(ori[:3]), np.asarray(ori[3:]))
+    dist = np.array([float(np.dot(f["_position"], normal)) for _, f, _ in slices])
+    order = np.argsort(dist, kind="stable")
+    dist = dist[order]
+    gaps = np.diff(dist)
+    if np.any(gaps < 1e-4):
+        raise Rejected(
+            R.INCONSISTENT_SERIES, "two slices share one position (duplicate or mixed acquisitions)"
+        )
+    med = float(np.median(gaps))
+    dev = float(np.max(np.abs(gaps - med)) / med)
+    stack = np.stack([slices[i][2] for i in order])  # (D, H, W) modality values
+    uneven = dev > float(prep["gap_tolerance"])
+    if uneven:
+        if prep["uneven_series"] == "reject":
+            raise Rejected(
+                R.INCONSISTENT_SERIES,
+                f"uneven slice gaps: max deviation {dev:.0%} of the median {med:.3g} mm",
+            )
+        # resample onto a regular grid with the median step: linear interpolation between neighbours
+        n = int(round((dist[-1] - dist[0]) / med)) + 1
+        grid = dist[0] + med * np.arange(n)
+        hi = np.clip(np.searchsorted(dist, grid, side="right"), 1, len(dist) - 1)
+        lo = hi - 1
+        t = ((grid - dist[lo]) / (dist[hi] - dist[lo])).astype(np.float32)[:, None, None]
+        stack = stack[lo] * (1 - t) + stack[hi] * t
+    y, rule = to_unit(
+        stack, slices[order[0]][0], prep["voi"], prep.get("window")
+    )  # window over the whole volume
+    sp = f0["spacing"] or (1.0, 1.0)
+    arr = finish_3d(y[None], (med, float(sp[0]), float(sp[1])), prep)
+    facts = dict(
+        f0,
+        voi_rule=rule,
+        source_format="dicom_series",
+        orig_shape=[len(slices), f0["rows"], f0["cols"]],
+        spacing=(round(med, 4), float(sp[0]), float(sp[1])),
+        n_slices=len(slices),
+        uneven_gaps=bool(uneven),
+        gap_deviation=round(dev, 4),
+        frame=-1,
+    )
+    return arr, facts
+
+
+def decode_series_paths(paths: list[Path], prep: dict[str, Any]) -> np.ndarray:
+    return decode_series([(p, p.read_bytes()) for p in paths], prep)[0]
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Task:
+    kind: str  # "file" | "header" | "series"
+    paths: list[str]
+    rels: list[str]
+    fmt: str
+    prep: dict[str, Any]
+    salt: bytes
+    cache_dir: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _public(facts: dict[str, Any], salt: bytes, rel: str) -> dict[str, Any]:
+    """Hash identifiers, drop everything starting with '_' (clear UIDs, positions): PHI-free facts."""
+    out = {k: v for k, v in facts.items() if not k.startswith("_")}
+    sop, study, series, pid = (
+        facts.get(k) or "" for k in ("_sop_uid", "_study_uid", "_series_uid", "_patient_id")
+    )
+    out["sop_key"] = salted_key(salt, "sop", sop) if sop else ""
+    out["study_key"] = salted_key(salt, "study", study) if study else ""
+    out["series_key"] = salted_key(salt, "series", series) if series else ""
+    out["patient_key"] = salted_key(salt, "patient", pid) if pid else ""
+    out["file_key"] = salted_key(salt, "file", rel)
+    for k in ("spacing",):
+        if out.get(k) is not None:
+            out[k] = [round(float(v), 5) for v in out[k]]
+    return out
+
+
+def _cache_path(task: Task, digests: list[str]) -> Path | None:
+    if not task.cache_dir:
+        return None
+    h = hashlib.sha256()
+    for part in (task.kind, task.fmt, prep_digest(task.prep), salt_id(task.salt), *task.rels, *digests):
+        h.update(part.encode() + b"\x00")
+    k = h.hexdigest()[:40]
+    return Path(task.cache_dir) / k[:2] / f"{k}.npz"
+
+
+def _cache_load(p: Path | None) -> tuple[np.ndarray | None, list[dict[str, Any]]] | None:
+    if p is None or not p.is_file():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            x = z["x"] if "x" in z.files else None
+            return x, meta
+    except Exception:  # a corrupt cache entry is just a miss
+        return None
+
+
+def _cache_save(p: Path | None, x: np.ndarray | None, meta: list[dict[str, Any]]) -> None:
+    if p is None:
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f"{p.stem}.tmp-{os.getpid()}.npz")
+    arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}
+    if x is not None:
+        arrays["x"] = x
+    np.savez(tmp, **arrays)
+    os.replace(tmp, p)
+
+
+def run_task(task: Task) -> dict[str, Any]:
+    """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead."""
+    try:
+        datas = [Path(p).read_bytes() for p in task.paths] if task.kind != "header" else []
+    except OSError as e:
+        return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
+    try:
+        if task.kind == "header":
+            from pipeline.ingest.dicom_read import check_image_object, read_dataset
+
+            p = Path(task.paths[0])
+            with open(p, "rb") as fh:
+                ds = read_dataset(fh.read(), header_only=True)
+            facts = _dicom_facts(ds)
+            if int(facts["frames"]) == 1:
+                check_image_object_header(ds, check_image_object)
+            pub = _public(facts, task.salt, task.rels[0])
+            pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
+            return {"ok": True, "items": [pub], "array": None, "cached": False}
+        digests = [hashlib.sha256(d).hexdigest() for d in datas]
+        cp = _cache_path(task, digests)
+        hit = _cache_load(cp)
+        if hit is not None:
+            return {"ok": True, "items": hit[1], "array": hit[0], "cached": True}
+        if task.kind == "series":
+            arr, facts = decode_series(list(zip(map(Path, task.paths), datas)), task.prep)
+            items = [_public(facts, task.salt, task.rels[0])]
+            x: np.ndarray | None = arr[None]
+        else:
+            decoded = decode_file(Path(task.paths[0]), task.fmt, datas[0], task.prep)
+            items = [_public(f, task.salt, task.rels[0]) for _, f in decoded]
+            x = np.stack([a for a, _ in decoded]) if decoded else None
+        if x is None:
+            raise Rejected(R.NO_PIXEL_DATA, "the file holds no images")
+        _cache_save(cp, x, items)
+        return {"ok": True, "items": items, "array": x, "cached": False}
+    except Rejected as r:
+        return {"ok": False, "reason": r.reason, "detail": r.detail}
+    except MemoryError:
+        return {"ok": False, "reason": R.UNREADABLE, "detail": "image too large to decode in memory"}
+    except Exception as e:  # one bad file never stops the ingest; the type names the bug for a report
+        return {
+            "ok": False,
+            "reason": R.UNREADABLE,
+            "detail": f"unexpected {type(e).__name__} while decoding",
+        }
+
+
+def check_image_object_header(ds: Any, check: Any) -> None:
+    # header-only reads stop before PixelData, so "no pixel data" cannot be judged yet: only reject
+    # non-image SOP classes here; the series decode catches missing pixels.
+    sop_class = ds.get("SOPClassUID")
+    name = getattr(sop_class, "name", "") if sop_class else ""
+    if sop_class and "Image" not in name:
+        raise Rejected(R.NOT_IMAGE_OBJECT, f"SOP class '{name or sop_class}' is not an image")
