@@ -1,0 +1,82 @@
+"""`MetaTrainConfig`: the `meta_train:` section of a task suite."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StrictModel
+from pipeline.meta.algorithms import METHODS, InnerConfig, MAMLPlusPlusConfig
+from pipeline.meta.models import ModelSpec
+
+
+class OuterSection(StrictModel):
+    """The outer (meta) optimizer: Adam with warmup + cosine decay, gradient-norm clipping."""
+
+    steps: int = Field(default=300, ge=1, description="meta-batches (outer steps) per method")
+    lr: float = Field(default=1e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    clip_grad: float | None = Field(default=10.0, gt=0, description="max gradient norm; null = no clipping")
+
+
+class TrainEpisodes(StrictModel):
+    """Overrides of the episodes run's shapes for the meta-training episodes only (null = as the suite).
+    Fewer query scans per class make each meta-batch cheaper; validation always uses the fixed episodes."""
+
+    kinds: list[Literal["binary", "n_way"]] | None = None
+    k_shot: list[int] | None = None
+    q_query: int | None = Field(default=None, ge=1)
+
+
+class MetaTrainConfig(StrictModel):
+    """Meta-training of one or more methods on the episodes of an episodes run."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["maml", "protonet"],
+        min_length=1,
+        description="methods to train; the first is the primary one (registered)",
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    mamlpp: MAMLPlusPlusConfig = Field(default_factory=MAMLPlusPlusConfig)
+    outer: OuterSection = Field(default_factory=OuterSection)
+    meta_batch: int = Field(default=4, ge=1, description="tasks per outer step")
+    train_episodes: TrainEpisodes = Field(default_factory=TrainEpisodes)
+    val_every: int = Field(default=50, ge=1, description="validate on the fixed val episodes every N steps")
+    val_episodes: int | None = Field(
+        default=None,
+        ge=1,
+        description="use at most this many fixed val episodes (spread over kinds/k); null = all",
+    )
+    checkpoint_every: int = Field(default=50, ge=1)
+    select: Literal["best", "last"] = Field(
+        default="best", description="save the best-by-val or the last weights"
+    )
+    seed: int = Field(default=0, ge=0)
+    device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU)")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = torch's default")
+    register_as: str | None = Field(
+        default=None, description="registered model name; default fewscan-<suite>-meta"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods has duplicates: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetaTrainConfig:
+        if self.inner.checkpoint and not self.inner.second_order:
+            raise ValueError(
+                "inner.checkpoint only applies to second order: set inner.second_order: true or drop it"
+            )
+        return self

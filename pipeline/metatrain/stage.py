@@ -1,0 +1,276 @@
+"""`fewscan meta-train`: an episodes run → meta-learned initializations (an MLflow run tagged
+fewscan.stage=meta-train). Thin: reads the split, the fixed validation episodes and the image store,
+then trains each configured method with `pipeline.meta.trainer.MetaTrainer` and logs what it produces.
+
+Artifacts: `models/<method>/{state_dict.pth, meta_model.json}` (uploaded as soon as a method finishes),
+`checkpoints/<method>/{last.pt, best.pt}` (uploaded when written; `--resume` continues from `last.pt`),
+`curves.json` (every logged row of every method). The first method is registered as
+`fewscan-<suite>-meta` (alias `latest` → the tracking module's default alias).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.episodes.batch import episode_arrays, stack_episodes
+from pipeline.episodes.config import EpisodesConfig
+from pipeline.episodes.episode import Episode, load_episodes
+from pipeline.episodes.sampler import TrainSampler
+from pipeline.errors import DataError
+from pipeline.ingest.store import ImageStore
+from pipeline.meta.algorithms import MetaLearner, make_algorithm
+from pipeline.meta.device import pick_device
+from pipeline.meta.inner import detach_lr
+from pipeline.meta.model_io import save_meta_model, write_json_atomic
+from pipeline.meta.models import build_model, count_parameters
+from pipeline.meta.trainer import Episode as EpisodeTensors
+from pipeline.meta.trainer import MetaBatch, MetaTrainer, OuterConfig
+from pipeline.metatrain.config import MetaTrainConfig
+from pipeline.progress import log
+from pipeline.tracking import StageResult, StageRun, UpstreamRun
+
+CONFIG = MetaTrainConfig
+UPSTREAM = ("episodes",)
+
+
+def run_name(cfg: MetaTrainConfig) -> str:
+    """e.g. "meta-train maml+protonet conv4 3 inner steps 1st order x300"."""
+    order = "2nd" if cfg.inner.second_order else "1st"
+    return (
+        f"meta-train {'+'.join(cfg.methods)} {cfg.model.backbone} {cfg.inner.steps} inner steps {order} order "
+        f"x{cfg.outer.steps}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("meta-train options (override the suite's meta_train: section)")
+    g.add_argument(
+        "--methods", dest="mt_methods", metavar="M[,M...]", help="e.g. maml,protonet (first = primary)"
+    )
+    g.add_argument("--steps", dest="mt_steps", type=int, metavar="N", help="outer steps per method")
+    g.add_argument(
+        "--inner-steps", dest="mt_inner_steps", type=int, metavar="N", help="inner steps in training"
+    )
+    g.add_argument("--meta-batch", dest="mt_meta_batch", type=int, metavar="T", help="tasks per outer step")
+    g.add_argument(
+        "--second-order",
+        dest="mt_second_order",
+        action="store_true",
+        default=None,
+        help="full second-order meta-gradient",
+    )
+    g.add_argument("--device", dest="mt_device", metavar="DEV", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", dest="mt_seed", type=int, metavar="SEED", help="meta-training seed")
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if getattr(args, "mt_methods", None):
+        out.append(f"methods=[{','.join(m.strip() for m in args.mt_methods.split(',') if m.strip())}]")
+    for dest, key in (
+        ("mt_steps", "outer.steps"),
+        ("mt_inner_steps", "inner.steps"),
+        ("mt_meta_batch", "meta_batch"),
+        ("mt_device", "device"),
+        ("mt_seed", "seed"),
+    ):
+        v = getattr(args, dest, None)
+        if v is not None:
+            out.append(f"{key}={v}")
+    if getattr(args, "mt_second_order", None):
+        out.append("inner.second_order=true")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def train_episodes_config(split: dict[str, Any], cfg: MetaTrainConfig) -> EpisodesConfig:
+    """The episode shapes of the episodes run (recorded in split.json), with meta_train.train_episodes overrides."""
+    missing = [k for k in ("kinds", "k_shots", "q_query") if k not in split]
+    if missing:
+        raise DataError(f"split.json of the episodes run lacks {missing}; re-run the episodes stage")
+    te = cfg.train_episodes
+    return EpisodesConfig(
+        kinds=te.kinds or list(split["kinds"]),
+        k_shot=te.k_shot or list(split["k_shots"]),
+        q_query=te.q_query or int(split["q_query"]),
+        n_way=int(split.get("n_way", 3)),
+        multilabel=split.get("multilabel", "exclusive_in_episode"),
+    )
+
+
+def pick_val_episodes(episodes: list[Episode], limit: int | None) -> list[Episode]:
+    """At most `limit` episodes, evenly spread over the file (so every kind and k_shot stays represented)."""
+    if limit is None or len(episodes) <= limit:
+        return episodes
+    idx = np.linspace(0, len(episodes) - 1, limit).round().astype(int)
+    return [episodes[i] for i in sorted(set(idx.tolist()))]
+
+
+def method_seed(seed: int, index: int) -> int:
+    """Independent, reproducible seed per method (same seed, same method position → same run)."""
+    return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
+
+
+def _sampler_fn(sampler: TrainSampler, store: ImageStore, meta_batch: int):
+    def sample(rng: np.random.Generator) -> MetaBatch:
+        eps = sampler.sample_batch(rng, meta_batch)
+        x_s, y_s, x_q, y_q = stack_episodes(eps, store)
+        return x_s, y_s, x_q, y_q, eps[0].n_way
+
+    return sample
+
+
+# ------------------------------------------------------------------------------------------ execute
+def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    ep_up = upstream["episodes"]
+    ingest_up = ep_up.upstream("ingest")
+    store = ImageStore.open(ingest_up.artifact("store"))
+    split = ep_up.read_json("split.json")
+    val_all = load_episodes(ep_up.artifact("episodes/val.jsonl"))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+
+    image_shape = tuple(int(s) for s in store.images.shape[1:])  # (C, H, W) or (C, D, H, W)
+    ep_cfg = train_episodes_config(split, cfg)
+    sampler = TrainSampler(split, store.index, ep_cfg)
+    val_eps = pick_val_episodes(val_all, cfg.val_episodes)
+    if not val_eps:
+        log("meta-train: WARNING: the episodes run has no validation episodes; keeping the last weights")
+    val_tensors: list[EpisodeTensors] = []
+    for ep in val_eps:
+        x_s, y_s, x_q, y_q = episode_arrays(ep, store, device)
+        val_tensors.append((x_s, y_s, x_q, y_q, ep.n_way))
+    suite = ep_up.tags.get("fewscan.suite") or "standalone"
+    reg_name = cfg.register_as or f"fewscan-{suite}-meta"
+
+    run.log_params(
+        {
+            "derived": {
+                "image_shape": list(image_shape),
+                "device": str(device),
+                "normalization": cfg.model.norm,
+                "head": cfg.model.head,
+                "train_conditions": sampler.conditions,
+                "train_kinds": ep_cfg.kinds,
+                "train_k_shots": ep_cfg.k_shots,
+                "train_q_query": ep_cfg.q_query,
+                "val_episodes_used": len(val_eps),
+                "ingest_run_id": ingest_up.run_id,
+                "torch_threads": torch.get_num_threads(),
+            }
+        }
+    )
+    log(
+        f"meta-train: {len(sampler.conditions)} common conditions, images {image_shape}, device {device}, "
+        f"{len(val_eps)} val episodes, methods {cfg.methods}"
+    )
+
+    scratch = Path(tempfile.mkdtemp(prefix="fewscan-metatrain-"))
+    curves: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, dict[str, float]] = {}
+    for i, method in enumerate(cfg.methods):
+        seed = method_seed(cfg.seed, i)
+        torch.manual_seed(seed)  # the initialization is part of the seeded run
+        model = build_model(cfg.model, image_shape[0], image_shape[1:])
+        learner = MetaLearner(model, make_algorithm(method, cfg.inner, cfg.mamlpp), cfg.inner)
+        outer = OuterConfig(
+            steps=cfg.outer.steps,
+            lr=cfg.outer.lr,
+            schedule=cfg.outer.schedule,
+            warmup_steps=cfg.outer.warmup_steps,
+            min_lr_ratio=cfg.outer.min_lr_ratio,
+            clip_grad=cfg.outer.clip_grad,
+            val_every=cfg.val_every,
+            checkpoint_every=cfg.checkpoint_every,
+        )
+        trainer = MetaTrainer(learner, outer, seed=seed, device=device, amp_bf16=cfg.amp)
+        ckdir = scratch / "checkpoints" / method
+        if run.resumed:
+            last = run.own_artifact(f"checkpoints/{method}/last.pt")
+            if last is not None and last.is_file():
+                trainer.load(last)
+                best = run.own_artifact(f"checkpoints/{method}/best.pt")
+                if best is not None and best.is_file():
+                    ckdir.mkdir(parents=True, exist_ok=True)
+                    (ckdir / "best.pt").write_bytes(best.read_bytes())
+                log(f"meta-train: {method}: resumed from step {trainer.state.step}/{outer.steps}")
+
+        def on_metrics(row: dict[str, float], step: int, method: str = method) -> None:
+            run.log_metrics({f"{method}.{k}": v for k, v in row.items()}, step=step)
+
+        def on_checkpoint(path: Path, method: str = method) -> None:
+            run.log_artifact(path, f"checkpoints/{method}")
+
+        state = trainer.fit(
+            _sampler_fn(sampler, store, cfg.meta_batch),
+            val_episodes=val_tensors,
+            ckpt_dir=ckdir,
+            on_metrics=on_metrics,
+            on_checkpoint=on_checkpoint,
+            desc=f"meta-train {method}",
+        )
+        used = "last"
+        if cfg.select == "best" and (ckdir / "best.pt").is_file():
+            best_ck = torch.load(ckdir / "best.pt", map_location="cpu", weights_only=False)
+            learner.load_state_dict(best_ck["learner"])
+            used = f"best (step {state.best_step})"
+        curves[method] = state.history
+        folder = scratch / "models" / method
+        inner = {
+            "steps": cfg.inner.steps,
+            "eval_steps": cfg.inner.eval_steps if cfg.inner.eval_steps is not None else cfg.inner.steps,
+            "lr": cfg.inner.lr,
+            "learned_lr": learner.algo.learned_lr,
+            "trainable": learner.algo.trainable,
+            "second_order": learner.algo.second_order,
+        }
+        save_meta_model(
+            folder,
+            model.cpu(),
+            method=method,
+            model_spec=cfg.model,
+            image_shape=image_shape,
+            inner=inner,
+            inner_lr=detach_lr(learner.inner_lr()),
+            extra={
+                "ingest_run_id": ingest_up.run_id,
+                "episodes_run_id": ep_up.run_id,
+                "meta_train_run_id": run.run_id,
+                "preprocessing": store.meta.get("preprocessing", {}),
+                "label_names": store.meta.get("label_names", []),
+                "normal_label": split.get("normal_label"),
+                "train_conditions": sampler.conditions,
+                "selected": used,
+                "best_val_acc": state.best_val if state.best_step >= 0 else None,
+                "outer_steps": state.step,
+                "seed": seed,
+            },
+        )
+        run.log_artifact(folder, f"models/{method}")
+        results[method] = {
+            "best_val_acc": state.best_val if state.best_step >= 0 else float("nan"),
+            "final_train_loss": state.history[-1]["train_loss"] if state.history else float("nan"),
+        }
+        log(
+            f"meta-train: {method}: {state.step} steps, kept {used}, val acc {results[method]['best_val_acc']:.3f}"
+        )
+
+    write_json_atomic(run.outdir / "curves.json", curves)
+    primary = cfg.methods[0]
+    version = run.register_model(f"models/{primary}", reg_name, "latest")
+    n_params = count_parameters(build_model(cfg.model, image_shape[0], image_shape[1:]))
+    summary = (
+        f"trained {', '.join(cfg.methods)} ({cfg.outer.steps} steps x {cfg.meta_batch} tasks, {cfg.model.backbone} "
+        f"{n_params} params, {cfg.model.norm} norm, {device}); val acc "
+        + ", ".join(f"{m} {r['best_val_acc']:.3f}" for m, r in results.items())
+        + f"; registered {reg_name} v{version} ({primary})"
+    )
+    metrics = {f"{m}.best_val_acc": r["best_val_acc"] for m, r in results.items()}
+    return StageResult(summary=summary, metrics=metrics)

@@ -1,0 +1,149 @@
+"""Models: the shared head works for any n_way, normalization lets one scan be predicted alone, 2D and 3D,
+MONAI backbones with the norm policy applied, meta-model save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
+from pipeline.meta.model_io import load_meta_model, save_meta_model
+from pipeline.meta.models import ModelSpec, build_model
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(ModelSpec(**kw), 1, (16, 16))
+
+
+def test_shared_head_starts_every_class_equal_and_is_differentiable_through_replication():
+    m = _model()
+    x = torch.randn(3, 1, 16, 16)
+    for n_way in (2, 3, 5):
+        p = m.task_params(n_way)
+        logits = torch.func.functional_call(m, p, (x,))
+        assert logits.shape == (3, n_way)
+        assert torch.allclose(logits, logits[:, :1].expand_as(logits))  # no class favoured at the start
+    # the gradient reaching the shared row is the sum of the per-class rows' gradients
+    p = m.task_params(4)
+    y = torch.tensor([0, 1, 3])
+    loss = torch.nn.functional.cross_entropy(torch.func.functional_call(m, p, (x,)), y)
+    (g_shared,) = torch.autograd.grad(loss, [m.head.weight], retain_graph=True)
+    p_rows = {**p, "head.weight": p["head.weight"].detach().clone().requires_grad_(True)}
+    loss2 = torch.nn.functional.cross_entropy(torch.func.functional_call(m, p_rows, (x,)), y)
+    (g_rows,) = torch.autograd.grad(loss2, [p_rows["head.weight"]])
+    assert torch.allclose(g_shared, g_rows.sum(0, keepdim=True), atol=1e-6)
+
+
+def test_zero_head_is_not_meta_learned_and_starts_at_zero():
+    m = _model(head="zero")
+    assert "head.weight" not in m.meta_parameters()
+    p = m.task_params(3, m.meta_parameters())
+    assert p["head.weight"].shape == (3, m.feat_dim) and not p["head.weight"].any()
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "layer", "none"])
+def test_a_single_scan_is_predicted_the_same_alone_or_in_a_batch(norm):
+    m = _model(norm=norm)
+    x = torch.randn(6, 1, 16, 16)
+    meth = GradientMethod(m, steps=2, lr=0.05)
+    a = meth.fit(x, torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    batch = meth.predict_proba(a, x)
+    alone = meth.predict_proba(a, x[2:3])
+    assert torch.allclose(batch[2:3], alone, atol=1e-6)
+    assert torch.allclose(batch.sum(1), torch.ones(6), atol=1e-6)
+
+
+def test_batch_transductive_norm_depends_on_the_batch_as_documented():
+    m = _model(norm="batch_transductive")
+    x = torch.randn(6, 1, 16, 16)
+    assert not any(isinstance(b, torch.Tensor) and b.numel() for b in m.buffers())  # no running stats
+    out_b = m.backbone(x)[2]
+    out_a = m.backbone(x[2:3])[0]
+    assert not torch.allclose(out_b, out_a, atol=1e-4)
+
+
+def test_conv4_3d_and_flatten_sizes():
+    m = build_model(ModelSpec(filters=8), 2, (16, 16, 16))
+    assert m.feat_dim == 8  # 16 → 1 after four poolings
+    assert m(torch.randn(2, 2, 16, 16, 16)).shape == (2, 1)
+    m2 = build_model(ModelSpec(filters=8), 1, (64, 64))
+    assert m2.feat_dim == 8 * 4 * 4
+    with pytest.raises(ConfigError, match="too small"):
+        build_model(ModelSpec(), 1, (8, 8))
+
+
+def test_monai_backbone_by_name_with_options_and_norm_policy():
+    spec = ModelSpec(
+        backbone="DenseNet121",
+        embed_dim=16,
+        options={"init_features": 8, "growth_rate": 4, "block_config": [2, 2]},
+    )
+    m = build_model(spec, 1, (16, 16))
+    assert m.feat_dim == 16
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules())
+    assert any(isinstance(mod, nn.GroupNorm) for mod in m.modules())
+    x = torch.randn(4, 1, 16, 16)
+    a = GradientMethod(m, steps=1, lr=0.01).fit(x, torch.tensor([0, 1, 0, 1]), 2)
+    assert a.info["support_loss_after"] < a.info["support_loss_before"]
+    with pytest.raises(ConfigError, match="unknown backbone 'NoSuchNet'"):
+        build_model(ModelSpec(backbone="NoSuchNet"), 1, (16, 16))
+    with pytest.raises(ConfigError, match="has no option"):
+        build_model(ModelSpec(backbone="DenseNet121", options={"bogus": 1}), 1, (16, 16))
+
+
+def test_fit_works_for_any_n_way_and_checks_labels():
+    m = _model()
+    for method in (GradientMethod(m, steps=1, lr=0.01), ProtoNetMethod(m)):
+        assert isinstance(method, FewShotMethod)
+        for n_way in (2, 4):
+            x = torch.randn(2 * n_way, 1, 16, 16)
+            y = torch.arange(n_way).repeat(2)
+            proba = method.predict_proba(method.fit(x, y, n_way), x)
+            assert proba.shape == (2 * n_way, n_way)
+        with pytest.raises(ValueError, match="labels must lie in"):
+            method.fit(torch.randn(2, 1, 16, 16), torch.tensor([0, 5]), 2)
+
+
+def test_protonet_classifies_well_separated_support_perfectly():
+    m = _model(norm="none")
+    x = torch.randn(2, 1, 16, 16).repeat_interleave(3, 0) + 0.01 * torch.randn(6, 1, 16, 16)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    meth = ProtoNetMethod(m)
+    a = meth.fit(x, y, 2)
+    assert a.prototypes is not None and a.prototypes.shape == (2, m.feat_dim)
+    assert torch.equal(meth.predict_proba(a, x).argmax(1), y)
+
+
+def test_meta_model_round_trip_reproduces_predictions_and_learned_rates(tmp_path):
+    m = _model(3)
+    lr = [{k: torch.tensor(0.01 * (i + 1)) for k in m.meta_parameters()} for i in range(2)]
+    save_meta_model(
+        tmp_path / "maml",
+        m,
+        method="mamlpp",
+        model_spec=ModelSpec(),
+        image_shape=(1, 16, 16),
+        inner={"steps": 2, "lr": 0.01, "eval_steps": 4, "trainable": "all"},
+        inner_lr=lr,
+        extra={"ingest_run_id": "r1", "preprocessing": {"size": [16, 16]}},
+    )
+    mm = load_meta_model(tmp_path / "maml")
+    assert (
+        mm.meta["ingest_run_id"] == "r1"
+        and mm.meta["normalization"] == "group"
+        and mm.meta["head"] == "shared"
+    )
+    assert isinstance(mm.inner_lr, list) and float(mm.inner_lr[1]["head.bias"]) == pytest.approx(0.02)
+    x = torch.randn(4, 1, 16, 16)
+    y = torch.tensor([0, 1, 0, 1])
+    ref = GradientMethod(m, steps=4, lr=lr)
+    got = mm.method()
+    assert isinstance(got, GradientMethod) and got.steps == 4
+    assert torch.allclose(
+        ref.predict_proba(ref.fit(x, y, 2), x), got.predict_proba(got.fit(x, y, 2), x), atol=1e-6
+    )
+    with pytest.raises(DataError, match="not a meta-model folder"):
+        load_meta_model(tmp_path)
