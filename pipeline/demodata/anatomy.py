@@ -268,7 +268,7 @@ def render_anatomy(scene: Scene, rng: np.random.Generator) -> None:
             ws.append(0.009)
     vessels = segments(u, v, np.stack(p0s), np.stack(p1s), np.array(ws), p)
     tex = ndimage.gaussian_filter(
-        rng.standard_normal((size, size), dtype=np.float32), sigma=max(size / 110, 0.6)
+        rng.standard_normal((size, size), dtype=np.float32), sigma=max(size / 110, 0.6), truncate=3.0
     )
     tex = tex / (tex.std() + 1e-6)
     lungs = scene.lung[-1] + scene.lung[1]

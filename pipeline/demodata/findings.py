@@ -30,7 +30,9 @@ def _disc(scene: Scene, cu: float, cv: float, r: float, soft: float = 0.15) -> n
 
 
 def _smooth_noise(scene: Scene, rng: Rng, sigma_frac: float) -> np.ndarray:
-    n = ndimage.gaussian_filter(rng.standard_normal(scene.u.shape, dtype=np.float32), scene.size * sigma_frac)
+    n = ndimage.gaussian_filter(
+        rng.standard_normal(scene.u.shape, dtype=np.float32), scene.size * sigma_frac, truncate=3.0
+    )
     return n / (n.std() + 1e-6)
 
 

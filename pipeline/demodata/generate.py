@@ -22,7 +22,6 @@ import numpy as np
 from pipeline.demodata import ct as ctmod
 from pipeline.demodata.dicomio import write_radiograph, write_text_sr
 from pipeline.demodata.labels import label_row, write_labels
-from pipeline.demodata.phi import STATIONS
 from pipeline.demodata.plan import ImagePlan, plan_patients_labels, realize
 from pipeline.demodata.prevalence import FINDINGS, NORMAL
 from pipeline.demodata.render import render_radiograph
@@ -38,11 +37,10 @@ CHUNK = 16  # images per pool task: amortises pickling, keeps progress lively
 
 
 def _station(im: ImagePlan) -> str:
-    return (
-        STATIONS[2 + im.index % 2]
-        if im.view == "AP"
-        else STATIONS[im.vendor % 2 + (4 if im.vendor > 1 else 0)]
-    )
+    """Portable units take the AP films; each vendor's fixed room the PA ones."""
+    if im.view == "AP":
+        return ("ED-PORTABLE", "ICU-PORT1")[im.index % 2]
+    return ("XR-ROOM1", "XR-ROOM2", "OPD-DR", "XR-ROOM3")[im.vendor % 4]
 
 
 def _write_chunk(seed: int, size: int, modality: str, out: str, chunk: list[ImagePlan]) -> list[dict]:

@@ -35,7 +35,6 @@ INSTITUTIONS = (
     ("Northgate University Hospital", "1 University Drive, Northgate"),
     ("Valley Regional Health", "88 Orchard Avenue, Greenvale"),
 )
-STATIONS = ("XR-ROOM1", "XR-ROOM2", "ED-PORTABLE", "ICU-PORT1", "OPD-DR", "CT01", "CT02")
 
 
 def _name(rng: np.random.Generator, sex: str) -> str:

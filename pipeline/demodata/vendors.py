@@ -63,7 +63,7 @@ def encode(att: np.ndarray, vendor: Vendor, rng: np.random.Generator) -> tuple[n
     noise = ndimage.gaussian_filter(noise, sigma=0.6 * size / 256) * np.float32(1.4)
     x = x + np.float32(vendor.noise) * (0.6 + 0.8 * np.clip(x, 0, 1)) * noise
     if vendor.unsharp > 0:
-        blur = ndimage.gaussian_filter(x, sigma=size / 48)
+        blur = ndimage.gaussian_filter(x, sigma=size / 48, truncate=2.5)
         x = x + np.float32(vendor.unsharp) * (x - blur)
     x = np.clip(x, 0.0, 1.0)
     if vendor.sigmoid_gain > 0:
