@@ -23,8 +23,7 @@ from pipeline.demodata.prevalence import FINDINGS, NORMAL, assign_label_sets, ta
 from pipeline.demodata.vendors import VENDORS
 from pipeline.errors import ConfigError
 
-DISEASE_GROUP_SIZES = (1, 2, 3)
-DISEASE_GROUP_PROBS = (0.6, 0.3, 0.1)  # mean 1.5 disease images per patient and finding
+DISEASE_GROUP_SIZES = (1, 2, 3)  # disease images per patient and finding; mean 1.5
 NORMAL_SHARE_ON_ABNORMAL_PATIENTS = 0.35  # normal images that are follow-ups of abnormal patients
 HOME_VENDOR_PROB = 0.75  # otherwise the image was taken elsewhere (portable, another site)
 AP_PROB = 0.4  # NIH: 40% AP (portable), 60% PA
@@ -64,13 +63,19 @@ class ImagePlan:
 
 
 def _groups(n: int, rng: np.random.Generator) -> list[int]:
-    sizes: list[int] = []
+    """Split n disease images into ceil(n / 1.5) patients of 1-3 images each (random sizes).
+
+    A fixed number of patients (not a random one) guarantees the floor's patient count for every seed:
+    40 images -> 27 patients, 20 -> 14.
+    """
     if n == 0:
-        return sizes
-    while sum(sizes) < n:
-        sizes.append(int(rng.choice(DISEASE_GROUP_SIZES, p=DISEASE_GROUP_PROBS)))
-    sizes[-1] -= sum(sizes) - n
-    return [s for s in sizes if s > 0]
+        return []
+    g = -(-2 * n // 3)  # ceil(n / 1.5)
+    sizes = np.ones(g, dtype=np.int64)
+    for _ in range(n - g):  # n - g <= 2 g, so a slot below 3 always exists
+        open_ = np.flatnonzero(sizes < max(DISEASE_GROUP_SIZES))
+        sizes[open_[int(rng.integers(len(open_)))]] += 1
+    return [int(x) for x in sizes]
 
 
 def plan_patients_labels(

@@ -24,9 +24,10 @@ def _stats(plan):
     return counts, patients, normal, multi, abnormal
 
 
-@pytest.mark.parametrize(("n", "floor", "min_patients"), [(3000, 40, 25), (500, 20, 12)])
-def test_prevalence_follows_nih_with_a_floor(n, floor, min_patients):
-    plan = plan_patients_labels(n, floor, None, np.random.default_rng(0))
+@pytest.mark.parametrize(("n", "floor", "min_patients", "seed"),
+                         [(3000, 40, 27, 0), (3000, 40, 27, 1), (500, 20, 14, 0), (500, 20, 14, 5)])  # fmt: skip
+def test_prevalence_follows_nih_with_a_floor(n, floor, min_patients, seed):
+    plan = plan_patients_labels(n, floor, None, np.random.default_rng(seed))
     counts, patients, normal, multi, abnormal = _stats(plan)
     assert normal + abnormal == n
     want, want_normal = target_counts(n, floor)
