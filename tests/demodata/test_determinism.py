@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 
 from pipeline.demodata.generate import generate_study
 from tests.demodata.helpers import all_files
+
+# The junk includes a truncated DICOM on purpose; pydicom warns when it reads one.
+pytestmark = pytest.mark.filterwarnings("ignore:End of file reached")
 
 SMALL = dict(n_images=40, size=32, min_per_finding=1, adapt_support_per_class=1, adapt_query_per_class=1)
 
