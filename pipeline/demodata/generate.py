@@ -11,10 +11,12 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,14 @@ def _write_chunk(seed: int, size: int, modality: str, out: str, chunk: list[Imag
 
 OWN_ENTRIES = {"dicom", "adapt", "labels.csv", "study.json", "labels.csv.part", "study.json.part",
                ".fewscan-demo.json"}  # fmt: skip
+
+
+def _mp_context() -> BaseContext:
+    """fork when this process has no other Python threads (fast, and works from a REPL or stdin);
+    spawn otherwise (forking a threaded process can deadlock). Workers use only numpy/scipy/pydicom."""
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def _prepare_out(out: Path) -> None:
@@ -210,7 +220,7 @@ def generate_study(
         for ch in progress(chunks, total=len(chunks), desc="writing DICOM (chunks)"):
             results.extend(_write_chunk(seed, size, modality, str(out), ch))
     else:
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=_mp_context()) as pool:
             futs = [pool.submit(_write_chunk, seed, size, modality, str(out), ch) for ch in chunks]
             for fut in progress(as_completed(futs), total=len(futs), desc="writing DICOM (chunks)"):
                 results.extend(fut.result())
@@ -262,7 +272,7 @@ def generate_study(
 def one_line(summary: dict) -> str:
     """The command's closing line."""
     c = summary["counts"]
-    rare = min(FINDINGS, key=lambda f: c[f])
+    rare = min(reversed(FINDINGS), key=lambda f: c[f])  # ties at the floor: the table's rarest
     unit = "series" if summary["modality"] == "CT" else "images"
     return (
         f"demo study: {summary['n_images']} {unit} ({c[NORMAL]} normal, {len(FINDINGS)} findings, rarest "
