@@ -185,3 +185,15 @@ def test_lungs_are_darker_than_soft_tissue_on_average(tiny_study):
     vals = np.array([display_pixels(ds)[16:40, 8:22].mean() < display_pixels(ds)[52:60, 8:56].mean()
                      for _, ds in images.values()])  # fmt: skip
     assert vals.mean() > 0.9  # lung field vs upper abdomen
+
+
+def test_cr_modality_writes_computed_radiography_objects(tmp_path):
+    from pipeline.demodata.dicomio import CR_IMAGE
+    from pipeline.demodata.generate import generate_study
+
+    generate_study(tmp_path / "cr", n_images=30, size=32, modality="CR", min_per_finding=1, workers=1,
+                   adapt_support_per_class=0, adapt_query_per_class=0)  # fmt: skip
+    images, _, _ = _classify(tmp_path / "cr")
+    assert len(images) == 30
+    assert {ds.Modality for _, ds in images.values()} == {"CR"}
+    assert {ds.SOPClassUID for _, ds in images.values()} == {CR_IMAGE}
