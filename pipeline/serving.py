@@ -51,7 +51,11 @@ class FewscanAdaptedModel(PythonModel):  # type: ignore[misc]
         batch_size = int((params or {}).get("batch_size", 64))
         rows = predict_any(clf, model_input, batch_size)
         cols = ["predicted_class", *(prob_column(c) for c in clf.classes), "error"]
-        return pd.DataFrame(rows, columns=cols)
+        df = pd.DataFrame(rows, columns=cols)
+        if (df["error"] != "").any():
+            # unscored rows: None, not NaN, so a scoring response stays strict JSON (null, not NaN)
+            df = df.astype(object).where(df.notna(), None)
+        return df
 
 
 def predict_any(clf: AdaptedClassifier, model_input: Any, batch_size: int = 64) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -255,6 +256,16 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def _code_snapshot(dst: Path) -> Path:
+    """A copy of the `pipeline` package for the pyfunc's code path, so the served model runs without fewscan
+    installed. Without demodata: its fake-identity tables are no code the model needs, and fake names in
+    an artifact would look exactly like a PHI leak to anyone auditing the store."""
+    src = Path(__file__).resolve().parents[1]
+    out = dst / "code" / "pipeline"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "demodata"))
+    return out
+
+
 def _patient_keys(refs_paths: list[Path], salt: bytes) -> set[str]:
     """Salted patient keys (ingest's scheme) of DICOM files; non-DICOM files have none."""
     import pydicom
@@ -402,7 +413,7 @@ def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -
             FewscanAdaptedModel(),
             artifacts={ARTIFACT_KEY: str(folder)},
             input_example=None,  # an example would be a file path or pixels: neither belongs in MLflow
-            code_paths=[str(Path(__file__).resolve().parents[1])],  # the `pipeline` package: self-contained
+            code_paths=[str(_code_snapshot(tmp))],
             pip_requirements=_pip_requirements(),
         )
     version = run.register_model(MODEL_ARTIFACT, reg_name, cfg.alias)

@@ -248,7 +248,10 @@ def read_scan_bytes(data: bytes, spec: ScanSpec, suffix: str = ".dcm") -> np.nda
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return read_scan(Path(name), spec)
+        try:
+            return read_scan(Path(name), spec)
+        except DataError as err:  # the temp file's name means nothing to the caller
+            raise type(err)(scrub(str(err), Path(name)).replace("<file>", "the scan")) from None
     finally:
         os.unlink(name)
 

@@ -147,3 +147,85 @@ def test_error_paths_name_the_problem(store: dict[str, Any], sets: dict[str, Pat
         stages.execute_stage(
             "adapt", cfg, upstream={"meta-train": mt}, suite="adapttest", dataset="synthetic"
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.e2e
+def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], sets: dict[str, Path]) -> None:
+    """`mlflow models serve` on the registered model, on loopback: DICOM bytes in, probabilities out."""
+    import base64
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from pipeline.serving import load_adapted
+
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store['root'] / 'mlflow' / 'mlflow.db'}")
+    env.pop("PYTHONPATH", None)  # the model carries its own copy of the pipeline package (code path)
+    # the server is started as `uvicorn` from PATH: the one next to this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fewscan-hernia@current"]
+    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log = (store["root"] / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        cmd, cwd=store["root"] / "data", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (store["root"] / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "server did not answer /ping within 240 s"
+            time.sleep(1)
+        files = sorted(sets["query"].rglob("*.dcm"))[:3]
+        payload = {
+            "dataframe_split": {
+                "columns": ["dicom_base64"],
+                "data": [[base64.b64encode(p.read_bytes()).decode()] for p in files] + [["bm90IGEgc2Nhbg=="]],
+            }
+        }
+        req = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            preds = json.loads(r.read())["predictions"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the server's own process group, nothing else
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    assert len(preds) == 4
+    local = load_adapted("models:/fewscan-hernia@current").predict_paths(files)
+    for served, mine in zip(preds[:3], local):
+        assert served["error"] == "" and served["predicted_class"] == mine["predicted_class"]
+        assert served["prob_Hernia"] == pytest.approx(mine["prob_Hernia"], abs=1e-6)
+        assert served["prob_Hernia"] + served["prob_No Finding"] == pytest.approx(1.0, abs=1e-6)
+    assert preds[3]["error"].startswith("unreadable") and preds[3]["predicted_class"] is None
+    assert preds[3]["prob_Hernia"] is None  # JSON null, not NaN
