@@ -150,28 +150,37 @@ def check_decodable(ds: Dataset) -> None:
 
 
 def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds:
+    if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    # enhanced multi-frame keeps rescale in functional groups
-    slope = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleSlope")
-    inter = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleIntercept")
+    if "RescaleSlope" in ds:
+        slope, inter = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    else:  # enhanced multi-frame keeps rescale in functional groups
+        slope = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleSlope")
+        inter = _shared_or_per_frame(ds, "PixelValueTransformationSequence", "RescaleIntercept")
     out = arr.astype(np.float32)
-    if slope is not None:
-        out = out * np.float32(float(slope)) + np.float32(float(inter or 0.0))
+    if slope is not None and slope != "":
+        # y = slope * x + intercept (PS3.3 C.11.1), in place in float32
+        if float(slope) != 1.0:
+            out *= np.float32(float(slope))
+        if float(inter or 0.0) != 0.0:
+            out += np.float32(float(inter or 0.0))
     return out
 
 
 def window_linear(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """PS3.3 C.11.2.1.2 window to [0, 1] (LINEAR, LINEAR_EXACT or SIGMOID)."""
     f = function.upper()
+    x = np.asarray(x, dtype=np.float32)
     if f == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - np.float32(center)) / np.float32(width)))).astype(np.float32)
     if f == "LINEAR_EXACT":
-        y = (x - center) / width + 0.5
+        a, b = 1.0 / width, 0.5 - center / width
     else:
         w1 = max(width - 1.0, 1e-6)
-        y = (x - (center - 0.5)) / w1 + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+        a, b = 1.0 / w1, 0.5 - (center - 0.5) / w1
+    y = x * np.float32(a)  # one affine pass + in-place clip: this runs on every pixel of every file
+    y += np.float32(b)
+    return np.clip(y, 0.0, 1.0, out=y)
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -206,14 +215,50 @@ def _voi(x: np.ndarray, ds: Dataset, voi: str, window: dict[str, float] | None) 
     return minmax(x), "minmax"
 
 
+def _native_grey(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian greyscale pixel data straight from the buffer, or None (use pydicom).
+
+    `Dataset.pixel_array` spends most of its time on bookkeeping (it re-reads ~30 pixel attributes
+    twice to decide whether its cache is stale); for the common native case this does the same
+    arithmetic directly: frombuffer, then mask (unsigned) or sign-extend (signed) the unused high bits,
+    exactly as pydicom's decoder does. Anything unusual falls back to pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or ts.is_compressed or not ts.is_little_endian or ts.is_deflated:
+        return None
+    if "PixelData" not in ds or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    if str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    ba, bs = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if ba not in (8, 16, 32) or not 0 < bs <= ba:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{ba // 8}")
+    raw = ds.PixelData
+    n = frames * rows * cols
+    if not isinstance(raw, bytes | bytearray) or len(raw) < n * dtype.itemsize:
+        return None  # truncated: pydicom raises the precise error
+    arr = np.frombuffer(raw, dtype=dtype, count=n).reshape(frames, rows, cols)
+    if bs < ba:
+        shift = ba - bs
+        arr = (arr << shift) >> shift if signed else arr & dtype.type((1 << bs) - 1)
+    return arr
+
+
 def modality_frames(ds: Dataset) -> tuple[np.ndarray, bool]:
     """Decoded frames after the modality LUT: grey (F, H, W) float32 (True) or colour (F, 3, H, W) in [0, 1]
     (False; RGB, YBR converted by pydicom, PALETTE COLOR via its LUT, scaled by bit depth: no VOI for colour).
     """
     check_image_object(ds)
     check_decodable(ds)
+    arr = _native_grey(ds)
     try:
-        arr = ds.pixel_array  # pydicom 3 converts YBR_FULL(_422) to RGB by default
+        if arr is None:
+            arr = ds.pixel_array  # pydicom 3 converts YBR_FULL(_422) to RGB by default
     except (
         ValueError,
         RuntimeError,

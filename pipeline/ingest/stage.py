@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,17 @@ def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         **{f"label_images.{k.replace(' ', '_')}": v for k, v in s.label_counts.items()},
     }
     run.log_metrics(metrics)
-    run.log_dataset(
-        s.index,
-        name=f"{cfg.name}-scan-index",
-        digest=s.digest,
-        context="ingest",
-        source="store/scan_index.parquet",
-    )
+    with warnings.catch_warnings():
+        # mlflow hints that int columns cannot hold missing values: store_index/frame never miss
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*multiple ways", category=UserWarning)
+        run.log_dataset(
+            s.index,
+            name=f"{cfg.name}-scan-index",
+            digest=s.digest,
+            context="ingest",
+            source="store/scan_index.parquet",
+        )
     return StageResult(
         summary=s.line(), metrics={"n_images": float(s.n_images), "n_patients": float(s.n_patients)}
     )

@@ -9,6 +9,7 @@ when the result could not differ.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -263,18 +264,30 @@ def _cache_path(task: Task, digests: list[str]) -> Path | None:
     for part in (task.kind, task.fmt, prep_digest(task.prep), salt_id(task.salt), *task.rels, *digests):
         h.update(part.encode() + b"\x00")
     k = h.hexdigest()[:40]
-    return Path(task.cache_dir) / k[:2] / f"{k}.npz"
+    return Path(task.cache_dir) / k[:2] / f"{k}.fsc"
+
+
+# cache entry: one line of JSON (PHI-free facts) then an np.save'd array ("-" when none). One file, no zip:
+# a zip container (np.savez) cost more than the decode it saves for small images.
+_MAGIC = b"fewscan-decode-1\n"
 
 
 def _cache_load(p: Path | None) -> tuple[np.ndarray | None, list[dict[str, Any]]] | None:
-    if p is None or not p.is_file():
+    if p is None:
         return None
     try:
-        with np.load(p, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            x = z["x"] if "x" in z.files else None
-            return x, meta
-    except Exception:  # a corrupt cache entry is just a miss
+        blob = p.read_bytes()
+    except OSError:
+        return None
+    try:
+        if not blob.startswith(_MAGIC):
+            return None
+        nl = blob.index(b"\n", len(_MAGIC))
+        meta = json.loads(blob[len(_MAGIC) : nl])
+        rest = blob[nl + 1 :]
+        x = None if rest == b"-" else np.load(io.BytesIO(rest), allow_pickle=False)
+        return x, meta
+    except (ValueError, OSError, EOFError):  # a corrupt entry is just a miss
         return None
 
 
@@ -282,11 +295,13 @@ def _cache_save(p: Path | None, x: np.ndarray | None, meta: list[dict[str, Any]]
     if p is None:
         return
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.stem}.tmp-{os.getpid()}.npz")
-    arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}
-    if x is not None:
-        arrays["x"] = x
-    np.savez(tmp, **arrays)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(_MAGIC + json.dumps(meta, separators=(",", ":")).encode() + b"\n")
+        if x is None:
+            f.write(b"-")
+        else:
+            np.save(f, x, allow_pickle=False)
     os.replace(tmp, p)
 
 

@@ -115,3 +115,28 @@ def test_resampled_to_target_spacing_with_monai(tmp_path: Path) -> None:
     assert float(np.abs(vol[0, :, :4, :]).max()) == 0.0 and float(vol[0, 4, 8, 8]) > 0
     centre = vol[0, :, 8, 8].astype(np.float32)
     assert np.all(np.diff(centre) >= -1e-3) and centre[-1] > centre[0]
+
+
+def test_3d_ingest_groups_series_labels_by_folder_and_rejects_duplicates(tmp_path: Path) -> None:
+    from pipeline.ingest.build import build_store
+    from pipeline.ingest.manifest import IngestConfig
+
+    rng = np.random.default_rng(5)
+    a = _series(tmp_path / "scans" / "P1" / "SER_A", [float(z) for z in range(5)], rng)
+    _series(tmp_path / "scans" / "P1" / "SER_B", [float(z) for z in range(4)], rng)
+    dup = tmp_path / "scans" / "P1" / "SER_A" / "copy_of_first"
+    dup.write_bytes(a[0].read_bytes())  # same SOPInstanceUID twice in one series
+    (tmp_path / "scans" / "P1" / "SER_A" / "report.txt").write_text("not an image")
+    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels\nSER_A,Mass\nSER_B,No Finding\n")
+    cfg = IngestConfig.model_validate({
+        "name": "ct", "scans": {"root": str(tmp_path / "scans")}, "workers": 1,
+        "labels": {"path": str(tmp_path / "labels.csv"), "key_column": "Image Index", "label_column": "Finding Labels"},
+        "preprocess": {"spatial_dims": 3, "image_size": [8, 16, 16], "voi": "minmax"},
+    })  # fmt: skip
+    s = build_store(cfg, tmp_path / "out")
+    assert s.n_images == 2 and s.label_counts == {"Mass": 1, "No Finding": 1}
+    assert s.reasons == {"duplicate_sop_instance": 1, "unreadable": 1}
+    assert list(s.index["source_format"]) == ["dicom_series"] * 2 and s.meta["spatial_dims"] == 3
+    assert sorted(s.index["orig_shape"]) == ["4x16x16", "5x16x16"]
+    images = np.load(tmp_path / "out" / "store" / "images.npy", mmap_mode="r")
+    assert images.shape == (2, 1, 8, 16, 16)
