@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--skip-quick", action="store_true")
     a = ap.parse_args()
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs visible, affinity {len(os.sched_getaffinity(0))}, python {platform.python_version()}")  # fmt: skip
+          f"{os.cpu_count()} CPUs visible, affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'n/a'}, python {platform.python_version()}")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="bench_demodata_"))
     try:
         ref = run("reference: 100 imgs, 1 proc", root, n_images=100, size=a.size, workers=1, min_per_finding=2,

@@ -73,6 +73,12 @@ OWN_ENTRIES = {"dicom", "adapt", "labels.csv", "study.json", "labels.csv.part", 
                ".fewscan-demo.json"}  # fmt: skip
 
 
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use (containers, taskset)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _mp_context() -> BaseContext:
     """fork when this process has no other Python threads (fast, and works from a REPL or stdin);
     spawn otherwise (forking a threaded process can deadlock). Workers use only numpy/scipy/pydicom."""
@@ -209,7 +215,7 @@ def generate_study(
     junk_images, strays = _plan_junk(images, normal_only, rng, first_image=len(images) + len(adapt) + 1000)
     _prepare_out(out)
     to_write = images + adapt + [im for im in junk_images if im.extra["junk"] == "truncated"]
-    n_workers = workers if workers is not None else min(len(os.sched_getaffinity(0)), 8)
+    n_workers = workers if workers is not None else min(_available_cpus(), 8)
     n_workers = max(1, n_workers)
     log(f"demo study: {len(images)} {'series' if ct else 'images'} of {size}x{size} {modality}, "
         f"{len(by_patient)} patients, + {len(adapt)} adapt, {len(junk_images) + len(strays)} junk; "
