@@ -36,16 +36,26 @@ def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
 
 def _episode_table(episodes: list[Episode]) -> pd.DataFrame:
     """One row per (episode, part, class, scan) for vectorised checks."""
-    ep, part, pos, key = [], [], [], []
+    ep: list[int] = []
+    part: list[int] = []  # 0 support, 1 query
+    pos: list[int] = []
+    key: list[str] = []
     for e_i, e in enumerate(episodes):
         for c_i, c in enumerate(e.classes):
-            for p_name, d in (("support", e.support), ("query", e.query)):
+            for p_name, d in ((0, e.support), (1, e.query)):
                 ks = d.get(c, [])
                 ep.extend([e_i] * len(ks))
                 part.extend([p_name] * len(ks))
                 pos.extend([c_i] * len(ks))
                 key.extend(ks)
-    return pd.DataFrame({"ep": np.asarray(ep, dtype=np.int64), "part": part, "pos": pos, "scan_key": key})
+    return pd.DataFrame(
+        {
+            "ep": np.asarray(ep, dtype=np.int64),
+            "part": np.asarray(part, dtype=np.int8),
+            "pos": np.asarray(pos, dtype=np.int64),
+            "scan_key": np.asarray(key, dtype=object),
+        }
+    )
 
 
 def audit(
@@ -60,7 +70,7 @@ def audit(
     t = table if table is not None else LabelTable.from_index(index, normal)
     checks: list[dict[str, Any]] = []
     n_scans = len(t.scan_keys)
-    lookup = pd.Index(t.scan_keys)
+    lookup = t.lookup
     checks.append(_check("scan_keys_unique", lookup.is_unique, f"{n_scans} scans"))
 
     # --- pools -------------------------------------------------------------------------------------
@@ -74,7 +84,7 @@ def audit(
     for pool, lists in split["pools"].items():
         p = POOL_ORDER[pool]
         for name, keys in lists.items():
-            rows = lookup.get_indexer(pd.Index(keys, dtype=object))
+            rows = t.rows_of(keys)
             unknown_keys += int((rows < 0).sum())
             rows = rows[rows >= 0]
             if name == normal:
@@ -159,7 +169,7 @@ def _episode_checks(
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     df = _episode_table(eps)
-    rows = lookup.get_indexer(pd.Index(df["scan_key"].to_numpy(), dtype=object))
+    rows = t.rows_of(df["scan_key"].to_numpy(dtype=object))
     missing = int((rows < 0).sum())
     out.append(_check(f"{pool}_episode_scans_in_index", missing == 0, f"{missing} unknown scan keys"))
     df = df[rows >= 0].assign(row=rows[rows >= 0])
@@ -187,7 +197,7 @@ def _episode_checks(
     dup = int(df.duplicated(["ep", "row"]).sum())
     out.append(_check(f"{pool}_no_repeated_scan", dup == 0, f"{dup} repeated scans within episodes"))
 
-    sup, qry = df[df["part"] == "support"], df[df["part"] == "query"]
+    sup, qry = df[df["part"] == 0], df[df["part"] == 1]
     both = sup[["ep", "patient"]].drop_duplicates().merge(qry[["ep", "patient"]].drop_duplicates())
     n_bad = int(both["ep"].nunique())
     out.append(

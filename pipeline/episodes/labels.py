@@ -8,6 +8,7 @@ touches every scan.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,15 @@ class LabelTable:
     def code(self, name: str) -> int:
         return self.names.index(name)
 
+    @cached_property
+    def lookup(self) -> pd.Index:
+        """scan_key -> row, built once (an object Index hashes Python strings fastest)."""
+        return pd.Index(self.scan_keys.astype(object), dtype=object)
+
+    def rows_of(self, keys: list[str] | np.ndarray) -> np.ndarray:
+        """Rows of `keys` in the index, -1 for a key that is not there."""
+        return self.lookup.get_indexer(pd.Index(np.asarray(keys, dtype=object), dtype=object))
+
     @classmethod
     def from_index(
         cls, index: pd.DataFrame, normal_label: str, label_names: list[str] | None = None
@@ -45,29 +55,36 @@ class LabelTable:
                 f"scan index lacks column(s) {missing}; it has {list(index.columns)} "
                 "(is it the store/scan_index.parquet of an ingest run?)"
             )
-        scan_keys = index["scan_key"].astype(str).to_numpy()
-        if len(pd.unique(scan_keys)) != len(scan_keys):
-            dup = int(len(scan_keys) - len(pd.unique(scan_keys)))
+        # Fixed-width unicode arrays sort in C (object arrays compare Python strings one pair at a time).
+        scan_keys = np.asarray(index["scan_key"].astype(str).to_numpy(), dtype=str)
+        order = np.argsort(scan_keys, kind="stable")
+        dup = int((scan_keys[order[1:]] == scan_keys[order[:-1]]).sum())
+        if dup:
             raise DataError(f"scan index has {dup} duplicate scan_key value(s); re-run ingest")
+        scan_rank = np.empty(len(scan_keys), dtype=np.int64)  # orders scans independently of row order
+        scan_rank[order] = np.arange(len(scan_keys))
         # Sorted unique keys make patient codes independent of row order (determinism from the seed).
-        patient_codes, patient_keys = pd.factorize(index["patient_key"].astype(str), sort=True)
-        scan_rank, _ = pd.factorize(scan_keys, sort=True)  # keys are unique: the code is the rank
-        labels = index["labels"].fillna("").astype(str).reset_index(drop=True)
-        is_normal = (labels == normal_label).to_numpy()
+        patient_keys, patient_codes = np.unique(
+            np.asarray(index["patient_key"].astype(str).to_numpy(), dtype=str), return_inverse=True
+        )
+        labels = index["labels"].fillna("").astype(str).to_numpy()
+        is_normal = labels == normal_label
 
-        tokens = labels.str.split("|").explode()
-        tokens = tokens[(tokens != "") & (tokens != normal_label)]
-        seen = set(pd.unique(tokens.to_numpy()))
+        # Parse each distinct label string once (a few hundred), then broadcast to the scans.
+        label_codes, uniq = pd.factorize(labels)
+        parsed = [[t for t in str(u).split("|") if t and t != normal_label] for u in uniq]
+        seen = {t for toks in parsed for t in toks}
         names = sorted((set(label_names or []) - {normal_label}) | seen)
-        findings = np.zeros((len(labels), len(names)), dtype=bool)
-        if len(tokens):
-            codes = pd.Categorical(tokens.to_numpy(), categories=names).codes
-            findings[tokens.index.to_numpy(), codes] = True
+        col = {n: j for j, n in enumerate(names)}
+        uniq_findings = np.zeros((len(uniq), len(names)), dtype=bool)  # (U, L)
+        for u, toks in enumerate(parsed):
+            uniq_findings[u, [col[t] for t in toks]] = True
+        findings = uniq_findings[label_codes] if len(labels) else np.zeros((0, len(names)), dtype=bool)
         return cls(
             scan_keys=scan_keys,
-            scan_rank=np.asarray(scan_rank, dtype=np.int64),
-            patient_codes=np.asarray(patient_codes, dtype=np.int64),
-            patient_keys=np.asarray(patient_keys, dtype=object).astype(str),
+            scan_rank=scan_rank,
+            patient_codes=np.asarray(patient_codes, dtype=np.int64).reshape(-1),
+            patient_keys=patient_keys,
             names=names,
             findings=findings,
             is_normal=is_normal,

@@ -30,7 +30,7 @@ __all__ = ["EpisodeSampler", "TrainSampler", "fixed_episodes", "load_episodes", 
 # Seed streams of one suite seed: np.random.default_rng([seed, stream, kind, k_shot]).
 STREAMS = {"split": 0, "val": 1, "test": 2}
 KIND_ID = {"binary": 0, "n_way": 1}
-_MAX_TRIES = 20
+_MAX_TRIES = 50  # redraws of an n_way class set whose classes share too many patients
 
 
 class _PatientGroups:
@@ -49,16 +49,17 @@ class _PatientGroups:
         return len(self.patients)
 
     def draw(
-        self, rng: np.random.Generator, need: int, used: np.ndarray
+        self, rng: np.random.Generator, need: int, used: np.ndarray, n_used: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """`need` distinct patients not in `used` (random order) and one random scan of each -> (rows, patients)."""
+        """`need` distinct patients not marked in `used` ((P,) bool, `n_used` marked), in random order,
+        and one random scan of each -> (rows, patients)."""
         n = len(self.patients)
-        m = min(n, need + len(used))  # enough draws to survive excluding every used patient
+        m = min(n, need + n_used)  # enough draws to survive excluding every used patient
         if m < need:
             return None
         pick = rng.choice(n, size=m, replace=False)
-        if len(used):
-            pick = pick[~np.isin(self.patients[pick], used)]
+        if n_used:
+            pick = pick[~used[self.patients[pick]]]
             if len(pick) < need:
                 return None
             pick = pick[:need]
@@ -67,7 +68,11 @@ class _PatientGroups:
 
 
 class EpisodeSampler:
-    """Samples episodes from one pool (`"train"`, `"val"` or `"test"`) of a split (the `split.json` dict)."""
+    """Samples episodes from one pool (`"train"`, `"val"` or `"test"`) of a split (the `split.json` dict).
+
+    Not thread-safe (it keeps a scratch mask of the patients taken by the episode being drawn): use one
+    sampler per thread; DataLoader worker processes each get their own copy.
+    """
 
     def __init__(
         self,
@@ -84,10 +89,14 @@ class EpisodeSampler:
         self.table = table if table is not None else LabelTable.from_index(index, self.normal)
         pool_lists: dict[str, list[str]] = split["pools"][pool]
         self.conditions = sorted(c for c in pool_lists if c != self.normal)
-        lookup = pd.Index(self.table.scan_keys)
+        names = list(pool_lists)
+        sizes = [len(pool_lists[n]) for n in names]
+        # one lookup for every list of the pool: (sum of list sizes,) rows
+        flat = (
+            self.table.rows_of([k for n in names for k in pool_lists[n]]) if sum(sizes) else np.empty(0, int)
+        )
         self._rows: dict[str, np.ndarray] = {}
-        for name, keys in pool_lists.items():
-            rows = lookup.get_indexer(pd.Index(keys, dtype=object))
+        for name, rows in zip(names, np.split(flat, np.cumsum(sizes)[:-1])):
             if (rows < 0).any():
                 raise DataError(
                     f"split pool '{pool}' / '{name}' names {int((rows < 0).sum())} scan key(s) missing from the "
@@ -99,6 +108,9 @@ class EpisodeSampler:
                 )
             self._rows[name] = rows.astype(np.int64)
         self._groups: dict[tuple[str, frozenset[str]], _PatientGroups] = {}
+        self._used = np.zeros(
+            len(self.table.patient_keys), dtype=bool
+        )  # patients taken by the current episode
 
     def groups(self, cls: str, others: frozenset[str]) -> _PatientGroups:
         """Eligible scans of `cls` in an episode whose other condition classes are `others` (cached)."""
@@ -150,15 +162,22 @@ class EpisodeSampler:
             groups = [self.groups(c, conds - {c}) for c in cls]
             # Scarcest class first, so that patients shared between classes go where they are needed.
             order = sorted(range(len(cls)), key=lambda i: (len(groups[i]), i))
-            used = np.empty(0, dtype=np.int64)
+            used, n_used = self._used, 0  # (P,) scratch mask, cleared below whatever happens
             picked: dict[int, np.ndarray] = {}
-            for i in order:
-                got = groups[i].draw(rng, k + q, used)
-                if got is None:
-                    break
-                picked[i] = got[0]
-                used = np.concatenate([used, got[1]])
-            else:
+            marked: list[np.ndarray] = []
+            try:
+                for i in order:
+                    got = groups[i].draw(rng, k + q, used, n_used)
+                    if got is None:
+                        break
+                    picked[i] = got[0]
+                    used[got[1]] = True
+                    marked.append(got[1])
+                    n_used += len(got[1])
+            finally:
+                for pats in marked:
+                    used[pats] = False
+            if len(picked) == len(cls):
                 keys = self.table.scan_keys
                 return Episode(
                     id=int(episode_id),

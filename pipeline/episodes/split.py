@@ -144,13 +144,22 @@ def build_split(table: LabelTable, cfg: EpisodesConfig) -> tuple[dict, list[str]
             rows_of[name] = rows
             info["pool_images"] = int(len(rows))
             info["pool_patients"] = _n_patients(table.patient_codes[rows])
-            # Patients that can serve this condition in any episode of the configured kinds: with
-            # n_way, a scan must carry no other condition of its split (the strictest class set).
+            # Patients that can serve this condition in an episode of every configured kind. binary:
+            # the multi-label rule against the normal class. n_way: against the n_way - 1 other
+            # conditions of its split that co-occur with it least (the sampler redraws a class set that
+            # cannot be filled). `exclusive_patients`: no other condition of the split at all.
             others = [table.code(n) for n, s in assignment.items() if s == where and n != name]
-            ok = np.ones(len(rows), dtype=bool)
+            per_kind = []
             for kind in cfg.kinds:
-                ok &= eligible(table, rows, j, others if kind == "n_way" else [], cfg.multilabel)
-            info["eligible_patients"] = _n_patients(table.patient_codes[rows[ok]])
+                with_ = []
+                if kind == "n_way" and others:
+                    co = table.findings[rows][:, others].sum(axis=0)  # (len(others),) co-occurring scans
+                    with_ = [others[i] for i in np.argsort(co, kind="stable")[: cfg.n_way - 1]]
+                ok = eligible(table, rows, j, with_, cfg.multilabel)
+                per_kind.append(_n_patients(table.patient_codes[rows[ok]]))
+            info["eligible_patients"] = min(per_kind)
+            ok = eligible(table, rows, j, others, cfg.multilabel)
+            info["exclusive_patients"] = _n_patients(table.patient_codes[rows[ok]])
             if where in used_pools and info["eligible_patients"] < need:
                 short.append(name)
         elif where == "excluded":
@@ -245,7 +254,12 @@ def _shortage_message(
     normal_short: list[str],
     used_pools: list[str],
 ) -> str:
-    rule = "n_way: scans with no other condition of the split" if "n_way" in cfg.kinds else "any scan with it"
+    rule = (
+        "scans fitting the multi-label rule; n_way: against the n_way-1 conditions of the split that "
+        "co-occur with it least"
+        if "n_way" in cfg.kinds
+        else "scans fitting the multi-label rule"
+    )
     lines = [
         f"not enough patients: an episode needs {need} distinct patients per class "
         f"(k_shot {max(cfg.k_shots)} + q_query {cfg.q_query}; one scan per patient per episode). "

@@ -92,9 +92,11 @@ def test_multilabel_rule_depends_on_the_episode_classes() -> None:
     )
     for policy in ("exclusive_in_episode", "single_finding"):
         cfg = EpisodesConfig(**base, kinds=["binary", "n_way"], multilabel=policy)
-        # n_way eligibility is counted conservatively: Hernia with Fibrosis in the split leaves 10 patients
+        # Hernia alone: 10 patients; 20 against Edema (never together), the class set the check uses
         split, _ = build_split(LabelTable.from_index(df, N), cfg)
-        assert split["conditions"]["Hernia"]["eligible_patients"] == 10
+        assert split["conditions"]["Hernia"]["exclusive_patients"] == 10
+        want = 20 if policy == "exclusive_in_episode" else 10
+        assert split["conditions"]["Hernia"]["eligible_patients"] == want
         s = EpisodeSampler(split, df, cfg, "test")
         rng = np.random.default_rng(0)
         patient, labels = _maps(df)
