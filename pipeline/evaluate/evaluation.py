@@ -77,7 +77,7 @@ def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig) -> MethodPlan:
         )
     inner = mm.meta["inner"]
     trained = int(inner.get("eval_steps") or inner["steps"])
-    steps: list[int | None] = list(cfg.meta.steps) if cfg.meta.steps else [trained]
+    steps: list[int | None] = list(sorted(cfg.meta.steps)) if cfg.meta.steps else [trained]
     lr = "learned per-layer/step" if inner.get("learned_lr") else f"{inner.get('lr')}"
     return MethodPlan(
         name,
@@ -119,7 +119,7 @@ def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig, seed: int) ->
         f"gradient descent: head only or whole network, lr in {cfg.finetune.lrs}, steps in {cfg.finetune.steps} "
         "(the better chosen on validation)",
         cands,
-        list(cfg.finetune.steps),
+        list(sorted(cfg.finetune.steps)),
         False,
     )
 
@@ -141,7 +141,7 @@ def _scratch_plan(
         "the same architecture from a random initialization (one draw per seed), trained on the support set "
         f"alone by gradient descent, lr in {cfg.scratch.lrs}, steps in {cfg.scratch.steps}",
         cands,
-        list(cfg.scratch.steps),
+        list(sorted(cfg.scratch.steps)),
         False,
     )
 
@@ -168,6 +168,9 @@ def run(
         )
     spec, in_ch, size = _spec_of(inputs)
     seeds = list(cfg.seeds)
+    max_k: dict[str, int] = {}
+    for kind, k in test_groups:
+        max_k[kind] = max(k, max_k.get(kind, 0))
 
     selection: dict[str, dict[str, dict[str, Any]]] = {}
     outcomes: dict[str, dict[str, dict[str, list[EpisodeOutcome]]]] = {}  # method → seed → group → outs
@@ -196,8 +199,9 @@ def run(
             )
             outcomes.setdefault(plan.name, {}).setdefault(str(seed), {})[gk] = outs
             if first_seed and cfg.curve_episodes > 0:
+                # the k-shot curve (k' = 1..k on the same queries) only for the largest k of each kind
                 curves.setdefault(plan.name, {})[gk] = _curves(
-                    method, test_eps[: cfg.curve_episodes], inputs.load, steps, cfg
+                    method, test_eps[: cfg.curve_episodes], inputs.load, steps, cfg, shots=g[1] == max_k[g[0]]
                 )
         timing[plan.name] = timing.get(plan.name, 0.0) + time.monotonic() - t0
         if on_method_done:
@@ -271,7 +275,7 @@ def _select(
 
 
 def _curves(
-    method: Method, eps: list[Any], load: Loader, steps: int | None, cfg: EvaluateConfig
+    method: Method, eps: list[Any], load: Loader, steps: int | None, cfg: EvaluateConfig, shots: bool = True
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"n_episodes": len(eps), "steps": None, "shots": None}
     if not eps:
@@ -281,9 +285,10 @@ def _curves(
             method, eps, load, list(range(cfg.curve_steps + 1)), desc=f"{method.name} curve vs steps"
         )
         out["steps"] = {str(s): summary.metrics.mean_ci95(v).to_dict() for s, v in by.items()}
-    shots = runner.shot_curve(method, eps, load, steps=steps, desc=f"{method.name} curve vs k")
-    out["shots"] = {str(k): v.to_dict() for k, v in shots.items()}
-    out["shots_steps"] = steps
+    if shots:
+        by_k = runner.shot_curve(method, eps, load, steps=steps, desc=f"{method.name} curve vs k")
+        out["shots"] = {str(k): v.to_dict() for k, v in by_k.items()}
+        out["shots_steps"] = steps
     return out
 
 

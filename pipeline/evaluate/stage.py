@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import load_episodes
 from pipeline.errors import ConfigError, DataError
@@ -91,7 +93,7 @@ def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evalua
     mt = upstream["meta-train"]
     ep = mt.upstream("episodes")
     ing = ep.upstream("ingest")
-    device = pick_device("auto")
+    device = pick_device(cfg.device)
     store = ImageStore.open(ing.artifact("store"))
     return evaluation.Inputs(
         meta_models=_meta_models(mt.artifact("models"), cfg.methods, device),
@@ -135,6 +137,8 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     inputs = load_inputs(cfg, upstream)
     run.log_params(
         {

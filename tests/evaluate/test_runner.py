@@ -170,6 +170,11 @@ def test_gradient_trajectory_equals_separate_fits(world: World) -> None:
     for s in (0, 1, 3):
         direct = m.predict_proba(m.fit(x_s, y_s, 2, steps=s), x_q)
         assert torch.allclose(m.predict_proba(traj[s], x_q), direct, atol=1e-6)
+        # the runner's bookkeeping-free fit gives the engine's fit, parameter for parameter
+        fast = runner.fit(m, x_s, y_s, 2, s)
+        ref = m.fit(x_s, y_s, 2, steps=s)
+        assert all(torch.allclose(fast.params[k], ref.params[k], atol=1e-6) for k in ref.params)
+    assert not torch.allclose(traj[3].params["head.weight"], traj[0].params["head.weight"])
     by = runner.accuracy_by_steps(m, world.test[:4], world.load, [0, 3])
     assert set(by) == {0, 3} and by[0].shape == (4,)
     assert np.allclose(by[0], 0.5)  # zero head: uniform predictions, argmax = class 0 = half the queries
