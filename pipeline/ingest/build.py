@@ -93,17 +93,31 @@ def _worker_prep(cfg: IngestConfig) -> dict[str, Any]:
     return prep
 
 
+def _mp_context() -> Any:
+    """fork when this process runs a single thread (fast: workers inherit the imported decoders);
+    otherwise forkserver, because forking a process with live threads (an MLflow client, a metrics
+    monitor) can deadlock the child on a lock some thread held at fork time."""
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        import PIL.Image  # noqa: F401  (imported once here, shared by every forked worker)
+
+        import pipeline.ingest.dicom_read  # noqa: F401
+
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["pipeline.ingest.worker", "pipeline.ingest.dicom_read", "PIL.Image"])
+    return ctx
+
+
 def _pool_map(tasks: list[Task], workers: int, desc: str) -> Iterator[dict[str, Any]]:
     """Results in task order; decoding spread over `workers` processes (1 = in this process)."""
     if workers <= 1 or len(tasks) < MIN_PARALLEL_TASKS:
         yield from progress(map(run_task, tasks), total=len(tasks), desc=desc)
         return
-    # forkserver: workers do not inherit this process's threads/sockets (MLflow's SQLite connection)
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        # import the decoders once in the server; each worker then forks with them loaded
-        ctx.set_forkserver_preload(["pipeline.ingest.worker", "pipeline.ingest.dicom_read", "PIL.Image"])
+    ctx = _mp_context()
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
     with ctx.Pool(workers) as pool:
         try:
