@@ -255,8 +255,8 @@ def modality_frames(ds: Dataset) -> tuple[np.ndarray, bool]:
     """
     check_image_object(ds)
     check_decodable(ds)
-    arr = _native_grey(ds)
     try:
+        arr = _native_grey(ds)
         if arr is None:
             arr = ds.pixel_array  # pydicom 3 converts YBR_FULL(_422) to RGB by default
     except (

@@ -42,6 +42,9 @@ class StoreWriter:
     def __init__(self, store_dir: Path, item_shape: tuple[int, ...]):
         self.dir = Path(store_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # leftovers of an ingest that was killed (SIGKILL skips cleanup): never part of a store
+        for stale in self.dir.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
         self.item_shape = tuple(item_shape)
         self.n = 0
         self._raw_path = self.dir / f".images.raw.tmp-{os.getpid()}"

@@ -168,3 +168,59 @@ def test_parallel_decode_equals_serial(tmp_path: Path, monkeypatch: pytest.Monke
     np.testing.assert_array_equal(
         np.load(tmp_path / "a/store/images.npy"), np.load(tmp_path / "b/store/images.npy")
     )
+
+
+KILL_CHILD = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from pipeline.ingest import store as store_mod
+from pipeline.ingest.build import build_store
+from tests.ingest.helpers import manifest
+real = store_mod.StoreWriter.append
+calls = []
+def slow_append(self, block):
+    calls.append(1)
+    if len(calls) == 3:
+        Path({marker!r}).write_text("mid-write")
+        time.sleep(60)
+    return real(self, block)
+store_mod.StoreWriter.append = slow_append
+build_store(manifest(Path({study!r}), cache_dir=None, preprocess={{"image_size": [8, 8]}}), Path({out!r}))
+"""
+
+
+def test_killed_ingest_leaves_previous_store_intact(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_study(tmp_path / "s")
+    build_store(manifest(tmp_path / "s", cache_dir=None), tmp_path / "out")
+    store = tmp_path / "out" / "store"
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    marker = tmp_path / "marker"
+    repo = str(Path(__file__).resolve().parents[2])
+    code = KILL_CHILD.format(
+        repo=repo, marker=str(marker), study=str(tmp_path / "s"), out=str(tmp_path / "out")
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "the child ingest ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)  # no cleanup handlers run
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert any(p.name.startswith(".images.raw.tmp-") for p in store.iterdir())  # killed mid-write
+    kept = {p.name: p.read_bytes() for p in store.iterdir() if not p.name.startswith(".")}
+    assert kept == before
+    assert ImageStore.open(store).images.shape == (12, 1, 16, 16)
+    build_store(manifest(tmp_path / "s", cache_dir=None), tmp_path / "out")  # next ingest sweeps leftovers
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]
