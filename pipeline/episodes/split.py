@@ -19,6 +19,7 @@ episode), and under the normal label every scan whose labels are exactly the nor
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -140,6 +141,7 @@ def build_split(table: LabelTable, cfg: EpisodesConfig) -> tuple[dict, list[str]
         info: dict = {"split": where, "images": int(images[j]), "patients": int(patients[j])}
         if where in POOLS:
             p = POOLS.index(where)
+            info["pool"] = where  # stays when the condition is dropped: where its patients are
             rows = np.flatnonzero(table.findings[:, j] & (scan_pool == p))
             rows_of[name] = rows
             info["pool_images"] = int(len(rows))
@@ -192,7 +194,13 @@ def build_split(table: LabelTable, cfg: EpisodesConfig) -> tuple[dict, list[str]
         info["split"] = "dropped"
         warnings.append(f"dropped condition '{name}': {info['reason']}")
 
-    _check_enough_conditions(conditions, cfg, used_pools)
+    _check_enough_conditions(
+        conditions,
+        cfg,
+        used_pools,
+        short,
+        lambda: _count_table(conditions, normal, need, cfg, short, [], used_pools),
+    )
 
     def keys(rows: np.ndarray) -> list[str]:  # sorted by scan key: split.json ignores the index row order
         return table.scan_keys[rows[np.argsort(table.scan_rank[rows])]].tolist()
@@ -223,7 +231,13 @@ def build_split(table: LabelTable, cfg: EpisodesConfig) -> tuple[dict, list[str]
     return split, warnings
 
 
-def _check_enough_conditions(conditions: dict[str, dict], cfg: EpisodesConfig, used_pools: list[str]) -> None:
+def _check_enough_conditions(
+    conditions: dict[str, dict],
+    cfg: EpisodesConfig,
+    used_pools: list[str],
+    dropped: list[str],
+    table: Callable[[], list[str]],
+) -> None:
     for pool in used_pools:
         names = [n for n, i in conditions.items() if i["split"] == pool]
         want = cfg.n_way if "n_way" in cfg.kinds else 1
@@ -234,15 +248,51 @@ def _check_enough_conditions(conditions: dict[str, dict], cfg: EpisodesConfig, u
                 "val": "list conditions under episodes.split.validation (or set val_episodes: 0)",
                 "test": "list conditions under episodes.split.rare or set episodes.split.rare_below_patients",
             }[pool]
-            dropped = [
-                n for n, i in conditions.items() if i.get("reason", "").endswith(f"q_query {cfg.q_query})")
-            ]
-            extra = f" (dropped for too few patients: {', '.join(dropped)})" if dropped else ""
+            lost = [n for n in dropped if conditions[n].get("pool") == pool]
+            extra = f" ({', '.join(lost)} dropped for too few patients)" if lost else ""
+            need = f"n_way episodes need {cfg.n_way}" if "n_way" in cfg.kinds else "episodes need 1"
+            lower = ", lower episodes.n_way" if "n_way" in cfg.kinds else ""
             raise DataError(
-                f"the {what} split has {len(names)} usable condition(s) {names}{extra}, "
-                f"but {'n_way episodes need ' + str(cfg.n_way) if 'n_way' in cfg.kinds else 'episodes need 1'}: "
-                f"{fix}{', or lower episodes.n_way' if 'n_way' in cfg.kinds else ''}"
+                f"the {what} split has {len(names)} usable condition(s) {names}{extra}, but {need}: "
+                f"{fix}{lower}, or lower k_shot / q_query.\n" + "\n".join(table())
             )
+
+
+def _count_table(
+    conditions: dict[str, dict],
+    normal: dict[str, dict],
+    need: int,
+    cfg: EpisodesConfig,
+    short: list[str],
+    normal_short: list[str],
+    used_pools: list[str],
+) -> list[str]:
+    """Every condition's patient counts against what an episode needs, one line each (scarcest first)."""
+    lines = [
+        f"  {'condition':<24} {'pool':<8} {'patients':>8} {'in pool':>8} {'eligible':>8} {'needed':>6}  status"
+    ]
+    for name, info in sorted(conditions.items(), key=lambda kv: (kv[1].get("eligible_patients", -1), kv[0])):
+        if "eligible_patients" in info:
+            pool = info["pool"]
+            status = "TOO FEW" if name in short else ("ok" if pool in used_pools else "unused pool")
+            if name in short and info["split"] == "dropped":
+                status = "TOO FEW, dropped"
+            lines.append(
+                f"  {name:<24} {pool:<8} {info['patients']:>8} {info['pool_patients']:>8} "
+                f"{info['eligible_patients']:>8} {need:>6}  {status}"
+            )
+        else:
+            lines.append(
+                f"  {name:<24} {'-':<8} {info['patients']:>8} {'-':>8} {'-':>8} {'-':>6}  {info['reason']}"
+            )
+    if "binary" in cfg.kinds:
+        for pool, n in normal.items():
+            status = "TOO FEW" if pool in normal_short else ("ok" if pool in used_pools else "unused pool")
+            label = f"(normal, {pool} pool)"
+            lines.append(
+                f"  {label:<24} {pool:<8} {'':>8} {n['patients']:>8} {n['patients']:>8} {need:>6}  {status}"
+            )
+    return lines
 
 
 def _shortage_message(
@@ -264,26 +314,8 @@ def _shortage_message(
         f"not enough patients: an episode needs {need} distinct patients per class "
         f"(k_shot {max(cfg.k_shots)} + q_query {cfg.q_query}; one scan per patient per episode). "
         f"Eligible patients count {rule}.",
-        f"  {'condition':<24} {'split':<8} {'patients':>8} {'in pool':>8} {'eligible':>8} {'needed':>6}  status",
+        *_count_table(conditions, normal, need, cfg, short, normal_short, used_pools),
     ]
-    for name, info in sorted(conditions.items(), key=lambda kv: (kv[1].get("eligible_patients", -1), kv[0])):
-        if "eligible_patients" in info:
-            status = "TOO FEW" if name in short else ("ok" if info["split"] in used_pools else "unused pool")
-            lines.append(
-                f"  {name:<24} {info['split']:<8} {info['patients']:>8} {info['pool_patients']:>8} "
-                f"{info['eligible_patients']:>8} {need:>6}  {status}"
-            )
-        else:
-            lines.append(
-                f"  {name:<24} {'-':<8} {info['patients']:>8} {'-':>8} {'-':>8} {'-':>6}  {info['split']}"
-            )
-    if "binary" in cfg.kinds:
-        for pool, n in normal.items():
-            status = "TOO FEW" if pool in normal_short else "ok"
-            label = f"(normal, {pool} pool)"
-            lines.append(
-                f"  {label:<24} {pool:<8} {'':>8} {n['patients']:>8} {n['patients']:>8} {need:>6}  {status}"
-            )
     fixes = "lower k_shot / q_query, move the condition to another split"
     if short:
         fixes += ", or set episodes.on_insufficient: drop to drop it with a warning"

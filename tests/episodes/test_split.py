@@ -211,3 +211,22 @@ def test_pools_are_patient_disjoint_on_random_indices(case) -> None:
                 assert labels[k] == N if name == N else name in labels[k].split("|")
             if name != N:
                 assert split["conditions"][name]["split"] == pool
+
+
+def test_drop_mode_that_empties_a_split_fails_with_the_table() -> None:
+    rows = patients(30, "Effusion", 0) + patients(30, "Mass", 100) + patients(5, "Hernia", 200)
+    rows += patients(100, N, 1000)
+    cfg = EpisodesConfig(
+        split={"rare": ["Hernia"]},
+        kinds=["binary"],
+        k_shot=2,
+        q_query=4,
+        val_episodes=0,
+        on_insufficient="drop",
+    )
+    with pytest.raises(DataError) as err:
+        build_split(_table(index_from_rows(rows)), cfg)
+    msg = str(err.value)
+    assert "rare (meta-test) split has 0 usable condition(s) [] (Hernia dropped for too few patients)" in msg
+    hernia = next(line for line in msg.splitlines() if line.strip().startswith("Hernia"))
+    assert "TOO FEW, dropped" in hernia and " 5 " in hernia
