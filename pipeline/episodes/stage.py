@@ -7,6 +7,7 @@ store never downloads the image array for this stage.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from typing import Any
 
@@ -115,6 +116,23 @@ def split_metrics(split: dict[str, Any], n_val: int, n_test: int) -> tuple[dict[
     return params, metrics
 
 
+_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def pool_tables(split: dict[str, Any], index: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
+    """Per pool, the scans its lists name (scan_key, patient_key, labels, pool; salted keys only, no
+    PHI) and a content digest, for MLflow dataset inputs (training / validation / testing)."""
+    out: dict[str, tuple[pd.DataFrame, str]] = {}
+    cols = [c for c in ("scan_key", "patient_key", "labels") if c in index.columns]
+    for pool, lists in split["pools"].items():
+        keys = sorted({k for lst in lists.values() for k in lst})
+        df = index.loc[index["scan_key"].isin(keys), cols].sort_values("scan_key").reset_index(drop=True)
+        df["pool"] = pool
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        out[pool] = (df, digest)
+    return out
+
+
 def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
     up = upstream["ingest"]
     meta = up.read_json("store/store.json")
@@ -130,6 +148,8 @@ def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]
     params["normal_label"] = built.split["normal_label"]
     run.log_params(params)
     run.log_metrics(metrics)
+    for pool, (df, digest) in pool_tables(built.split, index).items():
+        run.log_dataset(df, name=f"split-{pool}", digest=digest, context=_CONTEXT[pool], source="split.json")
     failed = [c for c in built.audit["checks"] if not c["passed"]]
     metrics["leakage_checks_failed"] = len(failed)
     if failed:

@@ -25,12 +25,16 @@ class FakeRun:
         self.params: dict[str, Any] = {}
         self.metrics: dict[str, float] = {}
         self.artifacts: list[Path] = []
+        self.datasets: dict[str, tuple[Any, str, str]] = {}
 
     def log_params(self, d: dict[str, Any]) -> None:
         self.params.update(d)
 
     def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
         self.metrics.update(d)
+
+    def log_dataset(self, df: Any, name: str, digest: str, context: str, source: str | None = None) -> None:
+        self.datasets[name] = (df, digest, context)
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.artifacts.append(Path(local_path))
@@ -88,6 +92,15 @@ def test_execute_writes_the_contract_outputs(tmp_path: Path) -> None:
     assert run.metrics["patients.Hernia"] == split["conditions"]["Hernia"]["patients"]
     assert run.metrics["pool_patients.test"] == split["pool_patients"]["test"]
     assert run.metrics["episodes.test"] == len(test)
+    # each pool is an MLflow dataset input: training / validation / testing, salted keys only
+    assert {n: v[2] for n, v in run.datasets.items()} == {
+        "split-train": "training",
+        "split-val": "validation",
+        "split-test": "testing",
+    }
+    test_df = run.datasets["split-test"][0]
+    assert list(test_df.columns) == ["scan_key", "patient_key", "labels", "pool"]
+    assert set(test_df["scan_key"]) == {k for lst in split["pools"]["test"].values() for k in lst}
     assert "3 rare conditions" in result.summary and "leakage audit passed" in result.summary
     # meta-train can rebuild the on-the-fly sampler from the artifacts alone
     import pandas as pd
@@ -161,3 +174,6 @@ def test_stage_through_mlflow(tmp_store: Path) -> None:
     assert ep_run.read_json("leakage_audit.json")["passed"] is True
     assert len(load_episodes(ep_run.artifact("episodes/test.jsonl"))) == 40
     assert ep_run.params["condition.Hernia"] == "test"
+    inputs = tracking.client().get_run(outcome.run_id).inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.value for t in i.tags if t.key == "mlflow.data.context"} for i in inputs}
+    assert contexts == {"split-train": {"training"}, "split-val": {"validation"}, "split-test": {"testing"}}
