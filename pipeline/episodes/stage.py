@@ -144,14 +144,14 @@ def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]
         log(f"WARNING: {w}")
     paths = write_outputs(built, run.outdir)
 
+    failed = [c for c in built.audit["checks"] if not c["passed"]]
     params, metrics = split_metrics(built.split, len(built.val), len(built.test))
     params["normal_label"] = built.split["normal_label"]
+    metrics["leakage_checks_failed"] = len(failed)
     run.log_params(params)
     run.log_metrics(metrics)
     for pool, (df, digest) in pool_tables(built.split, index).items():
         run.log_dataset(df, name=f"split-{pool}", digest=digest, context=_CONTEXT[pool], source="split.json")
-    failed = [c for c in built.audit["checks"] if not c["passed"]]
-    metrics["leakage_checks_failed"] = len(failed)
     if failed:
         # Upload the audit now: a failing stage uploads nothing else, and this file is the evidence.
         run.log_artifact(paths["audit"])

@@ -138,6 +138,7 @@ def test_failed_audit_uploads_the_audit_and_fails(tmp_path: Path, monkeypatch: p
     with pytest.raises(LeakageError, match="leakage audit failed"):
         stage.execute(small_cfg(), run, {"ingest": FakeIngest(root)})  # type: ignore[arg-type]
     assert run.artifacts == [run.outdir / "leakage_audit.json"]
+    assert run.metrics["leakage_checks_failed"] == 1
 
 
 def test_command_line_options_become_overrides() -> None:
