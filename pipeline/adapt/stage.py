@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from importlib import metadata
@@ -43,7 +42,8 @@ from pipeline.adapt.support import (
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import metrics as M
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
-from pipeline.meta.methods import Adapted, FewShotMethod
+from pipeline.meta import inner
+from pipeline.meta.methods import Adapted, FewShotMethod, GradientMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
@@ -211,15 +211,35 @@ def scan_spec(mm: MetaModel, facts: dict[str, Any]) -> ScanSpec:
 def fit_curve(
     method: FewShotMethod, x: torch.Tensor, y: torch.Tensor, n_way: int, steps: int
 ) -> list[Adapted]:
-    """States after 0..steps inner steps of one adaptation (one run when the method offers a trajectory)."""
+    """States after 0..steps inner steps of ONE adaptation run; the last one is the adapted model.
+
+    Uses the method's `fit_trajectory` when it has one (the evaluate runner's optional protocol). For the
+    engine's `GradientMethod` it asks the one inner loop for its trajectory (`inner.adapt(...,
+    trajectory=True)`), with exactly the arguments `GradientMethod.fit` passes, so the curve costs one
+    adaptation instead of steps*(steps+1)/2 inner steps. ProtoNet has no inner steps: one state.
+    """
     traj = getattr(method, "fit_trajectory", None)
     if traj is not None:
         return list(traj(x, y, n_way, steps))
-    if getattr(method, "name", "") == "protonet":
-        return [method.fit(x, y, n_way)]
-    # Fallback: one inner-loop call per step count. Deterministic, so state s equals the s-th state of a
-    # single run; costs steps*(steps+1)/2 inner steps (small for few-shot step counts).
-    return [method.fit(x, y, n_way, steps=s) for s in range(steps + 1)]
+    if isinstance(method, GradientMethod):
+        device = next(iter(method.params.values())).device
+        xs, ys = x.to(device), y.to(device)
+        with torch.enable_grad():
+            p0 = method.model.task_params(n_way, method.params)
+            states = inner.adapt(
+                method.model,
+                p0,
+                xs,
+                ys,
+                steps=steps,
+                lr=method.lr,
+                second_order=False,
+                trainable=method.trainable,
+                trajectory=True,
+            )
+        assert isinstance(states, list)
+        return [Adapted(n_way=n_way, params={k: v.detach() for k, v in st.items()}) for st in states]
+    return [method.fit(x, y, n_way, steps=steps)]
 
 
 def _nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -312,16 +332,15 @@ def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -
     method = mm.method(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size)
     steps = int(cfg.steps if cfg.steps is not None else getattr(method, "steps", 0))
     n_way = len(classes)
+    # torch.func.grad imports torch._dynamo lazily on its first call (1-5 s on this machine): a load cost,
+    # paid here so that adapt_seconds is the adaptation's compute (stage_seconds still includes it).
+    import torch._dynamo  # noqa: F401
+
     torch.manual_seed(cfg.seed)  # nothing in the MAML family samples here; explicit for any method that does
     t0 = time.perf_counter()
-    if hasattr(method, "fit_trajectory"):
-        states = fit_curve(method, support.x, support.y, n_way, steps)
-        adapted = states[-1]
-        adapt_seconds = time.perf_counter() - t0
-    else:
-        adapted = method.fit(support.x, support.y, n_way, steps=steps)
-        adapt_seconds = time.perf_counter() - t0
-        states = fit_curve(method, support.x, support.y, n_way, steps)
+    states = fit_curve(method, support.x, support.y, n_way, steps)
+    adapted = states[-1]
+    adapt_seconds = time.perf_counter() - t0
     y_s = support.y.numpy()
     clf = AdaptedClassifier(mm, method, adapted, classes, spec, card={})
     for s, st in enumerate(states):
@@ -440,7 +459,7 @@ def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -
         f"adapted {method_name} to '{condition}' from {len(support.keys)} scans ({k}{rej}) in {steps} steps, "
         f"{adapt_seconds:.2f} s{q}; registered {reg_name} v{version} -> {model_uri}"
     )
-    print(f"local report (clear paths, not in MLflow): {local_path}", file=sys.stderr)
+    log(f"adapt: local report with clear file paths (never uploaded): {local_path}")
     return StageResult(summary=summary, metrics=headline)
 
 

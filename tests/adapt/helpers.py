@@ -22,8 +22,9 @@ CONDITION = "Hernia"
 TRAIN_PATTERNS = ("bar_h", "bar_v", "square", "cross")
 
 
-def preprocessing(size: int = SIZE) -> dict[str, Any]:
+def preprocessing(size: int | None = None) -> dict[str, Any]:
     """The `preprocessing` dict an ingest of these scans records (as pipeline.ingest.build does)."""
+    size = size or SIZE
     from pipeline.ingest.manifest import PreprocessConfig
     from pipeline.ingest.preprocess import PREPROCESS_VERSION
 
@@ -33,8 +34,9 @@ def preprocessing(size: int = SIZE) -> dict[str, Any]:
     return prep
 
 
-def render(pattern: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+def render(pattern: str, rng: np.random.Generator, size: int | None = None) -> np.ndarray:
     """(size, size) float in [0, 1]: smooth background + noise, plus the pattern (none for 'normal')."""
+    size = size or SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     img = 0.3 + 0.1 * (yy / size) + rng.normal(0, 0.06, (size, size))
     cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)

@@ -167,3 +167,21 @@ def test_meta_model_folder_missing_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a meta-model folder"):
         load_meta_model(tmp_path / "m")
     shutil.rmtree(tmp_path / "m")
+
+
+def test_the_logged_curve_is_one_adaptation_run_ending_in_the_fitted_model(
+    meta_model_dir: Path, sets: dict[str, Path]
+) -> None:
+    mm = load_meta_model(meta_model_dir)
+    s = load_labelled(list_labelled(sets["support"]), CLASSES, _spec(), SALT)
+    method = mm.method(steps=4)
+    states = fit_curve(method, s.x, s.y, 2, 4)
+    assert len(states) == 5
+    fitted = method.fit(s.x, s.y, 2)
+    assert states[-1].params is not None and fitted.params is not None
+    for k, v in fitted.params.items():
+        torch.testing.assert_close(states[-1].params[k], v)
+    two = method.fit(s.x, s.y, 2, steps=2)
+    assert two.params is not None
+    for k, v in two.params.items():
+        torch.testing.assert_close(states[2].params[k], v)

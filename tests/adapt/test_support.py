@@ -218,3 +218,28 @@ def test_command_line_options_map_onto_the_config() -> None:
         "maml",
         None,
     )
+
+
+def test_fingerprint_inputs_follow_the_sets_content(
+    sets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.adapt.stage import fingerprint_inputs
+
+    monkeypatch.chdir(tmp_path)
+    d = copy_set(sets["support"], tmp_path / "s")
+    cfg = validate({"support": str(d)}, AdaptConfig, "t")
+    before = fingerprint_inputs(cfg)
+    assert before == fingerprint_inputs(cfg) and before["query"] is None
+    h.write_dicom(
+        d / h.CONDITION / "new.dcm", h.render("disc", np.random.default_rng(9)), patient_id="SYN55555"
+    )
+    assert fingerprint_inputs(cfg)["support"] != before["support"]  # `fewscan run` must re-adapt
+
+
+def test_primary_method_is_the_first_configured_one_with_a_model() -> None:
+    from pipeline.adapt.stage import _primary_method
+
+    assert _primary_method({"methods": '["maml", "protonet"]'}, ["maml", "protonet"]) == "maml"
+    assert _primary_method({"methods": '["anil", "protonet"]'}, ["protonet"]) == "protonet"
+    assert _primary_method({}, ["maml"]) == "maml"
+    assert _primary_method({}, ["maml", "protonet"]) is None
