@@ -322,6 +322,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             for rel, f in files.items():
                 if f["status"] == "rejected":
                     table.lookup(rel, {})
+                    if dims == 3 and "/" in rel:  # a rejected slice: its series folder has the row
+                        table.lookup(str(PurePosixPath(rel).parent), {})
         label_rows_missing = table.unused() if table is not None else []
         reasons = Counter(f["reason"] for f in files.values() if f["status"] == "rejected")
         if label_rows_missing:

@@ -127,7 +127,11 @@ def test_3d_ingest_groups_series_labels_by_folder_and_rejects_duplicates(tmp_pat
     dup = tmp_path / "scans" / "P1" / "SER_A" / "copy_of_first"
     dup.write_bytes(a[0].read_bytes())  # same SOPInstanceUID twice in one series
     (tmp_path / "scans" / "P1" / "SER_A" / "report.txt").write_text("not an image")
-    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels\nSER_A,Mass\nSER_B,No Finding\n")
+    c = _series(tmp_path / "scans" / "P2" / "SER_C", [float(z) for z in range(3)], rng)
+    c[1].write_bytes(c[1].read_bytes()[:-100])  # one truncated slice spoils its series
+    (tmp_path / "labels.csv").write_text(
+        "Image Index,Finding Labels\nSER_A,Mass\nSER_B,No Finding\nSER_C,Mass\n"
+    )
     cfg = IngestConfig.model_validate({
         "name": "ct", "scans": {"root": str(tmp_path / "scans")}, "workers": 1,
         "labels": {"path": str(tmp_path / "labels.csv"), "key_column": "Image Index", "label_column": "Finding Labels"},
@@ -135,7 +139,8 @@ def test_3d_ingest_groups_series_labels_by_folder_and_rejects_duplicates(tmp_pat
     })  # fmt: skip
     s = build_store(cfg, tmp_path / "out")
     assert s.n_images == 2 and s.label_counts == {"Mass": 1, "No Finding": 1}
-    assert s.reasons == {"duplicate_sop_instance": 1, "unreadable": 1}
+    # SER_C: its 3 slices rejected as unreadable, and its label row is not a "label for a missing file"
+    assert s.reasons == {"duplicate_sop_instance": 1, "unreadable": 4}
     assert list(s.index["source_format"]) == ["dicom_series"] * 2 and s.meta["spatial_dims"] == 3
     assert sorted(s.index["orig_shape"]) == ["4x16x16", "5x16x16"]
     images = np.load(tmp_path / "out" / "store" / "images.npy", mmap_mode="r")
