@@ -26,6 +26,7 @@ def make_dicom(
     sop_class: str = SecondaryCaptureImageStorage,
     preamble: bool = True,
     compress_rle: bool = False,
+    compress: str | None = None,
     **attrs: Any,
 ) -> Path:
     """Write `pixels` ((H, W) or (F, H, W) uint16/int16/uint8) as a DICOM file with fake identifiers."""
@@ -58,11 +59,12 @@ def make_dicom(
         ds.NumberOfFrames = frames
     for k, v in attrs.items():
         setattr(ds, k, v)
-    if compress_rle:
+    ds.HighBit = ds.BitsStored - 1
+    if compress_rle or compress:
         from pydicom.uid import RLELossless
 
         ds.PixelData = pixels.tobytes()
-        ds.compress(RLELossless, pixels)
+        ds.compress(compress or RLELossless, pixels)
     else:
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)

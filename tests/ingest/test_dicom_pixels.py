@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import BasicTextSRStorage, CTImageStorage, JPEGLosslessSV1
+from pydicom.uid import BasicTextSRStorage, CTImageStorage, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
 
 from pipeline.ingest import reasons as R
 from pipeline.ingest.reasons import Rejected
@@ -82,6 +82,22 @@ def test_rle_decodes_to_the_same_pixels(tmp_path: Path, ramp: np.ndarray, prep2d
     assert raw.read_bytes() != rle.read_bytes()
     prep = _same_size(prep2d, 40, 60)
     np.testing.assert_array_equal(_decode(raw, prep)[0], _decode(rle, prep)[0])
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless])
+def test_lossless_jpeg_family_decodes_to_the_same_pixels(tmp_path: Path, prep2d: dict, syntax: str) -> None:
+    px = np.random.default_rng(1).integers(0, 4096, (40, 60), dtype=np.uint16)
+    ref = make_dicom(tmp_path / "raw", px, BitsStored=12)
+    comp = make_dicom(tmp_path / "comp", px, compress=syntax, BitsStored=12)
+    assert pydicom_ts(comp) == syntax
+    prep = _same_size(prep2d, 40, 60)
+    np.testing.assert_array_equal(_decode(ref, prep)[0], _decode(comp, prep)[0])
+
+
+def pydicom_ts(p: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
 
 def test_multiframe_split_first_and_volume(tmp_path: Path, prep2d: dict) -> None:
@@ -159,3 +175,19 @@ def test_truncated_file_is_unreadable(tmp_path: Path, ramp: np.ndarray, prep2d: 
     with pytest.raises(Rejected) as e:
         decode_file(p, "dicom", b"\x08\x00\x05\x00garbage", prep2d)
     assert e.value.reason == R.UNREADABLE
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+def test_native_fast_path_matches_pydicom_including_unused_high_bits(tmp_path: Path, dtype: type) -> None:
+    import pydicom
+
+    from pipeline.ingest.dicom_read import _native_grey
+
+    rng = np.random.default_rng(2)
+    px = rng.integers(0, 1 << 16, (3, 8, 8), dtype=np.uint16).view(dtype)  # high bits hold garbage
+    p = make_dicom(tmp_path / "n", px, BitsStored=12)
+    ds = pydicom.dcmread(p)
+    fast = _native_grey(ds)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, ds.pixel_array)  # pydicom masks/sign-extends the same way
+    assert fast.min() >= (-2048 if dtype is np.int16 else 0) and fast.max() < 4096

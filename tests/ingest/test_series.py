@@ -145,3 +145,15 @@ def test_3d_ingest_groups_series_labels_by_folder_and_rejects_duplicates(tmp_pat
     assert sorted(s.index["orig_shape"]) == ["4x16x16", "5x16x16"]
     images = np.load(tmp_path / "out" / "store" / "images.npy", mmap_mode="r")
     assert images.shape == (2, 1, 8, 16, 16)
+
+
+def test_multiframe_kept_as_a_volume_in_3d(tmp_path: Path) -> None:
+    from pipeline.ingest.worker import decode_file
+
+    frames = np.stack([np.full((16, 16), 10 * i, np.uint16) for i in range(8)])
+    p = make_dicom(tmp_path / "enh", frames, Modality="CT", PixelSpacing=[1.0, 1.0], SpacingBetweenSlices=1.0)
+    ((vol, facts),) = decode_file(p, "dicom", p.read_bytes(), _prep(multiframe="volume"))
+    assert vol.shape == (1, 8, 16, 16) and facts["orig_shape"] == [8, 16, 16]
+    np.testing.assert_allclose(
+        vol[0, :, 8, 8].astype(np.float32), np.arange(8) / 7, atol=2e-3
+    )  # frame order kept
