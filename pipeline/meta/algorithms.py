@@ -14,13 +14,17 @@ MAML++ (Antoniou et al. 2019: LSLR, multi-step loss, derivative-order annealing)
 
 `MetaLearner` is an `nn.Module` holding the network and the learned inner learning rates, so one
 optimizer and one `state_dict` cover everything the outer loop learns. Its `meta_loss` maps a stacked
-meta-batch (tasks, ...) to the mean query loss; the tasks are batched with `torch.func.vmap` (one
-functional inner loop per task, all at once), or looped when checkpointing.
+meta-batch (tasks, ...) to the mean query loss; the tasks run batched with `torch.func.vmap` (GPUs),
+spread over CPU worker threads, or in a loop (see `MetaLearner.task_mode` and benchmarks/RESULTS_engine.md
+for why vmap is not the CPU default).
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,7 +58,11 @@ class InnerConfig(StrictModel):
     checkpoint: bool = Field(
         default=False, description="memory-bounded second order: recompute inner steps in backward"
     )
-    vmap: bool = Field(default=True, description="batch the tasks of a meta-batch with torch.func.vmap")
+    tasks: Literal["auto", "vmap", "loop", "threads"] = Field(
+        default="auto",
+        description="how the tasks of a meta-batch run: auto (vmap on CUDA, CPU worker threads when torch has "
+        "more than one thread, else a loop), vmap, loop, threads",
+    )
 
 
 class MAMLPlusPlusConfig(StrictModel):
@@ -131,6 +139,16 @@ def multi_step_weights(steps: int, progress: float, anneal: float) -> list[float
     return w + [1.0 - sum(w)]
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool per worker count (threads are reused across steps and learners)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fewscan-task")
+    return _POOLS[workers]
+
+
 def _lr_key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys may not contain dots
 
@@ -142,6 +160,7 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.model, self.algo, self.inner = model, algo, inner
         self.lr_params = nn.ParameterDict()
+        self._replicas = threading.local()  # per-thread copies of the network structure (threads mode)
         names = self.adapted_names()
         if algo.learned_lr == "per_param":
             for k in names:
@@ -177,63 +196,125 @@ class MetaLearner(nn.Module):
         return self.algo.second_order and progress >= self.algo.derivative_order_anneal
 
     # ---------------------------------------------------------------------------------- objective
+    def task_mode(self, device: torch.device, progress: float = 1.0) -> str:
+        """How the tasks of a meta-batch are run: `vmap` (one batched program; GPUs), `loop`, or `threads`
+        (tasks spread over CPU worker threads, one intra-op thread each). `auto` = vmap on CUDA, threads on
+        a multi-threaded CPU, else loop. Checkpointed second order cannot run under vmap (loop instead)."""
+        mode = self.inner.tasks
+        if mode == "auto":
+            if device.type == "cuda":
+                mode = "vmap"
+            else:
+                mode = "threads" if torch.get_num_threads() > 1 else "loop"
+        if (
+            mode == "vmap"
+            and self.algo.is_gradient
+            and self.inner.checkpoint
+            and self.second_order_at(progress)
+        ):
+            mode = "loop"
+        return mode
+
+    def _task_fn(self, net: FewShotNet, n_way: int, progress: float) -> Callable[..., tuple[Tensor, Tensor]]:
+        """(x_s, y_s, x_q, y_q) of ONE task -> (query loss, accuracy), run through `net`'s structure with the
+        meta-parameters of `self.model` (so a replica of the network can run it in another thread)."""
+        meta = self.model.meta_parameters()
+        if not self.algo.is_gradient:
+            return lambda xs, ys, xq, yq: protonet.episode_loss(net, meta, xs, ys, xq, yq, n_way)
+        lr = self.inner_lr()
+        so = self.second_order_at(progress)
+        steps = self.inner.steps
+        weights = (
+            multi_step_weights(steps, progress, self.algo.msl_anneal) if self.algo.multi_step_loss else []
+        )
+        trainable = None if self.algo.trainable == "all" else self.adapted_names()
+        ck = self.inner.checkpoint and so
+
+        def fn(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+            p0 = net.task_params(n_way, meta)
+            traj = adapt(
+                net,
+                p0,
+                xs,
+                ys,
+                steps=steps,
+                lr=lr,
+                second_order=so,
+                trainable=trainable,
+                checkpoint=ck,
+                trajectory=True,
+            )
+            assert isinstance(traj, list)
+            logits = forward(net, traj[-1], xq)  # (n_q, n_way)
+            loss = F.cross_entropy(logits, yq)
+            if weights:
+                # multi-step loss: the query loss after every inner step, weighted (last one above).
+                loss = weights[-1] * loss
+                for w, p in zip(weights[:-1], traj[1:-1]):
+                    loss = loss + w * F.cross_entropy(forward(net, p, xq), yq)
+            acc = (logits.argmax(-1) == yq).float().mean()
+            return loss, acc
+
+        return fn
+
     def meta_loss(
         self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, n_way: int, progress: float = 1.0
     ) -> tuple[Tensor, Tensor]:
-        """Mean query loss and accuracy over a meta-batch.
+        """Mean query loss and accuracy over a meta-batch, differentiable (vmap or loop over tasks).
 
         x_s (T, n_way*k, C, *spatial), y_s (T, n_way*k), x_q (T, n_way*q, C, *spatial), y_q (T, n_way*q);
         `progress` in [0, 1] drives MAML++'s annealing (deterministic in the step, so resume is exact).
         """
-        meta = self.model.meta_parameters()
-        if not self.algo.is_gradient:
-            fn: Callable[..., tuple[Tensor, Tensor]] = lambda xs, ys, xq, yq: protonet.episode_loss(  # noqa: E731
-                self.model, meta, xs, ys, xq, yq, n_way
-            )
-        else:
-            lr = self.inner_lr()
-            so = self.second_order_at(progress)
-            steps = self.inner.steps
-            weights = (
-                multi_step_weights(steps, progress, self.algo.msl_anneal) if self.algo.multi_step_loss else []
-            )
-            trainable = None if self.algo.trainable == "all" else self.adapted_names()
-            ck = self.inner.checkpoint and so
-
-            def fn(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-                p0 = self.model.task_params(n_way, meta)
-                traj = adapt(
-                    self.model,
-                    p0,
-                    xs,
-                    ys,
-                    steps=steps,
-                    lr=lr,
-                    second_order=so,
-                    trainable=trainable,
-                    checkpoint=ck,
-                    trajectory=True,
-                )
-                assert isinstance(traj, list)
-                logits = forward(self.model, traj[-1], xq)  # (n_q, n_way)
-                loss = F.cross_entropy(logits, yq)
-                if weights:
-                    # multi-step loss: the query loss after every inner step, weighted (last one above).
-                    loss = weights[-1] * loss
-                    for w, p in zip(weights[:-1], traj[1:-1]):
-                        loss = loss + w * F.cross_entropy(forward(self.model, p, xq), yq)
-                acc = (logits.argmax(-1) == yq).float().mean()
-                return loss, acc
-
-        if self.inner.vmap and not (
-            self.algo.is_gradient and self.inner.checkpoint and self.second_order_at(progress)
-        ):
+        fn = self._task_fn(self.model, n_way, progress)
+        if self.task_mode(x_s.device, progress) == "vmap":
             losses, accs = vmap(fn)(x_s, y_s, x_q, y_q)
         else:
             outs = [fn(x_s[t], y_s[t], x_q[t], y_q[t]) for t in range(x_s.shape[0])]
             losses = torch.stack([o[0] for o in outs])
             accs = torch.stack([o[1] for o in outs])
         return losses.mean(), accs.mean()
+
+    def meta_backward(
+        self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, n_way: int, progress: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """`meta_loss` + backward: accumulates the meta-gradient into `.grad`; returns (loss, acc) detached.
+
+        In `threads` mode each task's meta-gradient is computed in a worker thread with its own replica of
+        the network (`functional_call` swaps a module's tensors in place, so threads cannot share one) and
+        one intra-op thread; the per-task gradients are summed in task order, so the result does not depend
+        on thread scheduling (bit-identical reruns, as resume needs).
+        """
+        if self.task_mode(x_s.device, progress) != "threads":
+            loss, acc = self.meta_loss(x_s, y_s, x_q, y_q, n_way, progress)
+            loss.backward()
+            return loss.detach(), acc.detach()
+        params = [p for p in self.parameters() if p.requires_grad]
+        n_tasks = x_s.shape[0]
+        workers = torch.get_num_threads()
+        local = self._replicas
+
+        def one(t: int) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+            torch.set_num_threads(1)
+            net = getattr(local, "net", None)
+            if net is None:
+                net = local.net = copy.deepcopy(self.model)
+            loss, acc = self._task_fn(net, n_way, progress)(x_s[t], y_s[t], x_q[t], y_q[t])
+            grads = torch.autograd.grad(loss / n_tasks, params, allow_unused=True)
+            return loss.detach(), acc.detach(), grads
+
+        try:
+            outs = list(_pool(workers).map(one, range(n_tasks)))
+        finally:
+            torch.set_num_threads(workers)
+        for i, p in enumerate(params):
+            gs: list[Tensor] = [g for g in (o[2][i] for o in outs) if g is not None]
+            if not gs:
+                continue
+            total = gs[0].clone()
+            for g in gs[1:]:
+                total += g
+            p.grad = total if p.grad is None else p.grad + total
+        return torch.stack([o[0] for o in outs]).mean(), torch.stack([o[1] for o in outs]).mean()
 
     # ---------------------------------------------------------------------------------- test time
     def method(self, steps: int | None = None) -> FewShotMethod:

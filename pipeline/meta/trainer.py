@@ -109,15 +109,14 @@ class MetaTrainer:
         progress = self.state.step / max(self.cfg.steps, 1)
         self.learner.train()
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        self.opt.zero_grad(set_to_none=True)
         with ctx:
-            loss, acc = self.learner.meta_loss(x_s, y_s, x_q, y_q, n_way, progress=progress)
+            loss, acc = self.learner.meta_backward(x_s, y_s, x_q, y_q, n_way, progress=progress)
         if not torch.isfinite(loss):
             raise DataError(
                 f"meta-training diverged at step {self.state.step} (loss {float(loss)}); lower meta_train.outer.lr "
                 "or meta_train.inner.lr, or enable clipping (meta_train.outer.clip_grad)"
             )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad if self.cfg.clip_grad else math.inf)
         lr = self.opt.param_groups[0]["lr"]

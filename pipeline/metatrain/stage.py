@@ -133,8 +133,24 @@ def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun
     store = ImageStore.open(ingest_up.artifact("store"))
     split = ep_up.read_json("split.json")
     val_all = load_episodes(ep_up.artifact("episodes/val.jsonl"))
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _execute(cfg, run, ep_up, ingest_up, store, split, val_all)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(
+    cfg: MetaTrainConfig,
+    run: StageRun,
+    ep_up: UpstreamRun,
+    ingest_up: UpstreamRun,
+    store: ImageStore,
+    split: dict[str, Any],
+    val_all: list[Episode],
+) -> StageResult:
     device = pick_device(cfg.device)
 
     image_shape = tuple(int(s) for s in store.images.shape[1:])  # (C, H, W) or (C, D, H, W)

@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--method", default="mamlpp")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    # two threads: the CPU default path runs the tasks of a meta-batch on worker threads (tasks=auto)
+    torch.set_num_threads(2)
 
     from pipeline.episodes.batch import episode_arrays, stack_episodes
     from pipeline.episodes.episode import load_episodes

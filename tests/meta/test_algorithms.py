@@ -85,7 +85,7 @@ def test_vmapped_meta_batch_equals_looped_tasks():
     xs, ys, xq, yq = batch(t=3)
     grads = []
     for vm in (True, False):
-        L = learner("metasgd", steps=2, lr=0.05, second_order=True, vmap=vm)
+        L = learner("metasgd", steps=2, lr=0.05, second_order=True, tasks="vmap" if vm else "loop")
         L.meta_loss(xs, ys, xq, yq, 3)[0].backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in L.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5)
@@ -108,3 +108,22 @@ def test_derivative_order_annealing_switches_to_second_order():
     )
     assert not L.second_order_at(0.1) and L.second_order_at(0.4)
     assert not learner("fomaml", second_order=True).second_order_at(1.0)
+
+
+def test_threaded_tasks_give_the_looped_meta_gradient_deterministically():
+    xs, ys, xq, yq = batch(t=4)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers even on a one-core runner
+    try:
+        runs = []
+        for mode in ("threads", "threads", "loop"):
+            L = learner("mamlpp", steps=2, lr=0.05, second_order=True, tasks=mode)
+            loss, acc = L.meta_backward(xs, ys, xq, yq, 3, progress=0.9)
+            runs.append((float(loss), torch.cat([p.grad.reshape(-1) for p in L.parameters()])))
+            assert L.task_mode(xs.device) == mode
+    finally:
+        torch.set_num_threads(n)
+    assert torch.get_num_threads() == n  # restored after the threaded step
+    (l1, g1), (l2, g2), (l3, g3) = runs
+    assert l1 == l2 and torch.equal(g1, g2)  # bit-identical reruns (resume relies on it)
+    assert abs(l1 - l3) < 1e-5 and torch.allclose(g1, g3, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,170 @@
+"""The meta-train stage: contract outputs (models/<method> loadable by load_meta_model, provenance in
+meta_model.json, checkpoints, curves), metrics per step, registration of the primary method, config
+validation and command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.config import validate
+from pipeline.errors import ConfigError
+from pipeline.meta.model_io import load_meta_model
+from pipeline.metatrain import stage
+from pipeline.metatrain.config import MetaTrainConfig
+
+from .world import build_world
+
+
+class FakeRun:
+    """The parts of StageRun the stage uses, recording what it was given (artifacts copied)."""
+
+    def __init__(self, root: Path):
+        self.run_id = "mt0"
+        self.outdir = root / "out"
+        self.outdir.mkdir(parents=True)
+        self.uploaded = root / "uploaded"
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.registered: list[tuple[str, str, str]] = []
+        self.resumed = False
+
+    def log_params(self, d: dict[str, Any]) -> None:
+        self.params.update(d)
+
+    def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((dict(d), step))
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        import shutil
+
+        p = Path(local_path)
+        dest = self.uploaded / (artifact_path or "")
+        dest.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():
+            shutil.copytree(p, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, dest / p.name)
+
+    def own_artifact(self, rel: str) -> Path | None:
+        p = self.uploaded / rel
+        return p if p.exists() else None
+
+    def register_model(self, artifact_path: str, name: str, alias: str) -> str:
+        self.registered.append((artifact_path, name, alias))
+        return "1"
+
+
+class FakeUpstream:
+    def __init__(self, run_id: str, root: Path, tags: dict[str, str], up: dict[str, FakeUpstream] | None = None):
+        self.run_id, self.root, self.tags, self._up = run_id, root, tags, up or {}
+
+    def artifact(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads((self.root / rel).read_text())
+
+    def upstream(self, stage_name: str) -> FakeUpstream:
+        return self._up[stage_name]
+
+
+def _cfg(**over: Any) -> MetaTrainConfig:
+    base: dict[str, Any] = {
+        "methods": ["maml", "protonet"],
+        "model": {"filters": 8, "blocks": 2},
+        "inner": {"steps": 1, "lr": 0.1, "eval_steps": 2},
+        "outer": {"steps": 4, "lr": 3e-3, "warmup_steps": 0},
+        "meta_batch": 2,
+        "val_every": 2,
+        "checkpoint_every": 2,
+        "threads": 1,
+    }
+    base.update(over)
+    return validate(base, MetaTrainConfig, "test")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def _upstream(world: dict[str, Path]) -> dict[str, Any]:
+    ingest = FakeUpstream("ingest0", world["store"].parent, {})
+    eps = FakeUpstream("episodes0", world["episodes"], {"fewscan.suite": "tiny"}, {"ingest": ingest})
+    return {"episodes": eps}
+
+
+def test_execute_writes_loadable_models_checkpoints_curves_and_registers_the_primary(world, tmp_path):
+    run = FakeRun(tmp_path)
+    res = stage.execute(_cfg(), run, _upstream(world))  # type: ignore[arg-type]
+
+    for method in ("maml", "protonet"):
+        folder = run.uploaded / "models" / method
+        mm = load_meta_model(folder)
+        assert mm.meta["method"] == method
+        assert mm.meta["ingest_run_id"] == "ingest0" and mm.meta["episodes_run_id"] == "episodes0"
+        assert mm.meta["preprocessing"] == {"size": [16, 16], "channels": 1}
+        assert mm.meta["image_shape"] == [1, 16, 16] and mm.meta["normalization"] == "group"
+        assert mm.meta["inner"]["eval_steps"] == 2
+        assert (run.uploaded / "checkpoints" / method / "last.pt").is_file()
+        assert (run.uploaded / "checkpoints" / method / "best.pt").is_file()
+        # the saved weights are the best-by-validation checkpoint's
+        best = torch.load(run.uploaded / "checkpoints" / method / "best.pt", weights_only=False)
+        saved = mm.model.state_dict()
+        for k, v in saved.items():
+            assert torch.equal(v, best["learner"]["model." + k]), k
+        assert mm.meta["selected"].startswith("best")
+        x = torch.randn(4, 1, 16, 16)
+        method_obj = mm.method()
+        proba = method_obj.predict_proba(method_obj.fit(x, torch.tensor([0, 1, 0, 1]), 2), x)
+        assert torch.allclose(proba.sum(1), torch.ones(4), atol=1e-5)
+
+    assert run.registered == [("models/maml", "fewscan-tiny-meta", "latest")]
+    curves = json.loads((run.outdir / "curves.json").read_text())
+    assert [r["step"] for r in curves["maml"]] == [1, 2, 3, 4]
+    assert "val_acc" in curves["maml"][1] and "val_acc" not in curves["maml"][0]
+    steps = [s for d, s in run.metrics if "maml.train_loss" in d]
+    assert steps == [1, 2, 3, 4]
+    assert all(0.0 <= d["maml.val_acc"] <= 1.0 for d, _ in run.metrics if "maml.val_acc" in d)
+    assert run.params["derived"]["train_conditions"] == ["Alpha", "Beta", "Gamma"]
+    assert "maml.best_val_acc" in res.metrics and "registered fewscan-tiny-meta" in res.summary
+
+
+def test_resume_skips_a_finished_method_and_continues_from_last(world, tmp_path):
+    run = FakeRun(tmp_path)
+    stage.execute(_cfg(methods=["fomaml"]), run, _upstream(world))  # type: ignore[arg-type]
+    first = load_meta_model(run.uploaded / "models" / "fomaml").model.state_dict()
+    run.resumed = True
+    run.metrics.clear()
+    stage.execute(_cfg(methods=["fomaml"]), run, _upstream(world))  # type: ignore[arg-type]
+    assert not [s for d, s in run.metrics if "fomaml.train_loss" in d]  # nothing retrained
+    again = load_meta_model(run.uploaded / "models" / "fomaml").model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_config_rejects_unknown_methods_and_keys():
+    with pytest.raises(ConfigError, match="unknown method"):
+        _cfg(methods=["maml", "reptile"])
+    with pytest.raises(ConfigError, match="unknown key 'meta_batchh'"):
+        validate({"meta_batchh": 2}, MetaTrainConfig, "suite")
+    with pytest.raises(ConfigError, match="inner.checkpoint only applies to second order"):
+        _cfg(inner={"checkpoint": True})
+
+
+def test_command_line_options_map_onto_the_section():
+    p = argparse.ArgumentParser()
+    stage.add_arguments(p)
+    args = p.parse_args(["--methods", "maml, anil", "--steps", "50", "--second-order", "--device", "cpu"])
+    over = stage.overrides_from_args(args)
+    assert over == ["methods=[maml,anil]", "outer.steps=50", "device=cpu", "inner.second_order=true"]
+    from pipeline.config import apply_overrides
+
+    cfg = validate(apply_overrides({}, over), MetaTrainConfig, "cli")
+    assert cfg.methods == ["maml", "anil"] and cfg.outer.steps == 50 and cfg.inner.second_order
+    assert "maml+anil" in stage.run_name(cfg)
