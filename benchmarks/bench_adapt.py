@@ -104,8 +104,11 @@ def main() -> None:
     ap.add_argument("--filters", type=int, default=16, help="Conv-4 width (demo_quick: 16)")
     ap.add_argument("--steps", type=int, default=10, help="inner steps at adaptation")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pipeline import tracking
     from tests.adapt import helpers as h

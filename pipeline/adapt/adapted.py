@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,20 @@ VERSION = 1
 CARD_FILE = "adapted.json"
 STATE_FILE = "adapted_state.pth"
 META_DIR = "meta_model"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` intra-op CPU threads (None: leave torch's setting), restoring the previous value."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decode_blob(v: bytes | bytearray | str) -> bytes:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.adapt.adapted import AdaptedClassifier, save_adapted
+from pipeline.adapt.adapted import AdaptedClassifier, save_adapted, torch_threads
 from pipeline.adapt.config import AdaptConfig
 from pipeline.adapt.support import (
     LabelledSet,
@@ -304,6 +304,11 @@ def _patient_keys(refs_paths: list[Path], salt: bytes) -> set[str]:
 
 
 def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+    with torch_threads(cfg.threads):
+        return _execute(cfg, run, upstream)
+
+
+def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
     from pipeline.meta.device import pick_device
     from pipeline.serving import ARTIFACT_KEY, MODEL_ARTIFACT, FewscanAdaptedModel
 
