@@ -217,7 +217,7 @@ def pretrain_classifier(
         report["holdout_acc"] = correct / per_class_total
         report["holdout_balanced_acc"] = float(np.mean(recalls))
         report["holdout_chance_balanced_acc"] = 1.0 / len(np.unique(yh))
-    return Pretrained(model=model.cpu(), report=report)
+    return Pretrained(model=model, report=report)  # on `device`, like the episodes the loader yields
 
 
 def scratch_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:

@@ -100,7 +100,7 @@ def _spec_of(inputs: Inputs) -> tuple[ModelSpec, int, tuple[int, ...]]:
     return ModelSpec.model_validate(mm.meta["model"]), int(shape[0]), tuple(int(s) for s in shape[1:])
 
 
-def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig, seed: int) -> MethodPlan:
+def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig) -> MethodPlan:
     cands = []
     for mode in cfg.finetune.modes:
         for lr in cfg.finetune.lrs:
@@ -125,9 +125,9 @@ def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig, seed: int) ->
 
 
 def _scratch_plan(
-    spec: ModelSpec, in_ch: int, size: tuple[int, ...], cfg: EvaluateConfig, seed: int
+    spec: ModelSpec, in_ch: int, size: tuple[int, ...], cfg: EvaluateConfig, seed: int, device: torch.device
 ) -> MethodPlan:
-    model = baselines.scratch_model(spec, in_ch, size, seed)
+    model = baselines.scratch_model(spec, in_ch, size, seed).to(device)
     cands = []
     for lr in cfg.scratch.lrs:
 
@@ -223,9 +223,9 @@ def run(
             timing["pretrain"] = timing.get("pretrain", 0.0) + time.monotonic() - t0
             pretrain[str(seed)] = pre.report
             log(f"evaluate: traditional classifier (seed {seed}): {_pretrain_line(pre.report)}")
-            evaluate_plan(_finetune_plan(pre, cfg, seed), seed, si == 0)
+            evaluate_plan(_finetune_plan(pre, cfg), seed, si == 0)
         if cfg.scratch.enabled:
-            evaluate_plan(_scratch_plan(spec, in_ch, size, cfg, seed), seed, si == 0)
+            evaluate_plan(_scratch_plan(spec, in_ch, size, cfg, seed, inputs.device), seed, si == 0)
 
     return assemble(
         inputs=inputs,
@@ -239,7 +239,27 @@ def run(
         n_test={summary.group_key(*g): len(v) for g, v in test_groups.items()},
         n_val={summary.group_key(*g): len(val_groups[g]) for g in test_groups},
         n_way={summary.group_key(*g): len(eps[0].classes) for g, eps in test_groups.items()},
+        distinct=_distinct_queries(test_groups, inputs.store.index),
     )
+
+
+def _distinct_queries(groups: dict[Group, list[Any]], index: Any) -> dict[str, dict[str, int]]:
+    """Per group: query slots, distinct query scans and patients. Fixed episodes drawn from a small pool
+    reuse scans, so episodes are not independent and the 1.96·s/√n interval is then too narrow."""
+    patient = (
+        dict(zip(index["scan_key"].astype(str), index["patient_key"].astype(str)))
+        if "patient_key" in index
+        else {}
+    )
+    out = {}
+    for g, eps in groups.items():
+        keys = [k for e in eps for ks in e.query.values() for k in ks]
+        out[summary.group_key(*g)] = {
+            "query_slots": len(keys),
+            "distinct_query_scans": len(set(keys)),
+            "distinct_query_patients": len({patient.get(k, k) for k in keys}),
+        }
+    return out
 
 
 def _pretrain_line(rep: dict[str, Any]) -> str:
@@ -305,6 +325,7 @@ def assemble(
     n_test: dict[str, int],
     n_val: dict[str, int],
     n_way: dict[str, int],
+    distinct: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for m, by_seed in outcomes.items():
@@ -339,6 +360,7 @@ def assemble(
             "train_conditions": sorted(c for c, i in conds.items() if i.get("split") == "train"),
             "n_test_episodes": n_test,
             "n_way": n_way,
+            "queries": distinct,
             "n_val_episodes": n_val,
             "config": cfg.model_dump(mode="json"),
         },

@@ -106,6 +106,20 @@ def render(results: dict[str, Any]) -> str:
         "none was chosen on test episodes.",
         "",
     ]
+    queries = setup.get("queries") or {}
+    if queries:
+        parts = [
+            f"{g}: {q['distinct_query_scans']} distinct scans of {q['distinct_query_patients']} patients "
+            f"fill {q['query_slots']} query slots"
+            for g, q in queries.items()
+        ]
+        out += [
+            "Caveat: the interval treats episodes as independent samples, but fixed episodes drawn from a finite "
+            "pool of rare-condition patients reuse the same scans (" + "; ".join(parts) + "). When scans are "
+            "reused many times the true uncertainty is larger than the interval shows; differences of a few "
+            "points should not be read as real.",
+            "",
+        ]
 
     out += ["## Results", ""]
     for gkey in results["comparisons"]:

@@ -18,9 +18,9 @@ from tests.evaluate.world import World, build_world
 
 CFG = {
     "seeds": [0, 1],
-    "val_episodes": 6,
+    "val_episodes": 4,
     "curve_steps": 3,
-    "curve_episodes": 3,
+    "curve_episodes": 2,
     "meta": {"steps": [1, 3]},
     "finetune": {"steps": [2, 4], "lrs": [0.01, 0.05], "pretrain": {"epochs": 2, "batch_size": 16}},
     "scratch": {"steps": [2, 4], "lrs": [0.05]},
@@ -29,7 +29,7 @@ CFG = {
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.mktemp("world"), n_test=8, n_val=6)
+    return build_world(tmp_path_factory.mktemp("world"), n_test=6, n_val=4)
 
 
 def _inputs(w: World) -> evaluation.Inputs:
@@ -70,10 +70,10 @@ def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], lis
     assert res["methods"]["finetune"]["family"] == "traditional"
     for gk in ("binary.k2", "n_way.k2"):
         comp = res["comparisons"][gk]
-        assert set(comp["ranking"]) == set(res["methods"]) and comp["n_episodes"] == 8
+        assert set(comp["ranking"]) == set(res["methods"]) and comp["n_episodes"] == 6
         for m in res["methods"]:
             s = res["results"][m][gk]["per_seed"]["0"]
-            assert s["n_episodes"] == 8 and 0.0 <= s["acc"]["mean"] <= 1.0 and s["acc"]["ci95"] is not None
+            assert s["n_episodes"] == 6 and 0.0 <= s["acc"]["mean"] <= 1.0 and s["acc"]["ci95"] is not None
             assert s["ece"] is not None and s["auc"] is not None
             if gk.startswith("binary"):
                 assert s["sens"] is not None and s["spec"] is not None
@@ -87,6 +87,10 @@ def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], lis
         assert f"| {m} |" in text
     assert "## Verdict" in text and "interval" in text
     assert "Best meta-learned" in text
+    # episodes reuse scans of a small pool: the report says how many distinct ones fill the query slots
+    q = res["setup"]["queries"]["binary.k2"]
+    assert q["query_slots"] == 6 * 2 * 3 and q["distinct_query_patients"] <= q["distinct_query_scans"] <= 36
+    assert "distinct scans" in text
 
 
 def test_hyper_parameters_come_from_validation_episodes_only(
@@ -102,7 +106,7 @@ def test_hyper_parameters_come_from_validation_episodes_only(
         assert not keys & test_keys
     # the record says what was chosen, on what, from which grid
     sel = res["selection"]["finetune"]["0"]["binary.k2"]
-    assert sel["selected_on"] == "validation" and sel["n_val_episodes"] == 6
+    assert sel["selected_on"] == "validation" and sel["n_val_episodes"] == 4
     assert len(sel["grid"]) == 2 * 2 * 2  # modes x lrs x steps
     best = max(sel["grid"], key=lambda r: r["val_acc"])
     assert sel["chosen"]["val_acc"] == best["val_acc"]
@@ -124,7 +128,7 @@ def test_curves_cover_steps_and_shots(spied: tuple[dict[str, Any], list]) -> Non
     res, _ = spied
     cur = res["curves"]["maml"]["binary.k2"]
     assert list(cur["steps"]) == ["0", "1", "2", "3"] and list(cur["shots"]) == ["1", "2"]
-    assert cur["n_episodes"] == 3
+    assert cur["n_episodes"] == 2
     assert res["curves"]["protonet"]["binary.k2"]["steps"] is None  # no inner loop
     # at 0 steps a zero-head baseline predicts uniformly: argmax picks class 0 = half the queries
     assert res["curves"]["scratch"]["binary.k2"]["steps"]["0"]["mean"] == pytest.approx(0.5)
@@ -137,7 +141,7 @@ def test_key_metrics_names(spied: tuple[dict[str, Any], list]) -> None:
         assert f"test.{meth}.binary.k2.acc" in m and f"test.{meth}.binary.k2.acc_ci95" in m
         assert f"test.{meth}.binary.k2.sens" in m and f"test.{meth}.n_way.k2.ece" in m
     assert "test.finetune.binary.k2.acc_seed_std" in m
-    assert m["test.binary.k2.n_episodes"] == 8.0
+    assert m["test.binary.k2.n_episodes"] == 6.0
 
 
 def test_evaluation_is_deterministic(world: World, spied: tuple[dict[str, Any], list]) -> None:

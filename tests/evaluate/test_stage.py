@@ -41,7 +41,7 @@ class FakeRun:
 
 
 def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
-    w = build_world(tmp_path / "up", n_test=4, n_val=4)
+    w = build_world(tmp_path / "up", n_test=3, n_val=3)
     ingest = FakeUpstream("ingest", w.root, "ing1")
     episodes = FakeUpstream("episodes", w.root, "ep1", {"ingest": ingest})
     mt = FakeUpstream("meta-train", w.root, "mt1", {"episodes": episodes})
@@ -49,7 +49,7 @@ def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
         {
             "seeds": [0],
             "val_episodes": 3,
-            "curve_episodes": 2,
+            "curve_episodes": 1,
             "curve_steps": 2,
             "finetune": {"steps": [2], "lrs": [0.01], "modes": ["head"], "pretrain": {"epochs": 1}},
             "scratch": {"steps": [2], "lrs": [0.05]},
