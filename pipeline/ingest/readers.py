@@ -9,7 +9,6 @@ import io
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -151,7 +150,3 @@ def iter_medmnist(
                     )
                 labs = [names[j]]
             yield split, i, np.ascontiguousarray(x), labs
-
-
-def describe(arrays: dict[str, Any]) -> str:
-    return ", ".join(f"{k}{tuple(v.shape)}" for k, v in sorted(arrays.items()))

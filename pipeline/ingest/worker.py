@@ -313,14 +313,14 @@ def run_task(task: Task) -> dict[str, Any]:
         return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
     try:
         if task.kind == "header":
-            from pipeline.ingest.dicom_read import check_image_object, read_dataset
+            from pipeline.ingest.dicom_read import read_dataset
 
             p = Path(task.paths[0])
             with open(p, "rb") as fh:
                 ds = read_dataset(fh.read(), header_only=True)
             facts = _dicom_facts(ds)
             if int(facts["frames"]) == 1:
-                check_image_object_header(ds, check_image_object)
+                check_image_object_header(ds)
             pub = _public(facts, task.salt, task.rels[0])
             pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
             return {"ok": True, "items": [pub], "array": None, "cached": False}
@@ -353,7 +353,7 @@ def run_task(task: Task) -> dict[str, Any]:
         }
 
 
-def check_image_object_header(ds: Any, check: Any) -> None:
+def check_image_object_header(ds: Any) -> None:
     # header-only reads stop before PixelData, so "no pixel data" cannot be judged yet: only reject
     # non-image SOP classes here; the series decode catches missing pixels.
     sop_class = ds.get("SOPClassUID")
