@@ -64,9 +64,15 @@ def execute_stage(
 ) -> Outcome:
     """Run one stage as an MLflow run (or reuse a finished one with the same fingerprint)."""
     mod = module(stage)
-    cfg_dict = cfg.model_dump(mode="json")
+    # What is logged (params + config YAML) may differ from what is hashed: a stage can hide paths that
+    # might name a patient (`public_config`) and leave out knobs that do not change its result
+    # (`FINGERPRINT_EXCLUDE`, e.g. the number of worker processes).
+    cfg_dict = mod.public_config(cfg) if hasattr(mod, "public_config") else cfg.model_dump(mode="json")
+    fp_cfg = cfg.model_dump(mode="json")
+    for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
+        fp_cfg.pop(key, None)
     inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
-    fp = tracking.fingerprint(stage, cfg_dict, {k: u.run_id for k, u in upstream.items()}, inputs)
+    fp = tracking.fingerprint(stage, fp_cfg, {k: u.run_id for k, u in upstream.items()}, inputs)
     if reuse and not resume_run_id:
         rid = tracking.find_reusable(stage, fp)
         if rid:

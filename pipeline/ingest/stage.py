@@ -62,6 +62,32 @@ def fingerprint_inputs(cfg: IngestConfig) -> str:
     return h.hexdigest()[:16]
 
 
+# Operational knobs that do not change what ingest produces: changing them must not force a re-ingest.
+FINGERPRINT_EXCLUDE = ("workers", "cache_dir", "local_report_dir")
+
+
+def public_config(cfg: IngestConfig) -> dict:
+    """The manifest as logged to MLflow: folder and file paths replaced by salted hashes.
+
+    A researcher's folder names can hold patient names (exports named after the patient are common), so
+    no path reaches MLflow in clear; the local-only report next to the salt maps hashes back to paths.
+    """
+    from pipeline.ingest.deid import load_or_create_salt, salted_key
+
+    salt = load_or_create_salt(cfg.salt_file)
+    data = cfg.model_dump(mode="json")
+
+    def hide(v: object) -> object:
+        return None if v is None else "path:" + salted_key(salt, "config-path", str(Path(str(v)).resolve()))
+
+    data["scans"]["root"] = hide(data["scans"].get("root"))
+    if data["labels"].get("path") is not None:
+        data["labels"]["path"] = hide(data["labels"]["path"])
+    for key in ("salt_file", "cache_dir", "local_report_dir"):
+        data[key] = hide(data.get(key))
+    return data
+
+
 def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
     s = build_store(cfg, run.outdir)
     prep = s.meta["preprocessing"]

@@ -82,7 +82,7 @@ def test_rerun_reuses_all_and_a_change_reruns_downstream_only(demo_dir: Path) ->
     after = _stage_runs(demo_dir)
     assert {s: len(r) for s, r in after.items()} == {s: 1 for s in STAGES}
 
-    res = _fewscan(["run", "demo_quick", "--set", "evaluate.seed=1"], demo_dir)
+    res = _fewscan(["run", "demo_quick", "--set", "evaluate.seeds=[1]"], demo_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("reusing finished run") == 4
     after = _stage_runs(demo_dir)

@@ -124,22 +124,52 @@ def test_aspect_preserving_resize_pads_not_stretches(tmp_path: Path, prep2d: dic
     assert got[0, :8].max() == 0 and got[0, 24:].max() == 0
 
 
-def test_undecodable_transfer_syntax_names_syntax_and_package(tmp_path: Path, prep2d: dict) -> None:
-    dec = get_decoder(JPEGLosslessSV1)
-    if dec.is_available:
-        pytest.skip("a JPEG Lossless decoder is installed here")
-    p = make_dicom(tmp_path / "jl", np.zeros((8, 8), np.uint16))
+def _encapsulated(tmp_path: Path, syntax: str) -> Path:
+    p = make_dicom(tmp_path / "enc", np.zeros((8, 8), np.uint16))
     import pydicom
 
     ds = pydicom.dcmread(p)
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + b"\x00" * 20])
     ds["PixelData"].VR = "OB"
     ds.save_as(p)
+    return p
+
+
+def test_undecodable_transfer_syntax_names_syntax_and_package(
+    tmp_path: Path, prep2d: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.ingest import dicom_read
+
+    # Whether a JPEG Lossless plugin is installed varies by machine (python-gdcm decodes it): simulate
+    # a machine without one, with pydicom's own description of what is missing.
+    real = get_decoder(JPEGLosslessSV1)
+    fake = SimpleNamespace(
+        is_available=False,
+        missing_dependencies=list(real.missing_dependencies)
+        or [
+            "gdcm - requires python-gdcm>=3.0.10",
+            "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1",
+        ],
+    )
+    monkeypatch.setattr(dicom_read, "get_decoder", lambda ts: fake)
+    p = _encapsulated(tmp_path, JPEGLosslessSV1)
     with pytest.raises(Rejected) as e:
         decode_file(p, "dicom", p.read_bytes(), prep2d)
     assert e.value.reason == R.UNDECODABLE
     assert "JPEG Lossless" in e.value.detail and "pylibjpeg" in e.value.detail
+
+
+def test_transfer_syntax_without_any_decoder_is_rejected_by_name(tmp_path: Path, prep2d: dict) -> None:
+    from pydicom.uid import MPEG2MPML
+
+    p = _encapsulated(tmp_path, MPEG2MPML)
+    with pytest.raises(Rejected) as e:
+        decode_file(p, "dicom", p.read_bytes(), prep2d)
+    assert e.value.reason == R.UNDECODABLE
+    assert "MPEG2" in e.value.detail and "no pixel data decoder" in e.value.detail
 
 
 def test_sr_is_not_an_image_object(tmp_path: Path, prep2d: dict) -> None:
