@@ -342,10 +342,12 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     import torch._dynamo  # noqa: F401
 
     torch.manual_seed(cfg.seed)  # nothing in the MAML family samples here; explicit for any method that does
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     states = fit_curve(method, support.x, support.y, n_way, steps)
     adapted = states[-1]
     adapt_seconds = time.perf_counter() - t0
+    # CPU seconds of this process (all its threads): on a shared machine wall time includes waiting
+    adapt_cpu_seconds = time.process_time() - c0
     y_s = support.y.numpy()
     clf = AdaptedClassifier(mm, method, adapted, classes, spec, card={})
     for s, st in enumerate(states):
@@ -355,6 +357,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
 
     headline: dict[str, float] = {
         "adapt_seconds": adapt_seconds,
+        "adapt_cpu_seconds": adapt_cpu_seconds,
         "support_scans": float(len(support.keys)),
         "support_rejected": float(len(support.rejected)),
         "support_loss_final": _nll(clf.proba(support.x, cfg.batch_size), y_s),
@@ -462,7 +465,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             q += f", AUC {headline['query_auc']:.3f}"
     summary = (
         f"adapted {method_name} to '{condition}' from {len(support.keys)} scans ({k}{rej}) in {steps} steps, "
-        f"{adapt_seconds:.2f} s{q}; registered {reg_name} v{version} -> {model_uri}"
+        f"{adapt_seconds:.2f} s ({adapt_cpu_seconds:.2f} s CPU){q}; registered {reg_name} v{version} -> {model_uri}"
     )
     log(f"adapt: local report with clear file paths (never uploaded): {local_path}")
     return StageResult(summary=summary, metrics=headline)
