@@ -1,9 +1,9 @@
 """Benchmark: adapt and predict (issue 7 targets, CPU).
 
 - adaptation of a 5-shot 2-class support set: <= 2 s of compute after loading
-  (measured: `method.fit` cold = first call in the process, which includes torch.func's one-time lazy
-  import of torch._dynamo, and warm = median of repeats; reference in the same process: a hand-written
-  `torch.optim.SGD` loop on the same network, data and step count, reported as a ratio);
+  (measured twice: in this process, `method.fit` warm median over repeats against a reference in the same
+  process, a hand-written `torch.optim.SGD` loop on the same network, data and step count, as a ratio;
+  and cold, in a fresh `fewscan adapt` process: the stage's own `adapt_seconds` / `adapt_cpu_seconds`);
 - the whole `fewscan adapt` command, start-up to exit, as a user runs it: <= 15 s;
 - prediction of 100 scans: <= 10 s (the whole `fewscan predict` command, and in-process after loading).
 
