@@ -161,9 +161,11 @@ def init_from_env(
     Args:
         timeout_s: bound on every collective and on the rendezvous; default env `FEWSCAN_DIST_TIMEOUT_S`
             or `DEFAULT_TIMEOUT_S`.
-        device: `auto` (CUDA `cuda:LOCAL_RANK` when available, else CPU), `cpu` or `cuda`.
+        device: `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`. Distributed, a CUDA
+            process always takes `cuda:LOCAL_RANK` (one process per GPU).
         backend: `gloo` / `nccl`; default NCCL on CUDA, gloo on CPU.
-        env: the environment to read (tests); default `os.environ`.
+        env: the environment to validate (tests); default `os.environ`. The process group itself always
+            joins through `env://`, i.e. `os.environ` (under torchrun: the agent's store).
 
     Idempotent: a second call returns the same context (see `current()`). If the caller already
     initialised `torch.distributed`, that group is used and left to the caller to destroy.
@@ -183,7 +185,11 @@ def init_from_env(
         raise DistributedError(f"unknown device '{device}'; valid: auto, cpu, cuda")
 
     if world <= 1:
-        dev = torch.device("cuda") if want_cuda else torch.device("cpu")
+        dev = (
+            torch.device(device if device.startswith("cuda") else "cuda")
+            if want_cuda
+            else torch.device("cpu")
+        )
         _current = DistContext(device=dev, timeout_s=timeout)
         return _current
 

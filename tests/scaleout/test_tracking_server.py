@@ -230,6 +230,29 @@ def test_stage_runs_artifacts_and_registry_through_the_server(as_user: Server, t
     torch.testing.assert_close(loaded["w"], state["w"])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipeline.tracking._artifact_path takes a cached folder as complete once any file under it was "
+    "fetched (episodes reads store/scan_index.parquet, then meta-train gets store/ without images.npy); "
+    "remove this mark with the fix",
+)
+def test_a_folder_artifact_is_complete_after_one_of_its_files_was_fetched(as_user: Server) -> None:
+    import numpy as np
+
+    from pipeline import tracking
+
+    with tracking.stage_run(
+        "ingest", run_name="cache", config={}, upstream={}, fp="d" * 24, suite=None, dataset="cache"
+    ) as run:
+        (run.outdir / "store").mkdir()
+        np.save(run.outdir / "store" / "images.npy", np.zeros((2, 1, 4, 4), dtype=np.float16))
+        (run.outdir / "store" / "store.json").write_text("{}")
+    up = tracking.latest_run("ingest", dataset="cache")
+    assert up.artifact("store/store.json").read_text() == "{}"  # one file first, as the episodes stage does
+    store = up.artifact("store")  # then the folder, as meta-train and evaluate do
+    assert sorted(p.name for p in store.iterdir()) == ["images.npy", "store.json"]
+
+
 def test_another_user_can_read_but_not_write_fewscan_runs(
     as_user: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
