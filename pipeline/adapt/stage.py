@@ -331,7 +331,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         qrefs = list_labelled(cfg.query, "query")
         query = load_labelled(qrefs, classes, spec, salt, 0, "query")
         if len(query.keys) == 0:
-            raise DataError(f"no readable scan in the query set {cfg.query}; fix it or leave --query out")
+            raise DataError("no readable scan in the query set (listed above); fix it or leave --query out")
 
     # ---- adapt: the one inner loop, with the support loss after every step
     method = mm.method(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size)

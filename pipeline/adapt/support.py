@@ -23,12 +23,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, FewscanError
 from pipeline.ingest.deid import salted_key
 from pipeline.progress import log, progress
 
@@ -74,6 +74,13 @@ class ScanSpec:
         )
 
 
+def _fail(exc: type[FewscanError], msg: str, where: Path | str) -> NoReturn:
+    """Raise `msg` without the path: an error's text is also recorded in the MLflow run (tag
+    fewscan.error), and a path may name a patient. The path goes to stderr, for the user only."""
+    log(f"{msg} [{where}]")
+    raise exc(msg)
+
+
 def _is_candidate(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NON_SCAN_SUFFIXES
 
@@ -91,8 +98,10 @@ def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
     """The labelled scans of a class-folder tree or a `path,label` CSV, in a deterministic order."""
     source = Path(source)
     if not source.exists():
-        raise ConfigError(
-            f"{what} set not found: {source} (give a folder with one subfolder per class, or a CSV)"
+        _fail(
+            ConfigError,
+            f"{what} set not found (give a folder with one subfolder per class, or a CSV)",
+            source,
         )
     if source.is_file():
         return _list_csv(source, what)
@@ -100,9 +109,11 @@ def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
         (d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
     )
     if not class_dirs:
-        raise DataError(
-            f"{what} folder {source} has no class subfolders: put each class's scans in a subfolder named "
-            "after the class, e.g. Hernia/ and 'No Finding'/"
+        _fail(
+            DataError,
+            f"the {what} folder has no class subfolders: put each class's scans in a subfolder named "
+            "after the class, e.g. Hernia/ and 'No Finding'/",
+            source,
         )
     loose = [p for p in source.iterdir() if _is_candidate(p)]
     if loose:
@@ -111,9 +122,11 @@ def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
     for d in class_dirs:
         files = _files_under(d)
         if not files:
-            raise DataError(
-                f"{what} class folder '{d.name}' in {source} holds no scan files: add scans of class "
-                f"'{d.name}' or remove the empty folder"
+            _fail(
+                DataError,
+                f"{what} class folder '{d.name}' holds no scan files: add scans of class "
+                f"'{d.name}' or remove the empty folder",
+                d,
             )
         refs.extend(ScanRef(path=f, label=d.name, shown=str(f.relative_to(source))) for f in files)
     return refs
@@ -125,21 +138,25 @@ def _list_csv(path: Path, what: str) -> list[ScanRef]:
             rows = list(csv.DictReader(fh))
             cols = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
     except (UnicodeDecodeError, csv.Error) as err:
-        raise ConfigError(f"{what} label file {path} is not a readable CSV: {err}") from None
+        _fail(ConfigError, f"the {what} label file is not a readable CSV: {err}", path)
     if not rows:
-        raise DataError(
-            f"{what} label file {path} has no rows (expected a header 'path,label' and one row per scan)"
+        _fail(
+            DataError,
+            f"the {what} label file has no rows (expected a header 'path,label' and one row per scan)",
+            path,
         )
     if "path" not in cols or "label" not in cols:
-        raise ConfigError(
-            f"{what} label file {path} needs the columns 'path' and 'label'; it has: {', '.join(cols)}"
+        _fail(
+            ConfigError,
+            f"the {what} label file needs the columns 'path' and 'label'; it has: {', '.join(cols)}",
+            path,
         )
     refs: list[ScanRef] = []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         norm = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         rel, label = norm["path"], norm["label"]
         if not rel or not label:
-            raise DataError(f"{what} label file {path}, line {i}: empty path or label")
+            _fail(DataError, f"the {what} label file, line {i}: empty path or label", path)
         p = Path(rel)
         p = p if p.is_absolute() else path.parent / p
         refs.append(ScanRef(path=p, label=label, shown=rel))
@@ -330,8 +347,10 @@ def load_labelled(
     mismatched: list[tuple[ScanRef, str]] = []
     for ref in progress(refs, total=len(refs), desc=f"reading {what} scans"):
         if ref.label not in index:
-            raise DataError(
-                f"{what} scan {ref.shown} has label '{ref.label}', not one of: {', '.join(classes)}"
+            _fail(
+                DataError,
+                f"a {what} scan has label '{ref.label}', not one of the support classes: {', '.join(classes)}",
+                ref.shown,
             )
         try:
             data = ref.path.read_bytes()
@@ -347,9 +366,11 @@ def load_labelled(
         key = content_key(salt, data)
         if key in seen:
             if seen[key] != ref.label:
-                raise DataError(
-                    f"the same scan appears in {what} classes '{seen[key]}' and '{ref.label}' ({ref.shown}): "
-                    "a scan can have only one label here"
+                _fail(
+                    DataError,
+                    f"the same scan appears in {what} classes '{seen[key]}' and '{ref.label}': "
+                    "a scan can have only one label here",
+                    ref.shown,
                 )
             log(f"{what}: {ref.shown} is a duplicate of another '{ref.label}' scan; using it once")
             continue

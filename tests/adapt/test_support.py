@@ -243,3 +243,20 @@ def test_primary_method_is_the_first_configured_one_with_a_model() -> None:
     assert _primary_method({"methods": '["anil", "protonet"]'}, ["protonet"]) == "protonet"
     assert _primary_method({}, ["maml"]) == "maml"
     assert _primary_method({}, ["maml", "protonet"]) is None
+
+
+def test_refusals_name_no_path_since_errors_are_recorded_in_mlflow(
+    sets: dict[str, Path], tmp_path: Path
+) -> None:
+    secret = tmp_path / "Doe_Jane_1961"
+    d = copy_set(sets["support"], secret / "support")
+    (d / "Empty").mkdir()
+    for call in (lambda: list_labelled(secret / "nope"), lambda: list_labelled(d)):
+        with pytest.raises((ConfigError, DataError)) as info:
+            call()
+        assert "Doe_Jane" not in str(info.value)
+    shutil.rmtree(d / "Empty")
+    shutil.copy(d / h.CONDITION / "scan_000.dcm", d / h.NORMAL / "Doe_Jane_copy.dcm")
+    with pytest.raises(DataError) as info:
+        load_labelled(list_labelled(d), [h.CONDITION, h.NORMAL], spec(), SALT)
+    assert "Doe_Jane" not in str(info.value) and "scan_000" not in str(info.value)
