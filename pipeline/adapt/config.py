@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, field_serializer, field_validator
+from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel
 
@@ -55,18 +55,6 @@ class AdaptConfig(StrictModel):
     salt_file: Path = Path(".fewscan/salt")
     # Where the local-only report with clear file paths goes (never uploaded).
     local_report_dir: Path = Path(".fewscan/reports")
-
-    @field_serializer("support", "query")
-    def _hide_path(self, v: Path | None) -> str | None:
-        # The config is logged as run params: a folder path may name a patient, so only a salted hash
-        # of it is logged (the set's content enters the fingerprint through stage.fingerprint_inputs).
-        if v is None:
-            return None
-        from pipeline.ingest.deid import load_or_create_salt, salted_key
-
-        return "path:" + salted_key(
-            load_or_create_salt(self.salt_file), "adapt-config-path", str(Path(v).resolve())
-        )
 
     @field_validator("alias")
     @classmethod

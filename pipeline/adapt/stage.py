@@ -99,6 +99,22 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+# Knobs that do not change the adapted model: changing them must not force a re-adaptation in `fewscan run`.
+FINGERPRINT_EXCLUDE = ("threads", "batch_size", "local_report_dir")
+
+
+def public_config(cfg: AdaptConfig) -> dict[str, Any]:
+    """The config as logged to MLflow: the support/query paths only as salted hashes (a folder name may
+    name a patient); the sets' content enters the fingerprint through `fingerprint_inputs`."""
+    out = cfg.model_dump(mode="json")
+    salt = load_or_create_salt(cfg.salt_file)
+    for key in ("support", "query"):
+        v = getattr(cfg, key)
+        if v is not None:
+            out[key] = "path:" + salted_key(salt, "adapt-config-path", str(Path(v).resolve()))
+    return out
+
+
 def _listing_digest(root: Path | None) -> str | None:
     """Digest of a set's file listing (relative names, sizes, mtimes): changes when the set changes."""
     if root is None:
@@ -473,10 +489,12 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
 
 __all__ = [
     "CONFIG",
+    "FINGERPRINT_EXCLUDE",
     "UPSTREAM",
     "add_arguments",
     "execute",
     "fingerprint_inputs",
     "overrides_from_args",
+    "public_config",
     "run_name",
 ]

@@ -178,8 +178,11 @@ def test_config_defaults_validation_and_path_hiding(tmp_path: Path, monkeypatch:
         == f"fewscan-{slugify('Pleural Thickening')}"
     )
     assert cfg.alias == "latest" and cfg.steps is None and cfg.lr is None
-    dumped = cfg.model_dump(mode="json")
-    assert dumped["support"].startswith("path:") and "Doe" not in json.dumps(dumped)
+    from pipeline.adapt.stage import public_config
+
+    logged = public_config(cfg)  # what MLflow gets: no folder path in clear
+    assert logged["support"].startswith("path:") and "Doe" not in json.dumps(logged)
+    assert logged["support"] == public_config(cfg)["support"] and logged["condition"] == "Pleural Thickening"
     with pytest.raises(ConfigError, match="alias 'v3' is not a valid MLflow alias"):
         validate({"support": "s", "alias": "v3"}, AdaptConfig, "t")
     with pytest.raises(ConfigError, match="unknown key 'step'.*Did you mean 'steps'"):
