@@ -7,12 +7,13 @@ and the reuse is printed; `force=True` recomputes everything. A failed stage lea
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline import stages, tracking
-from pipeline.errors import FewscanError
+from pipeline.errors import ConfigError, FewscanError
 from pipeline.progress import log
 from pipeline.suite import dataset_name, load_suite
 from pipeline.tracking import UpstreamRun
@@ -34,6 +35,12 @@ def chain_stages(has_adapt: bool) -> list[str]:
 
 
 def run_chain(suite_ref: str, overrides: list[str] | None = None, force: bool = False) -> ChainResult:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would run ingest, episodes, ... and write the same runs
+        raise ConfigError(
+            "`fewscan run` is single-process. Under torchrun, run only the meta-train stage "
+            "(`torchrun ... -m pipeline.cli meta-train SUITE`); a later `fewscan run SUITE` then reuses it."
+        )
     suite = load_suite(suite_ref, overrides)
     manifest_path = suite.manifest_path
     # Validate every config before starting anything: a typo in `evaluate` must not cost a meta-training.

@@ -174,7 +174,7 @@ _PKG = Path(__file__).resolve().parent
 _STAGE_CODE = {
     "ingest": ["ingest"],
     "episodes": ["episodes"],
-    "meta-train": ["meta", "metatrain", "episodes", "ingest/store.py"],
+    "meta-train": ["meta", "metatrain", "episodes", "ingest/store.py", "distributed.py"],
     "adapt": ["adapt", "meta", "serving.py", "ingest"],
     "evaluate": ["evaluate", "meta", "episodes", "ingest/store.py"],
 }
@@ -228,7 +228,10 @@ def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
         return p
     dest = _cache_root() / run_id
     target = dest / rel
-    if target.exists():
+    # A cached folder is complete only if it was downloaded as that folder: fetching one file of it
+    # (store/scan_index.parquet) creates the folder (store/) as well. A marker per downloaded folder says so.
+    marker = dest / ".complete" / hashlib.sha256(rel.strip("/").encode()).hexdigest()[:24]
+    if target.is_file() or (target.is_dir() and marker.exists()):
         return target
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".dl-"))
@@ -240,7 +243,14 @@ def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
             f"download artifact {rel}",
         )
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():  # a partial folder left by an earlier single-file download: replace it whole
+            old = Path(tempfile.mkdtemp(dir=dest, prefix=".old-"))
+            os.replace(target, old / "partial")
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(got, target)  # a finished download appears at once, never half-written
+        if target.is_dir():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     except MlflowException as err:
         raise UpstreamError(f"run {run_id} has no artifact '{rel}': {err}") from None
     finally:

@@ -230,12 +230,6 @@ def test_stage_runs_artifacts_and_registry_through_the_server(as_user: Server, t
     torch.testing.assert_close(loaded["w"], state["w"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.tracking._artifact_path takes a cached folder as complete once any file under it was "
-    "fetched (episodes reads store/scan_index.parquet, then meta-train gets store/ without images.npy); "
-    "remove this mark with the fix",
-)
 def test_a_folder_artifact_is_complete_after_one_of_its_files_was_fetched(as_user: Server) -> None:
     import numpy as np
 
