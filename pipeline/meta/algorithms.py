@@ -51,7 +51,12 @@ class InnerConfig(StrictModel):
     eval_steps: int | None = Field(
         default=None, ge=0, description="inner steps at adaptation/evaluation (default: steps)"
     )
-    lr: float = Field(default=0.1, gt=0, description="inner learning rate (the initial value when learned)")
+    lr: float = Field(
+        default=0.01,
+        gt=0,
+        description="inner learning rate (initial value when learned); scale ~ 1/feature size: 0.01 for Conv-4's "
+        "512 flattened features at 64x64 (MAML paper, miniImageNet), ~0.1 for 64 features (32x32, 16 filters)",
+    )
     second_order: bool = Field(
         default=False, description="full second-order meta-gradient for maml/metasgd/mamlpp/anil"
     )

@@ -132,7 +132,15 @@ class MetaTrainer:
 
     def validate(self, episodes: Sequence[Episode]) -> dict[str, float]:
         self.learner.eval()
-        return evaluate_episodes(self.learner.method(), episodes)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            # Episodes are small (a few scans): intra-op threads only add synchronisation, and on a shared
+            # 2-core machine they stall badly (measured ~10x slower; benchmarks/RESULTS_engine.md).
+            torch.set_num_threads(1)
+        try:
+            return evaluate_episodes(self.learner.method(), episodes)
+        finally:
+            torch.set_num_threads(threads)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
