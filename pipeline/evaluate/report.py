@@ -40,8 +40,10 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
     """Plain sentences: who won this group, and whether the intervals of the others overlap with it."""
     win = comp["winner"]
     acc = comp["acc"]
+    ties = [m for m in comp["ranking"][1:] if abs(acc[m]["mean"] - acc[win]["mean"]) < 1e-12]
+    shared = f" (equal to {', '.join(ties)})" if ties else ""
     lines = [
-        f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes): the highest mean accuracy is "
+        f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes): the highest mean accuracy{shared} is "
         f"**{win}** ({methods[win]['family']}), {_interval(acc[win])}."
     ]
     tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
@@ -71,10 +73,13 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
 
         ma = MeanCI(a["mean"], a["ci95"], a["std"], a["n"])
         mb = MeanCI(b["mean"], b["ci95"], b["std"], b["n"])
-        better = bm if a["mean"] > b["mean"] else bt
+        if abs(a["mean"] - b["mean"]) < 1e-12:
+            which = "their means are equal"
+        else:
+            which = f"{bm if a['mean'] > b['mean'] else bt} is higher"
         lines.append(
             f"Best meta-learned ({bm}, {_interval(a)}) vs best traditional ({bt}, {_interval(b)}): "
-            f"{better} is higher; the intervals {'overlap' if ma.overlaps(mb) else 'do not overlap'}."
+            f"{which}; the intervals {'overlap' if ma.overlaps(mb) else 'do not overlap'}."
         )
     return lines
 

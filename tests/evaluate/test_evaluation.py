@@ -165,3 +165,33 @@ def test_outputs_written(spied: tuple[dict[str, Any], list], tmp_path: Path) -> 
     assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in pngs)
     md = (tmp_path / "report.md").read_text()
     assert "plots/adaptation_vs_steps.png" in md
+
+
+def test_verdict_sentences_on_hand_made_comparisons() -> None:
+    methods = {
+        "maml": {"family": "meta-learned"},
+        "finetune": {"family": "traditional"},
+        "scratch": {"family": "from scratch"},
+    }
+
+    def ci(mean: float, half: float) -> dict[str, Any]:
+        return {"mean": mean, "ci95": half, "std": 0.1, "n": 600}
+
+    comp = {
+        "n_episodes": 600,
+        "winner": "finetune",
+        "ranking": ["finetune", "maml", "scratch"],
+        "acc": {"finetune": ci(0.70, 0.02), "maml": ci(0.69, 0.02), "scratch": ci(0.55, 0.02)},
+        "vs_winner": {
+            "maml": {"overlap": True, "paired_diff": ci(0.01, 0.005), "paired_significant": True},
+            "scratch": {"overlap": False, "paired_diff": ci(0.15, 0.01), "paired_significant": True},
+        },
+    }
+    text = " ".join(report.verdict("binary.k5", comp, methods))
+    assert "highest mean accuracy is **finetune** (traditional), 70.0% [68.0, 72.0]" in text
+    assert "overlaps with maml (69.0% [67.0, 71.0])" in text and "cannot be told apart" in text
+    assert "separated from scratch" in text
+    assert "paired difference" in text and "finetune is higher; the intervals overlap" in text
+    comp["acc"]["maml"] = ci(0.70, 0.02)
+    text = " ".join(report.verdict("binary.k5", comp, methods))
+    assert "(equal to maml)" in text and "their means are equal" in text
