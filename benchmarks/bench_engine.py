@@ -193,7 +193,9 @@ def matmul_peak(n: int = 1024, reps: int = 10) -> float:
 def flops_of(c: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    learner = make_learner(c)
+    # FlopCounterMode is a thread-local dispatch mode: count our engine in loop mode (the same per-task ops
+    # as the task threads run), else the worker threads' FLOPs are invisible to it.
+    learner = make_learner(c, tasks="loop")
     batch = make_batch(c)
     with FlopCounterMode(display=False) as fc:
         ours_step(learner, batch, c["n_way"])

@@ -61,7 +61,9 @@ class FakeRun:
 
 
 class FakeUpstream:
-    def __init__(self, run_id: str, root: Path, tags: dict[str, str], up: dict[str, FakeUpstream] | None = None):
+    def __init__(
+        self, run_id: str, root: Path, tags: dict[str, str], up: dict[str, FakeUpstream] | None = None
+    ):
         self.run_id, self.root, self.tags, self._up = run_id, root, tags, up or {}
 
     def artifact(self, rel: str) -> Path:
