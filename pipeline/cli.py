@@ -249,6 +249,14 @@ def _single_stage(stage: str, args: argparse.Namespace) -> int:
                 raise FewscanError(f"--resume: no unfinished {stage} run of suite '{suite.name}' to resume")
         # resume continues the run with the upstream it was started on
         upstream = {up_stage: tracking.UpstreamRun.from_id(_recorded_upstream(resume, up_stage), up_stage)}
+    if stage == "meta-train":
+        from pipeline import distributed
+
+        dctx = distributed.init_from_env(device=cfg.device)
+        if dctx.is_distributed:
+            # every rank consumes the episodes run that rank 0 resolved
+            rid = distributed.broadcast_object(upstream[up_stage].run_id if dctx.is_main else None, dctx)
+            upstream = {up_stage: tracking.UpstreamRun.from_id(rid, up_stage)}
     stages.execute_stage(
         stage, cfg, upstream=upstream, suite=suite.name, dataset=dataset, resume_run_id=resume
     )
@@ -358,6 +366,15 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # under torchrun: an uncaught exception's traceback goes into torchrun's failure summary
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return int(record(_main)(argv))
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

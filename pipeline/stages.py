@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.progress import log
 from pipeline.tracking import StageResult, UpstreamRun
 
@@ -64,6 +64,12 @@ def execute_stage(
 ) -> Outcome:
     """Run one stage as an MLflow run (or reuse a finished one with the same fingerprint)."""
     mod = module(stage)
+    if stage == "meta-train":
+        dctx = distributed.init_from_env(device=cfg.device)  # torchrun's ranks, or one process
+        if not dctx.is_main:
+            # ranks > 0 train alongside rank 0 but never talk to MLflow: rank 0 owns the run
+            result = mod.execute(cfg, distributed.FollowerRun(stage, dctx.rank), upstream)
+            return Outcome(stage, "", False, result.summary)
     # What is logged (params + config YAML) may differ from what is hashed: a stage can hide paths that
     # might name a patient (`public_config`) and leave out knobs that do not change its result
     # (`FINGERPRINT_EXCLUDE`, e.g. the number of worker processes).

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline import distributed
 from pipeline.errors import DataError
 from pipeline.meta.algorithms import MetaLearner
 from pipeline.meta.methods import FewShotMethod
@@ -89,9 +90,15 @@ class MetaTrainer:
         seed: int,
         device: torch.device | str = "cpu",
         amp_bf16: bool = False,
+        dist: distributed.DistContext | None = None,
+        meta_batch: int | None = None,
     ):
         self.device = torch.device(device)
         self.learner = learner.to(self.device)
+        # data parallel over the meta-batch's tasks: this rank's share weights its mean loss and gradients
+        self.dist = dist or distributed.DistContext()
+        self.share = distributed.shard_weight(meta_batch, self.dist) if self.dist.is_distributed and meta_batch else 1.0
+        distributed.broadcast_state(self.learner, self.dist)  # every rank starts from rank 0's weights
         self.cfg = cfg
         self.opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
@@ -112,11 +119,14 @@ class MetaTrainer:
         self.opt.zero_grad(set_to_none=True)
         with ctx:
             loss, acc = self.learner.meta_backward(x_s, y_s, x_q, y_q, n_way, progress=progress)
-        if not torch.isfinite(loss):
+        # the meta-batch mean over all ranks (= the single-process value): every rank takes the same decision
+        glob = distributed.weighted_mean({"loss": float(loss), "acc": float(acc)}, self.dist, self.share)
+        if not math.isfinite(glob["loss"]):
             raise DataError(
-                f"meta-training diverged at step {self.state.step} (loss {float(loss)}); lower meta_train.outer.lr "
+                f"meta-training diverged at step {self.state.step} (loss {glob['loss']}); lower meta_train.outer.lr "
                 "or meta_train.inner.lr, or enable clipping (meta_train.outer.clip_grad)"
             )
+        distributed.average_gradients(self.learner.parameters(), self.dist, self.share)
         params = [p for p in self.learner.parameters() if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad if self.cfg.clip_grad else math.inf)
         lr = self.opt.param_groups[0]["lr"]
@@ -124,8 +134,8 @@ class MetaTrainer:
         self.sched.step()
         self.state.step += 1
         return {
-            "train_loss": float(loss.detach()),
-            "train_acc": float(acc),
+            "train_loss": glob["loss"],
+            "train_acc": glob["acc"],
             "grad_norm": float(gnorm),
             "outer_lr": lr,
         }
@@ -216,10 +226,10 @@ class MetaTrainer:
                 tasks += int(batch[0].shape[0])
                 now = time.monotonic()
                 rate = tasks / max(now - t_last, 1e-9)
-                if step % cfg.val_every == 0 or step == cfg.steps:
+                if self.dist.is_main and (step % cfg.val_every == 0 or step == cfg.steps):
                     row.update(self._validate_and_keep_best(val_episodes, ckpt_dir, on_checkpoint))
                 self._record(row, step, on_metrics)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if self.dist.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     path = self.save(ckpt_dir / "last.pt")
                     if on_checkpoint:
                         on_checkpoint(path)

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.episodes.batch import episode_arrays, stack_episodes
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.episode import Episode, load_episodes
 from pipeline.episodes.sampler import TrainSampler
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.ingest.store import ImageStore
 from pipeline.meta.algorithms import MetaLearner, make_algorithm
 from pipeline.meta.device import pick_device
@@ -117,9 +118,10 @@ def method_seed(seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
 
 
-def _sampler_fn(sampler: TrainSampler, store: ImageStore, meta_batch: int):
+def _sampler_fn(sampler: TrainSampler, store: ImageStore, meta_batch: int, ctx: distributed.DistContext):
     def sample(rng: np.random.Generator) -> MetaBatch:
-        eps = sampler.sample_batch(rng, meta_batch)
+        eps = sampler.sample_batch(rng, meta_batch)  # the WHOLE meta-batch, same draws on every rank
+        eps = distributed.shard(eps, ctx)  # this rank's tasks (all of them in one process)
         x_s, y_s, x_q, y_q = stack_episodes(eps, store)
         return x_s, y_s, x_q, y_q, eps[0].n_way
 
@@ -151,7 +153,13 @@ def _execute(
     split: dict[str, Any],
     val_all: list[Episode],
 ) -> StageResult:
-    device = pick_device(cfg.device)
+    ctx = distributed.current()
+    if cfg.meta_batch < ctx.world_size:
+        raise ConfigError(
+            f"meta_train.meta_batch={cfg.meta_batch} is smaller than the {ctx.world_size} processes; every "
+            "process needs at least one task: raise meta_batch or start fewer processes"
+        )
+    device = ctx.device if ctx.is_distributed else pick_device(cfg.device)
 
     image_shape = tuple(int(s) for s in store.images.shape[1:])  # (C, H, W) or (C, D, H, W)
     ep_cfg = train_episodes_config(split, cfg)
@@ -180,6 +188,7 @@ def _execute(
                 "val_episodes_used": len(val_eps),
                 "ingest_run_id": ingest_up.run_id,
                 "torch_threads": torch.get_num_threads(),
+                "world_size": ctx.world_size,
             }
         }
     )
@@ -206,17 +215,23 @@ def _execute(
             val_every=cfg.val_every,
             checkpoint_every=cfg.checkpoint_every,
         )
-        trainer = MetaTrainer(learner, outer, seed=seed, device=device, amp_bf16=cfg.amp)
+        trainer = MetaTrainer(
+            learner, outer, seed=seed, device=device, amp_bf16=cfg.amp, dist=ctx, meta_batch=cfg.meta_batch
+        )
         ckdir = scratch / "checkpoints" / method
-        if run.resumed:
+        ck = None
+        if run.resumed:  # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
             last = run.own_artifact(f"checkpoints/{method}/last.pt")
             if last is not None and last.is_file():
-                trainer.load(last)
+                ck = torch.load(last, map_location="cpu", weights_only=False)
                 best = run.own_artifact(f"checkpoints/{method}/best.pt")
                 if best is not None and best.is_file():
                     ckdir.mkdir(parents=True, exist_ok=True)
                     (ckdir / "best.pt").write_bytes(best.read_bytes())
-                log(f"meta-train: {method}: resumed from step {trainer.state.step}/{outer.steps}")
+        ck = distributed.broadcast_object(ck, ctx)
+        if ck is not None:
+            trainer.load_state_dict(ck)
+            log(f"meta-train: {method}: resumed from step {trainer.state.step}/{outer.steps}")
 
         def on_metrics(row: dict[str, float], step: int, method: str = method) -> None:
             run.log_metrics({f"{method}.{k}": v for k, v in row.items()}, step=step)
@@ -225,7 +240,7 @@ def _execute(
             run.log_artifact(path, f"checkpoints/{method}")
 
         state = trainer.fit(
-            _sampler_fn(sampler, store, cfg.meta_batch),
+            _sampler_fn(sampler, store, cfg.meta_batch, ctx),
             val_episodes=val_tensors,
             ckpt_dir=ckdir,
             on_metrics=on_metrics,
