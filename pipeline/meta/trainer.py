@@ -97,7 +97,11 @@ class MetaTrainer:
         self.learner = learner.to(self.device)
         # data parallel over the meta-batch's tasks: this rank's share weights its mean loss and gradients
         self.dist = dist or distributed.DistContext()
-        self.share = distributed.shard_weight(meta_batch, self.dist) if self.dist.is_distributed and meta_batch else 1.0
+        self.share = (
+            distributed.shard_weight(meta_batch, self.dist)
+            if self.dist.is_distributed and meta_batch
+            else 1.0
+        )
         distributed.broadcast_state(self.learner, self.dist)  # every rank starts from rank 0's weights
         self.cfg = cfg
         self.opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr)

@@ -220,7 +220,9 @@ def _execute(
         )
         ckdir = scratch / "checkpoints" / method
         ck = None
-        if run.resumed:  # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
+        if (
+            run.resumed
+        ):  # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
             last = run.own_artifact(f"checkpoints/{method}/last.pt")
             if last is not None and last.is_file():
                 ck = torch.load(last, map_location="cpu", weights_only=False)
