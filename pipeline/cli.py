@@ -42,7 +42,7 @@ STAGE_HELP = {
     ),
     "evaluate": (
         "Evaluate the meta-trained methods against traditional training (pretrain + fine-tune), training "
-        "from scratch and ProtoNet on the fixed test episodes of the rare conditions, with 95%% intervals; "
+        "from scratch and ProtoNet on the fixed test episodes of the rare conditions, with 95% intervals; "
         "writes results.json, report.md and plots/*.png. Hyper-parameters are chosen on validation episodes."
     ),
 }
