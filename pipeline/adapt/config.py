@@ -49,7 +49,7 @@ class AdaptConfig(StrictModel):
     batch_size: int = Field(default=64, ge=1)
     # CPU threads for torch during adaptation and scoring (restored afterwards); None = torch's default.
     # A 5-shot adaptation is a few tiny batches: on a busy CPU, 1 thread avoids intra-op contention
-    # (measured 0.5 s vs 1.3-4.2 s with 2 threads at load 11 on 2 cores; benchmarks/RESULTS_adapt.md).
+    # (measured 0.5 s vs 1.3-4.2 s with 2 threads at load 11 on 2 cores; benchmarks/RESULTS.md (adapt)).
     threads: int | None = Field(default=None, ge=1, le=256)
     # The salt of the scan/patient keys: ingest's salt file (kept outside MLflow), so keys are comparable.
     salt_file: Path = Path(".fewscan/salt")

@@ -15,7 +15,7 @@ MAML++ (Antoniou et al. 2019: LSLR, multi-step loss, derivative-order annealing)
 `MetaLearner` is an `nn.Module` holding the network and the learned inner learning rates, so one
 optimizer and one `state_dict` cover everything the outer loop learns. Its `meta_loss` maps a stacked
 meta-batch (tasks, ...) to the mean query loss; the tasks run batched with `torch.func.vmap` (GPUs),
-spread over CPU worker threads, or in a loop (see `MetaLearner.task_mode` and benchmarks/RESULTS_engine.md
+spread over CPU worker threads, or in a loop (see `MetaLearner.task_mode` and benchmarks/RESULTS.md (engine)
 for why vmap is not the CPU default).
 """
 

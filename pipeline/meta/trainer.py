@@ -149,7 +149,7 @@ class MetaTrainer:
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
             # Episodes are small (a few scans): intra-op threads only add synchronisation, and on a shared
-            # 2-core machine they stall badly (measured ~10x slower; benchmarks/RESULTS_engine.md).
+            # 2-core machine they stall badly (measured ~10x slower; benchmarks/RESULTS.md (engine)).
             torch.set_num_threads(1)
         try:
             return evaluate_episodes(self.learner.method(), episodes)
