@@ -42,8 +42,7 @@ from pipeline.adapt.support import (
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import metrics as M
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
-from pipeline.meta import inner
-from pipeline.meta.methods import Adapted, FewShotMethod, GradientMethod
+from pipeline.meta.methods import Adapted, FewShotMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
@@ -229,32 +228,13 @@ def fit_curve(
 ) -> list[Adapted]:
     """States after 0..steps inner steps of ONE adaptation run; the last one is the adapted model.
 
-    Uses the method's `fit_trajectory` when it has one (the evaluate runner's optional protocol). For the
-    engine's `GradientMethod` it asks the one inner loop for its trajectory (`inner.adapt(...,
-    trajectory=True)`), with exactly the arguments `GradientMethod.fit` passes, so the curve costs one
-    adaptation instead of steps*(steps+1)/2 inner steps. ProtoNet has no inner steps: one state.
+    Uses the method's `fit_trajectory` (the engine's `GradientMethod` runs the one inner loop once with
+    `trajectory=True`), so the curve costs one adaptation instead of steps*(steps+1)/2 inner steps.
+    ProtoNet has no inner steps: one state.
     """
     traj = getattr(method, "fit_trajectory", None)
     if traj is not None:
         return list(traj(x, y, n_way, steps))
-    if isinstance(method, GradientMethod):
-        device = next(iter(method.params.values())).device
-        xs, ys = x.to(device), y.to(device)
-        with torch.enable_grad():
-            p0 = method.model.task_params(n_way, method.params)
-            states = inner.adapt(
-                method.model,
-                p0,
-                xs,
-                ys,
-                steps=steps,
-                lr=method.lr,
-                second_order=False,
-                trainable=method.trainable,
-                trajectory=True,
-            )
-        assert isinstance(states, list)
-        return [Adapted(n_way=n_way, params={k: v.detach() for k, v in st.items()}) for st in states]
     return [method.fit(x, y, n_way, steps=steps)]
 
 

@@ -105,28 +105,12 @@ def _probs(method: Method, adapted: Any, x_q: torch.Tensor, n_way: int) -> np.nd
 def fit_trajectory(method: Method, x_s: torch.Tensor, y_s: torch.Tensor, n_way: int, steps: int) -> list[Any]:
     """The adapted states after 0..steps inner steps of ONE adaptation run (steps + 1 states).
 
-    Methods may provide `fit_trajectory`; the engine's `GradientMethod` is driven through the one inner
-    loop with `trajectory=True` (same initialization, learning rates and trainable set as its `fit`);
-    anything else falls back to one `fit` per step count.
+    Methods may provide `fit_trajectory` (the engine's `GradientMethod` does: one run of the inner loop
+    with `trajectory=True`); anything else falls back to one `fit` per step count.
     """
     own = getattr(method, "fit_trajectory", None)
     if own is not None:
         states = list(own(x_s, y_s, n_way, steps))
-    elif isinstance(method, GradientMethod):
-        with torch.enable_grad():
-            p0 = method.model.task_params(n_way, method.params)
-            traj = inner.adapt(
-                method.model,
-                p0,
-                x_s,
-                y_s,
-                steps=steps,
-                lr=method.lr,
-                trainable=method.trainable,
-                trajectory=True,
-            )
-        assert isinstance(traj, list)
-        states = [Adapted(n_way=n_way, params={k: v.detach() for k, v in p.items()}) for p in traj]
     else:
         states = [method.fit(x_s, y_s, n_way, steps=s) for s in range(steps + 1)]
     if len(states) != steps + 1:

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from pipeline.meta.inner import LRSpec, adapt_params, forward
+from pipeline.meta.inner import LRSpec, adapt, adapt_params, forward
 from pipeline.meta.models import FewShotNet
 
 
@@ -118,6 +118,29 @@ class GradientMethod:
             params={k: v.detach() for k, v in p.items()},
             info={"support_loss_before": before, "support_loss_after": after, "steps": float(n_steps)},
         )
+
+    def fit_trajectory(self, x_s: Tensor, y_s: Tensor, n_way: int, steps: int) -> list[Adapted]:
+        """The states after 0..steps inner steps of ONE adaptation run (steps + 1 of them): adaptation
+        curves and per-step loss logs cost `steps` inner steps instead of one `fit` per step count.
+        Same start, learning rates and trainable set as `fit`; the last state equals `fit(..., steps)`."""
+        _check_support(x_s, y_s, n_way)
+        device = next(iter(self.params.values())).device
+        x_s, y_s = x_s.to(device), y_s.to(device)
+        with torch.enable_grad():
+            p0 = self.model.task_params(n_way, self.params)
+            traj = adapt(
+                self.model,
+                p0,
+                x_s,
+                y_s,
+                steps=steps,
+                lr=self.lr,
+                second_order=False,
+                trainable=self.trainable,
+                trajectory=True,
+            )
+        assert isinstance(traj, list)
+        return [Adapted(n_way=n_way, params={k: v.detach() for k, v in p.items()}) for p in traj]
 
     @torch.no_grad()
     def predict_proba(self, adapted: Adapted, x: Tensor) -> Tensor:

@@ -147,3 +147,26 @@ def test_meta_model_round_trip_reproduces_predictions_and_learned_rates(tmp_path
     )
     with pytest.raises(DataError, match="not a meta-model folder"):
         load_meta_model(tmp_path)
+
+
+def test_fit_trajectory_is_one_run_ending_at_fit() -> None:
+    """The trajectory's states are successive inner steps; its last state is exactly `fit`'s result."""
+    import torch as _t
+
+    from pipeline.meta.methods import GradientMethod
+    from pipeline.meta.models import ModelSpec, build_model
+
+    _t.manual_seed(0)
+    model = build_model(ModelSpec(filters=4, blocks=2), in_channels=1, image_size=(8, 8))
+    m = GradientMethod(model, steps=3, lr=0.1)
+    x, y = _t.randn(6, 1, 8, 8), _t.tensor([0, 0, 0, 1, 1, 1])
+    traj = m.fit_trajectory(x, y, 2, 3)
+    assert len(traj) == 4
+    fitted = m.fit(x, y, 2)
+    for k, v in fitted.params.items():
+        _t.testing.assert_close(traj[-1].params[k], v)
+    losses = [
+        float(_t.nn.functional.cross_entropy(m.predict_proba(s, x).log(), y, reduction="mean")) for s in traj
+    ]
+    assert losses[-1] < losses[0]
+    assert any(not _t.equal(traj[0].params[k], traj[1].params[k]) for k in traj[0].params)
