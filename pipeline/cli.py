@@ -256,7 +256,7 @@ def _single_stage(stage: str, args: argparse.Namespace) -> int:
         if dctx.is_distributed:
             # every rank consumes the episodes run that rank 0 resolved
             rid = distributed.broadcast_object(upstream[up_stage].run_id if dctx.is_main else None, dctx)
-            upstream = {up_stage: tracking.UpstreamRun.from_id(rid, up_stage)}
+            upstream = {up_stage: tracking.UpstreamRun.from_id(str(rid), up_stage)}
     stages.execute_stage(
         stage, cfg, upstream=upstream, suite=suite.name, dataset=dataset, resume_run_id=resume
     )
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun: an uncaught exception's traceback goes into torchrun's failure summary
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return int(record(_main)(argv))
+        return int(record(_main)(argv) or 0)
     return _main(argv)
 
 

@@ -68,8 +68,8 @@ def execute_stage(
         dctx = distributed.init_from_env(device=cfg.device)  # torchrun's ranks, or one process
         if not dctx.is_main:
             # ranks > 0 train alongside rank 0 but never talk to MLflow: rank 0 owns the run
-            result = mod.execute(cfg, distributed.FollowerRun(stage, dctx.rank), upstream)
-            return Outcome(stage, "", False, result.summary)
+            follower: StageResult = mod.execute(cfg, distributed.FollowerRun(stage, dctx.rank), upstream)
+            return Outcome(stage, "", False, follower.summary)
     # What is logged (params + config YAML) may differ from what is hashed: a stage can hide paths that
     # might name a patient (`public_config`) and leave out knobs that do not change its result
     # (`FINGERPRINT_EXCLUDE`, e.g. the number of worker processes).

@@ -24,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -137,9 +138,10 @@ def experiment_id(name: str) -> str:
     c = client()
     exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
     if exp is not None:
+        found_id = str(exp.experiment_id)
         if exp.lifecycle_stage == "deleted":
-            retry(lambda: c.restore_experiment(exp.experiment_id), "restore a deleted experiment")
-        return str(exp.experiment_id)
+            retry(lambda: c.restore_experiment(found_id), "restore a deleted experiment")
+        return found_id
     location = default_artifact_root() if is_default_store() else None
     try:
         return str(
@@ -451,7 +453,7 @@ class StageRun:
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
             try:
-                retry(lambda chunk=chunk: c.log_batch(self.run_id, params=chunk), "log params")
+                retry(partial(c.log_batch, self.run_id, params=chunk), "log params")
             except MlflowException as err:
                 # a resumed run may re-log identical params; a *changed* value is a real error
                 if "already logged" not in str(err) and "Changing param values" not in str(err):
@@ -465,7 +467,7 @@ class StageRun:
         c = client()
         for i in range(0, len(items), 500):
             chunk = items[i : i + 500]
-            retry(lambda chunk=chunk: c.log_batch(self.run_id, metrics=chunk), "log metrics")
+            retry(partial(c.log_batch, self.run_id, metrics=chunk), "log metrics")
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.log_metrics({key: value}, step=step)
@@ -510,8 +512,10 @@ class StageRun:
         from mlflow.entities import DatasetInput, InputTag
 
         # The source names where the table lives: this run's artifact (e.g. store/scan_index.parquet).
-        uri = f"{self.artifact_uri.rstrip('/')}/{source}" if source else None
+        uri = f"{self.artifact_uri.rstrip('/')}/{source}" if source else ""
         try:
+            if not uri:
+                raise MlflowException("no artifact source given")
             ds = from_pandas(df, source=uri, name=name, digest=digest)
         except MlflowException:
             src = CodeDatasetSource({"fewscan.run_id": self.run_id, "fewscan.artifact": source or ""})
