@@ -47,6 +47,12 @@ STAGE_HELP = {
     ),
 }
 
+SHORT_HELP = {
+    "episodes": "build the condition split and fixed few-shot episodes from an ingest run",
+    "meta-train": "meta-train MAML-family methods and ProtoNet on the common conditions",
+    "evaluate": "compare meta-learning with traditional training on the rare conditions",
+}
+
 
 def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None) -> None:
     if upstream:
@@ -132,9 +138,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         _stage_extra_args("ingest", p)
 
     for stage, upstream in (("episodes", "ingest"), ("meta-train", "episodes"), ("evaluate", "meta-train")):
-        p = sub.add_parser(
-            stage, help=STAGE_HELP[stage].split(":")[0].split(";")[0], description=STAGE_HELP[stage]
-        )
+        p = sub.add_parser(stage, help=SHORT_HELP[stage], description=STAGE_HELP[stage])
         p.add_argument("suite", help="task suite YAML (e.g. tasks/demo.yaml, or a bare name: demo)")
         _add_common_stage_args(p, upstream)
         if stage == "meta-train":
@@ -252,7 +256,7 @@ def _single_stage(stage: str, args: argparse.Namespace) -> int:
     if stage == "meta-train":
         from pipeline import distributed
 
-        dctx = distributed.init_from_env(device=cfg.device)
+        dctx = distributed.init_from_env(device=getattr(cfg, "device", "auto"))
         if dctx.is_distributed:
             # every rank consumes the episodes run that rank 0 resolved
             rid = distributed.broadcast_object(upstream[up_stage].run_id if dctx.is_main else None, dctx)
