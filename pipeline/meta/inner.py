@@ -103,10 +103,35 @@ def adapt(
         out = functional_call(model, (fast, fixed_, bufs), (x_,))
         return loss_fn(out, y_)
 
+    # Two ways to take the inner gradient, same values: `torch.func.grad` composes with vmap (and with
+    # outer torch.func transforms), so it is used whenever the tensors are functorch-wrapped; on plain
+    # tensors `torch.autograd.grad` is used because functorch's per-op dispatch layer costs ~8% of a CPU
+    # second-order meta-step and makes custom autograd Functions (fastops.py) pay a Python wrapper per call.
+    use_func = _functorch_wrapped(x) or any(_functorch_wrapped(v) for v in params.values())
     grad_fn = grad(support_loss)
 
+    def autograd_grads(fast: Params, fixed_: Params, create_graph: bool) -> Params:
+        if not create_graph:
+            # First order (or no outer graph wanted): differentiate detached leaves, keep no graph.
+            fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+            fixed_ = {k: v.detach() for k, v in fixed_.items()}
+        else:
+            fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
+        with torch.enable_grad():
+            loss = support_loss(fast, fixed_, x, y)
+            gs = torch.autograd.grad(
+                loss,
+                list(fast.values()),
+                create_graph=create_graph,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        return dict(zip(fast, gs))
+
     def step(i: int, fast: Params, fixed_: Params, lrs: Mapping[str, float | Tensor]) -> Params:
-        if second_order:
+        if not use_func:
+            g = autograd_grads(fast, fixed_, second_order and torch.is_grad_enabled())
+        elif second_order:
             g = grad_fn(fast, fixed_, x, y)
         else:
             # First order: differentiate on detached copies so no graph is kept through the gradient.
@@ -128,6 +153,11 @@ def adapt(
     if trajectory:
         return out
     return out[-1]
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """True for a tensor seen through a torch.func transform (vmap's batched or grad's tracking wrapper)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 class _RecomputedStep(torch.autograd.Function):
