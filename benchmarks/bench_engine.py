@@ -1,12 +1,19 @@
 """Meta-training throughput of the engine against a learn2learn/higher-style reference, in one process.
 
-Reference ("l2l-style"): a Python loop over the tasks of a meta-batch; per task the parameters are
-cloned, each inner step is `torch.autograd.grad(loss, params, create_graph=second_order)` followed by
-`p - lr * g`, the query loss is back-propagated per task (as learn2learn's MAML examples do).
-Ours: `pipeline.meta.algorithms.MetaLearner.meta_loss` — the one functional inner loop
-(`functional_call` + `torch.func.grad`) vmapped over the tasks, one backward for the meta-batch.
-Both run the same network, data, inner steps and learning rate, and their meta-gradients are checked to
-agree before timing.
+Reference ("l2l-style"): the network as learn2learn / higher users write it (`nn.Conv2d`, `nn.GroupNorm`,
+`nn.ReLU`, `nn.MaxPool2d` in an `nn.Sequential`, like learn2learn's CNN4 with GroupNorm for BatchNorm) and
+their inner loop: a Python loop over the tasks of a meta-batch; per task the parameters are cloned, each
+inner step is `torch.autograd.grad(loss, params, create_graph=second_order)` followed by `p - lr * g`, the
+query loss is back-propagated per task (as learn2learn's MAML examples do). torch's default intra-op threads.
+Ours: `pipeline.meta.algorithms.MetaLearner.meta_backward` with fewscan's Conv4 — the one functional inner
+loop, tasks spread over CPU task threads (`tasks: auto`), the backbone's CPU fast paths
+(`pipeline/meta/fastops.py`: analytic GroupNorm double backward, channels-last max-pool, pool-then-ReLU).
+Both compute the same function from the same weights; the meta-gradients are checked to agree in float64
+before timing. To separate the two sources of speed, the reference is also timed on fewscan's own network
+("reference on our network"), and our engine as a plain loop at one thread. Where installed, the real
+libraries are timed too: `higher` (pip install higher) and learn2learn's MAML (`--l2l-src DIR`: the
+`learn2learn` folder of its sdist, whose Cython parts do not build on this Python; only the pure-Python
+`algorithms/maml.py` and `utils` are loaded).
 
 Configurations:
   A: Conv-4 (64 filters), 5-way 1-shot, 15 query/class, 28x28, 5 inner steps, meta-batch 8, second order.
@@ -15,13 +22,15 @@ Also: peak extra memory (RSS high-water mark in a fresh subprocess) of first ord
 checkpointed second order, and achieved FLOP/s (torch.utils.flop_counter) against a matmul peak measured
 in the same run.
 
-usage: python benchmarks/bench_engine.py [--quick] [--threads N] [--repeats R] [--only A|B|mem|flops]
+usage: python benchmarks/bench_engine.py [--threads N] [--repeats R] [--only A|B|mem|flops] [--l2l-src DIR]
 Never part of the test run: the machine is shared and noisy; ratios are measured interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import platform
 import resource
@@ -29,16 +38,19 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.meta.algorithms import InnerConfig, MetaLearner, make_algorithm  # noqa: E402
-from pipeline.meta.models import ModelSpec, build_model  # noqa: E402
+from pipeline.meta.fastops import GroupNorm2, MaxPool2  # noqa: E402
+from pipeline.meta.models import FewShotNet, ModelSpec, build_model  # noqa: E402
 
 CONFIGS = {
     "A": {
@@ -95,85 +107,198 @@ def ours_step(learner: MetaLearner, batch, n_way: int) -> None:
     learner.meta_backward(*batch, n_way)
 
 
-def reference_step(
-    learner: MetaLearner, batch, n_way: int, steps: int, lr: float, second_order: bool
-) -> None:
-    """learn2learn / higher style: loop over tasks, autograd.grad(create_graph) per inner step."""
-    model = learner.model
-    for p in learner.parameters():
+def textbook_net(model: FewShotNet, head_rows: int = 1) -> nn.Sequential:
+    """The same function and weights as fewscan's Conv4 `model`, written with the stock modules in the
+    textbook order (conv -> GroupNorm -> ReLU -> max-pool), as learn2learn/higher users build it.
+    `head_rows` = 1: the shared head row (replicated per task by `reference_step`, like ours);
+    n: an explicit n-row head initialised with that row (for libraries that adapt module parameters)."""
+    layers: list[nn.Module] = []
+    for mod in model.backbone.features:  # type: ignore[union-attr]
+        if isinstance(mod, GroupNorm2):
+            gn = nn.GroupNorm(mod.num_groups, mod.num_channels, eps=mod.eps)
+            gn.load_state_dict(mod.state_dict())
+            layers.append(gn)
+        elif isinstance(mod, MaxPool2):
+            continue  # re-inserted after the ReLU below
+        elif isinstance(mod, nn.ReLU):
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        else:
+            layers.append(copy.deepcopy(mod))
+    head = nn.Linear(model.feat_dim, head_rows)
+    with torch.no_grad():
+        head.weight.copy_(model.head.weight.expand(head_rows, -1))
+        head.bias.copy_(model.head.bias.expand(head_rows))
+    return nn.Sequential(*layers, nn.Flatten(), head)
+
+
+def reference_step(net: nn.Module, batch, n_way: int, steps: int, lr: float, second_order: bool) -> None:
+    """learn2learn / higher style: loop over tasks, autograd.grad(create_graph) per inner step.
+
+    `net`: a `textbook_net` (Sequential, last module the shared head row) or a fewscan `FewShotNet`."""
+    for p in net.parameters():
+        p.grad = None
+    xs, ys, xq, yq = batch
+    t = xs.shape[0]
+    if isinstance(net, FewShotNet):
+        head_w, head_b = "head.weight", "head.bias"
+    else:
+        last = len(net) - 1  # type: ignore[arg-type]
+        head_w, head_b = f"{last}.weight", f"{last}.bias"
+    for i in range(t):
+        # the "clone": a differentiable copy, the head row replicated for n_way classes
+        params = dict(net.named_parameters())
+        params[head_w] = params[head_w].expand(n_way, -1)
+        params[head_b] = params[head_b].expand(n_way)
+        names = list(params)
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, params, (xs[i],)), ys[i])
+            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=second_order)
+            params = {k: params[k] - lr * g for k, g in zip(names, grads)}
+        qloss = F.cross_entropy(functional_call(net, params, (xq[i],)), yq[i]) / t
+        qloss.backward()
+
+
+def higher_step(net: nn.Module, batch, steps: int, lr: float, second_order: bool) -> None:
+    """The `higher` library itself: innerloop_ctx + differentiable SGD, per task (net: n-row head)."""
+    import higher  # optional: pip install higher
+
+    for p in net.parameters():
+        p.grad = None
+    xs, ys, xq, yq = batch
+    t = xs.shape[0]
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for i in range(t):
+        with higher.innerloop_ctx(net, opt, copy_initial_weights=False, track_higher_grads=second_order) as (
+            fnet,
+            diffopt,
+        ):
+            for _ in range(steps):
+                diffopt.step(F.cross_entropy(fnet(xs[i]), ys[i]))
+            (F.cross_entropy(fnet(xq[i]), yq[i]) / t).backward()
+
+
+def load_l2l_maml(src: str):
+    """learn2learn's MAML class from an unpacked sdist's `learn2learn` folder, without its Cython parts."""
+    root = Path(src)
+    for name, path in (("learn2learn", root), ("learn2learn.algorithms", root / "algorithms")):
+        mod = types.ModuleType(name)
+        mod.__path__ = [str(path)]  # type: ignore[attr-defined]
+        sys.modules[name] = mod
+    for name, path in (
+        ("learn2learn.utils", root / "utils" / "__init__.py"),
+        ("learn2learn.algorithms.base_learner", root / "algorithms" / "base_learner.py"),
+        ("learn2learn.algorithms.maml", root / "algorithms" / "maml.py"),
+    ):
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["learn2learn.algorithms.maml"].MAML
+
+
+def l2l_step(maml, batch, steps: int) -> None:
+    """learn2learn's own MAML: clone() + adapt() per task (maml wraps an n-row-head textbook net)."""
+    for p in maml.parameters():
         p.grad = None
     xs, ys, xq, yq = batch
     t = xs.shape[0]
     for i in range(t):
-        params = model.task_params(n_way)  # the "clone": differentiable copy with the head for n_way
-        names = list(params)
+        learner = maml.clone()
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, params, (xs[i],)), ys[i])
-            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=second_order)
-            params = {k: params[k] - lr * g for k, g in zip(names, grads)}
-        qloss = F.cross_entropy(functional_call(model, params, (xq[i],)), yq[i]) / t
-        qloss.backward()
+            learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
+        (F.cross_entropy(learner(xq[i]), yq[i]) / t).backward()
 
 
-def grads_of(learner: MetaLearner) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in learner.parameters() if p.grad is not None])
+def grads_of(module: nn.Module, head_rows: int = 1) -> torch.Tensor:
+    """The meta-gradient as one vector in parameter order; an n-row head is summed to the shared row."""
+    gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+    if head_rows > 1:  # the last two parameters are the head's weight and bias
+        gs[-2], gs[-1] = gs[-2].sum(0, keepdim=True), gs[-1].sum(0, keepdim=True)
+    return torch.cat([g.reshape(-1) for g in gs])
 
 
-def time_pair(c: dict, repeats: int, iters: int) -> dict:
-    """Interleaved timing of ours vs reference; returns tasks/s medians and the ratio."""
+def agreement(c: dict) -> dict:
+    """Relative difference of our meta-gradient and the reference's, in float64 (2 tasks) and float32.
+
+    Float64 shows the two compute the same function and derivative; in float32 second-order MAML with a large
+    inner rate amplifies rounding differences (different but equally valid op orders) by a few orders."""
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        cc = dict(c, meta_batch=2) if dtype == torch.float64 else c
+        learner = make_learner(cc, tasks="loop").to(dtype)
+        batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in make_batch(cc))
+        ours_step(learner, batch, cc["n_way"])
+        g_ours = grads_of(learner)
+        net = textbook_net(learner.model).to(dtype)
+        reference_step(net, batch, cc["n_way"], cc["steps"], cc["lr"], cc["second_order"])
+        g_ref = grads_of(net)
+        out[str(dtype).replace("torch.", "")] = float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
+    return out
+
+
+def time_pair(c: dict, repeats: int, iters: int, l2l_src: str | None = None) -> dict:
+    """Interleaved timing of ours vs the references; returns tasks/s medians and the ratios."""
     learner = make_learner(c)
     batch = make_batch(c)
     n = c["n_way"]
-
-    def ours():
-        ours_step(learner, batch, n)
-
-    def ref():
-        reference_step(learner, batch, n, c["steps"], c["lr"], c["second_order"])
-
-    ours()
-    g_ours = grads_of(learner).clone()
-    ref()
-    g_ref = grads_of(learner).clone()
-    rel = float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-12))
+    net = textbook_net(learner.model)
     threads = torch.get_num_threads()
 
-    def ref1():  # the reference at one intra-op thread (its best setting on a loaded machine)
-        torch.set_num_threads(1)
-        try:
-            ref()
-        finally:
-            torch.set_num_threads(threads)
+    def at_one_thread(fn):
+        def run():
+            torch.set_num_threads(1)
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(threads)
 
-    def ours_loop():  # our engine, tasks in a plain loop at the default threads
+        return run
+
+    def ours_loop():  # our engine, tasks in a plain loop at one thread
         learner.inner = learner.inner.model_copy(update={"tasks": "loop"})
         try:
-            ours()
+            at_one_thread(lambda: ours_step(learner, batch, n))()
         finally:
             learner.inner = learner.inner.model_copy(update={"tasks": "auto"})
 
-    t_ours, t_ref, t_ref1, t_loop = [], [], [], []
+    fns = {
+        "ours": lambda: ours_step(learner, batch, n),
+        "ref": lambda: reference_step(net, batch, n, c["steps"], c["lr"], c["second_order"]),
+        "ref_our_network": lambda: reference_step(
+            learner.model, batch, n, c["steps"], c["lr"], c["second_order"]
+        ),
+        "ref_1thread": at_one_thread(
+            lambda: reference_step(net, batch, n, c["steps"], c["lr"], c["second_order"])
+        ),
+        "ours_loop_1thread": ours_loop,
+    }
+    if importlib.util.find_spec("higher") is not None:
+        net_n = textbook_net(learner.model, head_rows=n)
+        fns["higher"] = lambda: higher_step(net_n, batch, c["steps"], c["lr"], c["second_order"])
+    if l2l_src:
+        maml = load_l2l_maml(l2l_src)(
+            textbook_net(learner.model, head_rows=n), lr=c["lr"], first_order=not c["second_order"]
+        )
+        fns["learn2learn"] = lambda: l2l_step(maml, batch, c["steps"])
+    for fn in fns.values():  # warm-up (allocator, oneDNN primitive caches)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for fn, acc in ((ours, t_ours), (ref, t_ref), (ref1, t_ref1), (ours_loop, t_loop)):
+        for k, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
-            acc.append((time.perf_counter() - t0) / iters)
+            times[k].append((time.perf_counter() - t0) / iters)
     tasks = c["meta_batch"]
-    mo, mr = statistics.median(t_ours), statistics.median(t_ref)
-    mr1, ml = statistics.median(t_ref1), statistics.median(t_loop)
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "mode": learner.task_mode(torch.device("cpu")),
-        "ours_tasks_per_s": tasks / mo,
-        "ref_tasks_per_s": tasks / mr,
-        "ref_1thread_tasks_per_s": tasks / mr1,
-        "ours_loop_tasks_per_s": tasks / ml,
-        "speedup": mr / mo,
-        "speedup_vs_ref_1thread": mr1 / mo,
-        "all_s_per_batch": {"ours": t_ours, "ref": t_ref, "ref_1thread": t_ref1, "ours_loop": t_loop},
-        "ours_s_per_batch": mo,
-        "ref_s_per_batch": mr,
-        "grad_rel_diff": rel,
+        "tasks_per_s": {k: tasks / v for k, v in med.items()},
+        "speedup": {k: v / med["ours"] for k, v in med.items() if k != "ours"},
+        "s_per_batch": times,
+        "ours_s_per_batch": med["ours"],
+        "ref_s_per_batch": med["ref"],
         "repeats": repeats,
         "iters": iters,
     }
@@ -201,20 +326,38 @@ def flops_of(c: dict) -> dict:
         ours_step(learner, batch, c["n_way"])
     ours_flops = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
-        reference_step(learner, batch, c["n_way"], c["steps"], c["lr"], c["second_order"])
+        reference_step(textbook_net(learner.model), batch, c["n_way"], c["steps"], c["lr"], c["second_order"])
     return {"ours_flops_per_batch": ours_flops, "ref_flops_per_batch": fc.get_total_flops()}
 
 
+def _peak_rss_kib() -> int:
+    """This process's RSS high-water mark (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _mem_child(cfg_name: str, mode: str) -> None:
-    """Runs in a fresh process: peak RSS increase of one meta-step (KiB → MiB)."""
+    """Runs in a fresh process: peak RSS increase of one meta-step (KiB → MiB).
+
+    The high-water mark is reset first: a child forked from a large parent inherits the parent's mark across
+    exec, which would hide the step's own peak (an earlier full run printed 0 MiB for that reason)."""
     c = dict(CONFIGS[cfg_name])
     ck = mode == "second_order_checkpointed"
     c["second_order"] = mode != "first_order"
     learner = make_learner(c, checkpoint=ck)
     batch = make_batch(c)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+    base = _peak_rss_kib()
     ours_step(learner, batch, c["n_way"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kib()
     print(json.dumps({"peak_extra_mib": (peak - base) / 1024}))
 
 
@@ -248,6 +391,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--only", choices=["A", "B", "mem", "flops"], default=None)
+    ap.add_argument(
+        "--l2l-src", default=None, help="the learn2learn/ folder of an unpacked learn2learn sdist"
+    )
     ap.add_argument("--mem-child", nargs=2, metavar=("CONFIG", "MODE"))
     a = ap.parse_args()
     if a.threads:
@@ -262,13 +408,16 @@ def main() -> None:
     results: dict = {"threads": torch.get_num_threads()}
     for name in ("A", "B"):
         if a.only in (None, name):
-            r = time_pair(CONFIGS[name], a.repeats, a.iters)
+            agree = agreement(CONFIGS[name])
+            r = time_pair(CONFIGS[name], a.repeats, a.iters, a.l2l_src)
+            r["grad_rel_diff"] = agree
             results[name] = r
+            tps, sp = r["tasks_per_s"], r["speedup"]
+            others = ", ".join(f"{k} {tps[k]:.2f} (x{sp[k]:.2f})" for k in tps if k not in ("ours", "ref"))
             print(
-                f"config {name}: ours ({r['mode']}) {r['ours_tasks_per_s']:.2f} tasks/s, reference "
-                f"{r['ref_tasks_per_s']:.2f} tasks/s (x{r['speedup']:.2f}); reference at 1 thread "
-                f"{r['ref_1thread_tasks_per_s']:.2f} (x{r['speedup_vs_ref_1thread']:.2f}); ours as a plain loop "
-                f"{r['ours_loop_tasks_per_s']:.2f}; meta-grad rel diff {r['grad_rel_diff']:.1e}"
+                f"config {name}: ours ({r['mode']}) {tps['ours']:.2f} tasks/s, reference {tps['ref']:.2f} tasks/s "
+                f"(x{sp['ref']:.2f}); {others}; meta-grad rel diff float64 {agree['float64']:.1e}, "
+                f"float32 {agree['float32']:.1e}"
             )
     if a.only in (None, "flops"):
         peak = matmul_peak()

@@ -3,7 +3,9 @@
 One function serves meta-training (MAML, FO-MAML, ANIL, Meta-SGD, MAML++), adaptation to a new
 condition, the fine-tuning / from-scratch baselines and evaluation (DESIGN.md principle 1). It never
 touches the module's own parameters: it takes a dict of tensors, runs `steps` steps of gradient descent on
-the support loss with `torch.func.functional_call` + `torch.func.grad`, and returns the new dict.
+the support loss with `torch.func.functional_call` + `torch.func.grad`, and returns the new dict. (On plain
+tensors, outside any torch.func transform, the same gradient is taken with `torch.autograd.grad`: equal
+values, without functorch's per-op dispatch cost; see `adapt`.)
 
 - Composes with `torch.func.vmap` over tasks (the meta-batch) and with ordinary autograd for the outer
   loop: with `second_order=True` the returned tensors stay differentiable w.r.t. the input params (and the
