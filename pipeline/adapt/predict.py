@@ -5,7 +5,10 @@ column. An unreadable or mismatched file gets a row with its error and empty pro
 Every scan is preprocessed exactly like the meta-model's training data (inside the adapted model), and
 a scan's probabilities do not depend on which other scans are in the same batch.
 
-This writes to the local CSV only (and stderr); nothing goes to MLflow, so clear file paths are fine here.
+Nothing goes to MLflow. The CSV is the user's own local result and keeps each scan's clear path (that is
+how a row is matched to its file). stderr, which ends up in terminals and CI logs, never shows a path: it
+names a file by its salted file key (ingest's `salted_key(salt, "file", path)`, ingest's salt file) and
+points at `<local_report_dir>/predict.paths.json` (local only, next to the salt), which maps the key back.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapt.adapted import AdaptedClassifier, prob_column, torch_threads
-from pipeline.adapt.support import list_inputs
+from pipeline.adapt.support import PathLedger, list_inputs
 from pipeline.errors import ConfigError
+from pipeline.ingest.deid import load_or_create_salt
 from pipeline.progress import log
+
+LEDGER_FILE = "predict.paths.json"
 
 
 def write_predictions_csv(rows: list[dict[str, Any]], classes: list[str], output_csv: Path) -> None:
     """Write the rows atomically (temp file + os.replace): a crash never leaves half a CSV."""
     output_csv = Path(output_csv)
     if output_csv.is_dir():
-        raise ConfigError(f"--output {output_csv} is a folder; give a file name such as predictions.csv")
+        raise ConfigError("--output is a folder; give a file name such as predictions.csv")
     output_csv.parent.mkdir(parents=True, exist_ok=True)
     cols = ["path", "predicted_class", *(prob_column(c) for c in classes), "error"]
     tmp = output_csv.with_name(f".{output_csv.name}.tmp-{os.getpid()}")
@@ -47,18 +53,28 @@ def write_predictions_csv(rows: list[dict[str, Any]], classes: list[str], output
 
 
 def predict(
-    model_uri: str, input_path: Path, output_csv: Path, batch_size: int = 64, threads: int | None = None
+    model_uri: str,
+    input_path: Path,
+    output_csv: Path,
+    batch_size: int = 64,
+    threads: int | None = None,
+    *,
+    salt_file: Path = Path(".fewscan/salt"),
+    local_report_dir: Path = Path(".fewscan/reports"),
 ) -> dict[str, Any]:
     """Predict every scan under `input_path` (a file or a folder) with the adapted model at `model_uri`.
 
     `threads`: torch CPU threads while scoring (None: torch's default; 1 is fastest on a busy CPU).
     `model_uri`: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/adapted_model`, or a local
-    folder holding the saved pyfunc model. Returns a summary dict (counts, classes, output path, timing).
+    folder holding the saved pyfunc model. `salt_file`, `local_report_dir`: as in the adapt config (ingest's
+    salt; where `predict.paths.json` maps the file keys of log lines to paths). Returns a summary dict
+    (counts, classes, output path, timing) for the caller; it holds clear paths, so it is not logged.
     """
     from pipeline.serving import load_adapted
 
     t0 = time.perf_counter()
-    refs = list_inputs(Path(input_path))
+    ledger = PathLedger(load_or_create_salt(salt_file), Path(local_report_dir) / LEDGER_FILE)
+    refs = list_inputs(Path(input_path), ledger)
     model: AdaptedClassifier = load_adapted(model_uri)
     t_load = time.perf_counter() - t0
     with torch_threads(threads):
@@ -82,7 +98,8 @@ def predict(
     }
     per_class = ", ".join(f"{c}: {n}" for c, n in summary["predicted"].items())
     err = f"; {n_err} unreadable (see the error column)" if n_err else ""
+    out = ledger.cite(output_csv, "predict: the --output CSV")
     log(
-        f"predicted {len(rows) - n_err}/{len(rows)} scans ({per_class}){err} -> {output_csv} in {elapsed:.1f} s"
+        f"predicted {len(rows) - n_err}/{len(rows)} scans ({per_class}){err} -> --output {out} in {elapsed:.1f} s"
     )
     return summary

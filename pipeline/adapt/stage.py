@@ -11,7 +11,10 @@
    unadapted one, for comparison); scans also present in the support set are left out of these.
 5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`.
 
-No file name or path reaches MLflow: scans are salted content hashes, config paths are hashed.
+No file name or path reaches MLflow: scans are salted content hashes, config paths are hashed. Nor does
+one reach stderr: log lines name a file by its salted file key, and `<local_report_dir>/adapt.paths.json`
+(local only, next to the salt) maps each key to the clear path; `adapt-<run id>.json` there lists the
+rejected scans with their paths.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipeline.adapt.adapted import AdaptedClassifier, save_adapted, torch_thread
 from pipeline.adapt.config import AdaptConfig
 from pipeline.adapt.support import (
     LabelledSet,
+    PathLedger,
     ScanSpec,
     list_labelled,
     load_labelled,
@@ -50,6 +54,8 @@ from pipeline.tracking import StageResult, StageRun, UpstreamRun
 CONFIG = AdaptConfig
 UPSTREAM = ("meta-train",)
 DEFAULT_NORMAL = "No Finding"
+# In local_report_dir (next to the salt, never uploaded): file key -> clear path of every file a log line names.
+LEDGER_FILE = "adapt.paths.json"
 # Distributions the adapted pyfunc imports (pinned to this environment's versions); listing them
 # explicitly skips MLflow's requirement inference, which loads the model in a subprocess (seconds).
 _RUNTIME_DISTS = (
@@ -316,16 +322,18 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     store = facts.get("store") or {}
     normal = str(store.get("normal_label") or mm.meta.get("normal_label") or DEFAULT_NORMAL)
     salt = load_or_create_salt(cfg.salt_file)
+    # stderr names a file only by its salted key; this local-only file maps keys back to clear paths
+    ledger = PathLedger(salt, Path(cfg.local_report_dir) / LEDGER_FILE)
 
     # ---- support (and query) sets
-    refs = list_labelled(cfg.support, "support")
+    refs = list_labelled(cfg.support, "support", ledger)
     classes = order_classes([str(r.label) for r in refs], cfg.condition, normal)
     condition = classes[0]
-    support = load_labelled(refs, classes, spec, salt, cfg.min_per_class, "support")
+    support = load_labelled(refs, classes, spec, salt, cfg.min_per_class, "support", ledger=ledger)
     query: LabelledSet | None = None
     if cfg.query is not None:
-        qrefs = list_labelled(cfg.query, "query")
-        query = load_labelled(qrefs, classes, spec, salt, 0, "query")
+        qrefs = list_labelled(cfg.query, "query", ledger)
+        query = load_labelled(qrefs, classes, spec, salt, 0, "query", ledger=ledger)
         if len(query.keys) == 0:
             raise DataError("no readable scan in the query set (listed above); fix it or leave --query out")
 

@@ -8,8 +8,11 @@ geometry, windowing and normalisation.
 
 De-identification: a scan is known outside this module only by a salted hash of its *content* (the same
 salt file as ingest, kept outside MLflow), so nothing written to MLflow holds a file name, and the same
-scan in support and query is detected whatever it is called. Clear paths appear only on stderr and in the
-local-only report (next to the salt), for the person who owns the files.
+scan in support and query is detected whatever it is called. A folder or file name can hold a patient name
+(`DOE^JOHN/scan.dcm`), and stderr ends up in CI logs and terminals, so log lines name a file only by its
+salted file key (ingest's convention: `salted_key(salt, "file", path)`, same salt file) and point at the
+local-only report (`PathLedger`, next to the salt, never uploaded) that maps the key back to the clear path.
+Exceptions name the problem and the fix but never a path (an error's text is recorded in MLflow).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class ScanMismatch(DataError):
 class ScanRef:
     path: Path
     label: str | None  # None for unlabelled scans (predict)
-    shown: str  # path relative to the set's root: for local messages only, never for MLflow
+    shown: str  # path relative to the set's root: local only, never for MLflow nor logs (they use file keys)
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,54 @@ class ScanSpec:
         )
 
 
-def _fail(exc: type[FewscanError], msg: str, where: Path | str) -> NoReturn:
+class PathLedger:
+    """The local-only record behind the file keys that log lines show instead of clear paths.
+
+    `key(path)` is ingest's file key, `salted_key(salt, "file", <absolute path>)` with ingest's salt;
+    `cite(path, note)` records `key -> {path, notes}` in `report` (JSON, next to the salt, never uploaded)
+    and returns the text for a log line: "file <key> (clear path in <report>)". The report is merged and
+    rewritten atomically (temp file + os.replace), so keys from earlier runs stay resolvable and a crash
+    never leaves half a file. With `report=None` nothing is recorded and the citation is the key alone.
+    """
+
+    def __init__(self, salt: bytes, report: Path | None):
+        self.salt = salt
+        self.report = Path(report) if report is not None else None
+
+    def key(self, path: Path | str) -> str:
+        return salted_key(self.salt, "file", str(Path(path).resolve()))
+
+    def record(self, entries: Sequence[tuple[Path | str, str]]) -> list[str]:
+        """Record several (path, note) at once (one rewrite of the report); their keys, in order."""
+        keys = [self.key(p) for p, _ in entries]
+        if self.report is None or not entries:
+            return keys
+        files: dict[str, Any] = {}
+        try:
+            files = dict(json.loads(self.report.read_text()).get("files") or {})
+        except (OSError, ValueError, AttributeError):
+            files = {}  # missing or unreadable: start afresh (it only holds local pointers)
+        for k, (p, note) in zip(keys, entries):
+            entry = files.setdefault(k, {"path": str(Path(p).resolve()), "notes": []})
+            if note and note not in entry["notes"]:
+                entry["notes"].append(note)
+        write_json_atomic(self.report, {"files": files})
+        return keys
+
+    def where(self) -> str:
+        return f"clear path in {self.report}" if self.report is not None else "path not recorded"
+
+    def cite(self, path: Path | str, note: str = "") -> str:
+        """Record one path and return how a log line names it."""
+        return f"file {self.record([(path, note)])[0]} ({self.where()})"
+
+
+def _fail(exc: type[FewscanError], msg: str, where: Path | str, ledger: PathLedger | None = None) -> NoReturn:
     """Raise `msg` without the path: an error's text is also recorded in the MLflow run (tag
-    fewscan.error), and a path may name a patient. The path goes to stderr, for the user only."""
-    log(f"{msg} [{where}]")
+    fewscan.error), and a path may name a patient. stderr gets the file's key and where the local-only
+    report records its clear path (nothing when no ledger is given: the message alone must suffice)."""
+    if ledger is not None:
+        log(f"{msg} [{ledger.cite(where, msg)}]")
     raise exc(msg)
 
 
@@ -94,17 +141,20 @@ def _files_under(folder: Path) -> list[Path]:
     )
 
 
-def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
-    """The labelled scans of a class-folder tree or a `path,label` CSV, in a deterministic order."""
+def list_labelled(source: Path, what: str = "support", ledger: PathLedger | None = None) -> list[ScanRef]:
+    """The labelled scans of a class-folder tree or a `path,label` CSV, in a deterministic order.
+
+    `ledger`: where log lines about a file record its clear path (see PathLedger)."""
     source = Path(source)
     if not source.exists():
         _fail(
             ConfigError,
             f"{what} set not found (give a folder with one subfolder per class, or a CSV)",
             source,
+            ledger,
         )
     if source.is_file():
-        return _list_csv(source, what)
+        return _list_csv(source, what, ledger)
     class_dirs = sorted(
         (d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
     )
@@ -114,10 +164,19 @@ def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
             f"the {what} folder has no class subfolders: put each class's scans in a subfolder named "
             "after the class, e.g. Hernia/ and 'No Finding'/",
             source,
+            ledger,
         )
-    loose = [p for p in source.iterdir() if _is_candidate(p)]
+    loose = sorted(p for p in source.iterdir() if _is_candidate(p))
     if loose:
-        log(f"{what}: ignoring {len(loose)} file(s) directly in {source} (scans belong in a class subfolder)")
+        note = "ignored: directly in the set's folder, not in a class subfolder"
+        named = ""
+        if ledger is not None:
+            keys = ledger.record([(p, note) for p in loose])
+            named = f" ({', '.join(f'file {k}' for k in keys)}; {ledger.where()})"
+        log(
+            f"{what}: ignoring {len(loose)} file(s) directly in the {what} folder{named}: "
+            "scans belong in a class subfolder"
+        )
     refs: list[ScanRef] = []
     for d in class_dirs:
         files = _files_under(d)
@@ -127,52 +186,63 @@ def list_labelled(source: Path, what: str = "support") -> list[ScanRef]:
                 f"{what} class folder '{d.name}' holds no scan files: add scans of class "
                 f"'{d.name}' or remove the empty folder",
                 d,
+                ledger,
             )
         refs.extend(ScanRef(path=f, label=d.name, shown=str(f.relative_to(source))) for f in files)
     return refs
 
 
-def _list_csv(path: Path, what: str) -> list[ScanRef]:
+def _list_csv(path: Path, what: str, ledger: PathLedger | None) -> list[ScanRef]:
     try:
         with path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
             cols = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
     except (UnicodeDecodeError, csv.Error) as err:
-        _fail(ConfigError, f"the {what} label file is not a readable CSV: {err}", path)
+        _fail(
+            ConfigError, f"the {what} label file is not a readable CSV: {scrub(str(err), path)}", path, ledger
+        )
     if not rows:
         _fail(
             DataError,
             f"the {what} label file has no rows (expected a header 'path,label' and one row per scan)",
             path,
+            ledger,
         )
     if "path" not in cols or "label" not in cols:
         _fail(
             ConfigError,
             f"the {what} label file needs the columns 'path' and 'label'; it has: {', '.join(cols)}",
             path,
+            ledger,
         )
     refs: list[ScanRef] = []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         norm = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         rel, label = norm["path"], norm["label"]
         if not rel or not label:
-            _fail(DataError, f"the {what} label file, line {i}: empty path or label", path)
+            _fail(DataError, f"the {what} label file, line {i}: empty path or label", path, ledger)
         p = Path(rel)
         p = p if p.is_absolute() else path.parent / p
         refs.append(ScanRef(path=p, label=label, shown=rel))
     return refs
 
 
-def list_inputs(source: Path) -> list[ScanRef]:
+def list_inputs(source: Path, ledger: PathLedger | None = None) -> list[ScanRef]:
     """Unlabelled scans to predict: one file, or every candidate file under a folder (recursively)."""
     source = Path(source)
     if source.is_file():
         return [ScanRef(path=source, label=None, shown=str(source))]
     if not source.is_dir():
-        raise ConfigError(f"input not found: {source} (give a scan file or a folder of scans)")
+        _fail(ConfigError, "input not found (give a scan file or a folder of scans)", source, ledger)
     files = _files_under(source)
     if not files:
-        raise DataError(f"input folder {source} holds no scan files")
+        _fail(
+            DataError,
+            "the input folder holds no scan files (only hidden files or reports/notes such as .txt, .csv, "
+            ".json); give the folder that holds the scans",
+            source,
+            ledger,
+        )
     return [ScanRef(path=f, label=None, shown=str(f)) for f in files]
 
 
@@ -332,12 +402,15 @@ def load_labelled(
     min_per_class: int = 1,
     what: str = "support",
     reader: Callable[[Path, ScanSpec], np.ndarray] = read_scan,
+    ledger: PathLedger | None = None,
 ) -> LabelledSet:
     """Read and preprocess every scan; unreadable ones are reported and skipped if enough remain.
 
     A scan that is readable but does not match the meta-model refuses the whole set: a CT among chest
     radiographs means the wrong folder was given, and silently dropping it would hide that.
+    Log lines name a file by its key; `ledger` records the clear paths locally (None: keys only).
     """
+    ledger = ledger if ledger is not None else PathLedger(salt, None)
     index = {c: i for i, c in enumerate(classes)}
     xs: list[np.ndarray] = []
     ys: list[int] = []
@@ -350,7 +423,8 @@ def load_labelled(
             _fail(
                 DataError,
                 f"a {what} scan has label '{ref.label}', not one of the support classes: {', '.join(classes)}",
-                ref.shown,
+                ref.path,
+                ledger,
             )
         try:
             data = ref.path.read_bytes()
@@ -370,9 +444,11 @@ def load_labelled(
                     DataError,
                     f"the same scan appears in {what} classes '{seen[key]}' and '{ref.label}': "
                     "a scan can have only one label here",
-                    ref.shown,
+                    ref.path,
+                    ledger,
                 )
-            log(f"{what}: {ref.shown} is a duplicate of another '{ref.label}' scan; using it once")
+            dup = ledger.cite(ref.path, f"{what}: duplicate of another '{ref.label}' scan, used once")
+            log(f"{what}: {dup} is a duplicate of another '{ref.label}' scan; using it once")
             continue
         try:
             arr = reader(ref.path, spec)
@@ -387,11 +463,15 @@ def load_labelled(
         ys.append(index[ref.label])
         keys.append(key)
 
-    for r in rejected:
-        log(f"{what}: skipped unreadable scan {r.ref.shown}: {r.reason}")
+    # one rewrite of the local report for all of them, then one line each naming the file by its key
+    notes = [(r.ref.path, f"{what}: skipped unreadable scan: {r.reason}") for r in rejected]
+    notes += [(ref.path, f"{what}: does not match the meta-model: {why}") for ref, why in mismatched]
+    file_keys = ledger.record(notes)
+    for k, r in zip(file_keys, rejected):
+        log(f"{what}: skipped unreadable scan, file {k} ({ledger.where()}): {r.reason}")
     if mismatched:
-        for ref, why in mismatched:
-            log(f"{what}: {ref.shown} does not match the meta-model: {why}")
+        for k, (_ref, why) in zip(file_keys[len(rejected) :], mismatched):
+            log(f"{what}: file {k} ({ledger.where()}) does not match the meta-model: {why}")
         reasons = Counter(why for _, why in mismatched)
         top, n_top = reasons.most_common(1)[0]
         raise ScanMismatch(

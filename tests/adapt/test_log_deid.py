@@ -1,0 +1,129 @@
+"""stderr of adapt/predict never shows a path: files are named by their salted file key, and the local-only
+report next to the salt maps the key back to the clear path. The folder names below are fake (no PHI)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.adapt.adapted import AdaptedClassifier
+from pipeline.adapt.support import PathLedger, ScanSpec, list_labelled, load_labelled
+from pipeline.errors import ConfigError, DataError
+from pipeline.ingest.deid import salted_key
+from pipeline.meta.model_io import load_meta_model
+from tests.adapt import helpers as h
+
+SALT = b"0" * 64
+NAME = "DOE^JOHN"  # what a folder named after a patient looks like
+CLASSES = [h.CONDITION, h.NORMAL]
+
+
+def _spec() -> ScanSpec:
+    return ScanSpec(preprocessing=h.preprocessing(), shape=(1, h.SIZE, h.SIZE), modalities=frozenset({"DX"}))
+
+
+def _mapped(report: Path) -> dict[str, str]:
+    return {k: v["path"] for k, v in json.loads(report.read_text())["files"].items()}
+
+
+def test_support_logs_name_files_by_salted_key_and_the_local_report_maps_them_back(
+    sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = shutil.copytree(sets["support"], tmp_path / NAME / "support")
+    bad = d / h.CONDITION / f"{NAME}_broken.dcm"
+    bad.write_bytes(b"DICM but not really" * 10)
+    dup = d / h.CONDITION / f"z_{NAME}_again.dcm"  # sorts after the original: the one left out
+    shutil.copy(d / h.CONDITION / "scan_000.dcm", dup)
+    loose = d / f"{NAME}.dcm"
+    shutil.copy(d / h.NORMAL / "scan_000.dcm", loose)
+    report = tmp_path / "reports" / "adapt.paths.json"
+    ledger = PathLedger(SALT, report)
+
+    s = load_labelled(list_labelled(d, "support", ledger), CLASSES, _spec(), SALT, ledger=ledger)
+    assert s.counts() == {h.CONDITION: 5, h.NORMAL: 5} and len(s.rejected) == 1
+    assert len(set(s.keys)) == 10  # the scans' content keys, untouched by the logging
+
+    err = capsys.readouterr().err
+    assert "DOE" not in err and "JOHN" not in err and str(tmp_path / NAME) not in err
+    key = {p: salted_key(SALT, "file", str(p.resolve())) for p in (bad, dup, loose)}
+    assert f"skipped unreadable scan, file {key[bad]}" in err
+    assert f"file {key[dup]}" in err and "duplicate" in err
+    assert f"file {key[loose]}" in err and "ignoring 1 file(s)" in err
+    assert f"clear path in {report}" in err
+    mapped = _mapped(report)
+    assert {mapped[key[p]] for p in (bad, dup, loose)} == {str(p.resolve()) for p in (bad, dup, loose)}
+    # written atomically: no temp file left next to it
+    assert [p.name for p in report.parent.iterdir()] == ["adapt.paths.json"]
+
+
+def test_refusals_keep_the_path_out_of_the_error_and_stderr_but_in_the_local_report(
+    sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "reports" / "adapt.paths.json"
+    ledger = PathLedger(SALT, report)
+    missing = tmp_path / NAME / "support"
+    with pytest.raises(ConfigError, match="support set not found") as info:
+        list_labelled(missing, "support", ledger)
+    assert "DOE" not in str(info.value)
+    d = shutil.copytree(sets["support"], tmp_path / "sets" / NAME)
+    shutil.copy(d / h.CONDITION / "scan_000.dcm", d / h.NORMAL / "copy.dcm")
+    with pytest.raises(DataError, match="same scan appears in support classes") as info:
+        load_labelled(list_labelled(d, "support", ledger), CLASSES, _spec(), SALT, ledger=ledger)
+    assert "DOE" not in str(info.value)
+
+    err = capsys.readouterr().err
+    assert "DOE" not in err and "sets/" not in err
+    k_missing = salted_key(SALT, "file", str(missing.resolve()))
+    k_copy = salted_key(SALT, "file", str((d / h.NORMAL / "copy.dcm").resolve()))
+    assert "support set not found" in err and k_missing in err and k_copy in err
+    mapped = _mapped(report)  # both refusals merged into one report, each key back to its path
+    assert mapped[k_missing] == str(missing.resolve())
+    assert mapped[k_copy] == str((d / h.NORMAL / "copy.dcm").resolve())
+
+
+def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
+    meta_model_dir: Path,
+    sets: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pipeline.serving
+    from pipeline.adapt.predict import predict
+
+    mm = load_meta_model(meta_model_dir)
+    s = load_labelled(list_labelled(sets["support"]), CLASSES, _spec(), SALT)
+    method = mm.method()
+    clf = AdaptedClassifier(mm, method, method.fit(s.x, s.y, 2), CLASSES, _spec(), {})
+    monkeypatch.setattr(pipeline.serving, "load_adapted", lambda uri: clf)
+
+    inp = tmp_path / NAME / "new"
+    shutil.copytree(sets["query"] / h.CONDITION, inp)
+    (inp / f"{NAME}_junk.dcm").write_bytes(b"not a scan at all" * 30)
+    out = tmp_path / NAME / "preds.csv"
+    salt_file = tmp_path / "salt"
+    salt_file.write_text("a" * 64 + "\n")
+    reports = tmp_path / "reports"
+    summary = predict("models:/x@latest", inp, out, salt_file=salt_file, local_report_dir=reports)
+    assert summary["n_errors"] == 1 and summary["n_scans"] == 16
+
+    err = capsys.readouterr().err
+    assert "DOE" not in err and "JOHN" not in err and str(tmp_path / NAME) not in err
+    k_out = salted_key(("a" * 64).encode(), "file", str(out.resolve()))
+    assert f"--output file {k_out} (clear path in {reports / 'predict.paths.json'})" in err
+    assert _mapped(reports / "predict.paths.json")[k_out] == str(out.resolve())
+    # the CSV is the user's own local result: its rows keep the clear paths
+    rows = list(csv.DictReader(out.open()))
+    assert any(r["path"].endswith(f"{NAME}_junk.dcm") and r["error"] for r in rows)
+
+    with pytest.raises(ConfigError, match="input not found") as info:
+        predict("models:/x@latest", inp / "nope", out, salt_file=salt_file, local_report_dir=reports)
+    assert "DOE" not in str(info.value)
+    err = capsys.readouterr().err
+    assert "DOE" not in err
+    k_nope = salted_key(("a" * 64).encode(), "file", str((inp / "nope").resolve()))
+    assert k_nope in err and _mapped(reports / "predict.paths.json")[k_nope] == str((inp / "nope").resolve())
