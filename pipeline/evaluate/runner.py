@@ -35,7 +35,14 @@ class EpisodeLike(Protocol):
     query: dict[str, list[str]]
 
 
+# Query rows come in the order of `query_keys(ep)`: class by class in `ep.classes`, each class's scans
+# as listed (the order `pipeline.episodes.batch.episode_arrays` produces).
 Loader = Callable[[Any], Arrays]
+
+
+def query_keys(ep: EpisodeLike) -> list[str]:
+    """The scan key of every query row of `ep`, in the row order a Loader returns them."""
+    return [k for c in ep.classes for k in ep.query[c]]
 
 
 class Method(Protocol):
@@ -51,7 +58,8 @@ Group = tuple[str, int]  # (episode kind, k_shot)
 
 @dataclass
 class EpisodeOutcome:
-    """One episode's query predictions. probs (q, n_way), y (q,)."""
+    """One episode's query predictions. probs (q, n_way), y (q,); query_keys (q,): the scan key of each
+    query row (None when unknown), which the patient-level bootstrap maps to the scan's patient."""
 
     episode_id: int
     kind: str
@@ -59,12 +67,17 @@ class EpisodeOutcome:
     classes: list[str]
     y: np.ndarray
     probs: np.ndarray
+    query_keys: list[str] | None = None
     acc: float = field(init=False)
     auc: float | None = field(init=False)
     sens: float | None = field(init=False)
     spec: float | None = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.query_keys is not None and len(self.query_keys) != self.y.size:
+            raise ValueError(
+                f"episode {self.episode_id}: {len(self.query_keys)} query keys for {self.y.size} query rows"
+            )
         self.acc = metrics.accuracy(self.probs, self.y)
         self.auc = metrics.macro_auc(self.probs, self.y)
         if self.probs.shape[1] == 2 and self.kind == "binary":
@@ -81,6 +94,19 @@ class EpisodeOutcome:
             if m.any():
                 out[name] = float(np.mean(pred[m] == c))
         return out
+
+    def correct(self) -> np.ndarray:
+        """(q,) 1.0 where the query row's argmax is its label, else 0.0."""
+        return (self.probs.argmax(axis=1) == self.y).astype(np.float64)
+
+
+def _checked_query_keys(ep: EpisodeLike, y: np.ndarray) -> list[str] | None:
+    """`query_keys(ep)` when they account for the loaded query rows (same count, each key's class equal
+    to the row's label); None otherwise (e.g. a loader that does not read scans by key)."""
+    counts = [len(ep.query.get(c, ())) for c in ep.classes]
+    if sum(counts) != y.size or not np.array_equal(np.repeat(np.arange(len(counts)), counts), y):
+        return None
+    return query_keys(ep)
 
 
 def group_episodes(episodes: Iterable[EpisodeLike]) -> dict[Group, list[EpisodeLike]]:
@@ -176,14 +202,16 @@ def run_episodes(
         x_s, y_s, x_q, y_q = load(ep)
         n_way = len(ep.classes)
         adapted = fit(method, x_s, y_s, n_way, steps)
+        y = y_q.cpu().numpy().copy()
         out.append(
             EpisodeOutcome(
                 ep.id,
                 ep.kind,
                 int(ep.k_shot),
                 list(ep.classes),
-                y_q.numpy().copy(),
+                y,
                 _probs(method, adapted, x_q, n_way),
+                _checked_query_keys(ep, y),
             )
         )
     return out

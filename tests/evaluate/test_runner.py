@@ -118,6 +118,20 @@ def test_outcomes_hold_per_episode_metrics(world: World) -> None:
         assert r.acc == pytest.approx((r.sens + r.spec) / 2)  # balanced queries
 
 
+def test_outcomes_know_the_scan_of_every_query_row(world: World) -> None:
+    # the patient bootstrap maps each query row to its scan's patient: the keys must follow the loaded rows
+    eps = world.test[:4]
+    res = runner.run_episodes(NearestCentroid(), eps, world.load)
+    label = {k: i for ep in eps for i, c in enumerate(ep.classes) for k in ep.query[c]}
+    for ep, r in zip(eps, res):
+        assert r.query_keys == [k for c in ep.classes for k in ep.query[c]]
+        assert [label[k] for k in r.query_keys] == r.y.tolist()
+        assert r.correct().tolist() == (r.probs.argmax(1) == r.y).astype(float).tolist()
+    # a loader that does not read scans by key (queries not listed in the episode): no keys, no guess
+    chance, load = _chance_episodes(2)
+    assert all(r.query_keys is None for r in runner.run_episodes(RandomGuesser(0), chance, load))
+
+
 def test_group_episodes_by_kind_and_k(world: World) -> None:
     groups = runner.group_episodes(world.test)
     assert list(groups) == [("binary", 2), ("n_way", 2)]
