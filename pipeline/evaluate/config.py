@@ -79,6 +79,24 @@ class ScratchConfig(StrictModel):
         return self
 
 
+class BootstrapConfig(StrictModel):
+    """The patient-level (cluster) bootstrap behind the report's patient intervals."""
+
+    resamples: int = Field(
+        default=2000,
+        ge=200,
+        le=100_000,
+        description="bootstrap resamples of the distinct query patients per episode group; the 95% "
+        "percentile intervals of accuracy and of paired differences are read from them",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="seed of the patient resampling (combined with the group name, so each episode group "
+        "gets its own stream and every method of a group shares it: paired differences)",
+    )
+
+
 class EvaluateConfig(StrictModel):
     # Folder names under the meta-train run's models/ to evaluate; null = every trained method.
     methods: list[str] | None = None
@@ -96,6 +114,7 @@ class EvaluateConfig(StrictModel):
     ece_bins: int = Field(default=10, ge=2, le=100)
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = torch's default")
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     meta: MetaSearchConfig = Field(default_factory=MetaSearchConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     scratch: ScratchConfig = Field(default_factory=ScratchConfig)

@@ -14,6 +14,7 @@ seed (pretraining of the traditional classifier and the scratch initialization d
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,17 +241,22 @@ def run(
         n_val={summary.group_key(*g): len(val_groups[g]) for g in test_groups},
         n_way={summary.group_key(*g): len(eps[0].classes) for g, eps in test_groups.items()},
         distinct=_distinct_queries(test_groups, inputs.store.index),
+        patient_of=_patient_of(inputs.store.index),
     )
+
+
+def _patient_of(index: Any) -> dict[str, str] | None:
+    """Scan key → salted patient key from the scan index (None when the index has no patient key).
+    Kept in memory only: the keys are used to cluster the bootstrap, never written out."""
+    if "patient_key" not in index:
+        return None
+    return dict(zip(index["scan_key"].astype(str), index["patient_key"].astype(str)))
 
 
 def _distinct_queries(groups: dict[Group, list[Any]], index: Any) -> dict[str, dict[str, int]]:
     """Per group: query slots, distinct query scans and patients. Fixed episodes drawn from a small pool
     reuse scans, so episodes are not independent and the 1.96·s/√n interval is then too narrow."""
-    patient = (
-        dict(zip(index["scan_key"].astype(str), index["patient_key"].astype(str)))
-        if "patient_key" in index
-        else {}
-    )
+    patient = _patient_of(index) or {}
     out = {}
     for g, eps in groups.items():
         keys = [k for e in eps for ks in e.query.values() for k in ks]
@@ -326,7 +332,10 @@ def assemble(
     n_val: dict[str, int],
     n_way: dict[str, int],
     distinct: dict[str, dict[str, int]],
+    patient_of: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`patient_of` (scan key → salted patient key) clusters the patient bootstrap; without it each query
+    scan is its own cluster (recorded as unit "scan")."""
     results: dict[str, Any] = {}
     for m, by_seed in outcomes.items():
         res_m: dict[str, Any] = {}
@@ -347,7 +356,23 @@ def assemble(
         per_method = {
             m: summary.episode_acc_over_seeds([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
         }
-        comparisons[gk] = summary.compare(per_method)
+        per_query = {
+            m: summary.query_correct_over_seeds([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
+        }
+        first = next(iter(outcomes.values()))
+        scans = summary.slot_scans(first[next(iter(first))][gk])
+        slot_patient = (
+            None if scans is None else {slot: (patient_of or {}).get(k, k) for slot, k in scans.items()}
+        )
+        comparisons[gk] = summary.compare(
+            per_method,
+            per_query,
+            slot_patient,
+            resamples=cfg.bootstrap.resamples,
+            # one stream per group, the same for every method of the group (paired differences)
+            seed=[cfg.bootstrap.seed, zlib.crc32(gk.encode())],
+            unit="patient" if patient_of is not None else "scan",
+        )
     split = inputs.split
     conds = split.get("conditions", {})
     return {
@@ -385,6 +410,10 @@ def key_metrics(results: dict[str, Any]) -> dict[str, float]:
             out[f"{base}.acc"] = acc["mean"]
             if acc["ci95"] is not None:
                 out[f"{base}.acc_ci95"] = acc["ci95"]
+            pat = (comp.get("acc_patient") or {}).get(m)
+            if pat:
+                out[f"{base}.acc_patient_low"] = pat["low"]
+                out[f"{base}.acc_patient_high"] = pat["high"]
             r = results["results"][m][gk]
             s0 = r["per_seed"].get(first) or next(iter(r["per_seed"].values()))
             for name in ("auc", "sens", "spec"):

@@ -8,7 +8,9 @@ How each number is aggregated (also written into results.json under `definitions
 - per condition: binary episodes → the accuracy of the episodes of that condition; n-way episodes →
   the recall of that condition's queries in every episode that contains it;
 - across seeds: the mean and sample std (ddof=1) of the per-seed mean accuracies;
-- paired difference: per-episode accuracy of A minus B on the same episodes, mean ± 95% CI.
+- paired difference: per-episode accuracy of A minus B on the same episodes, mean ± 95% CI;
+- patient-level intervals (`bootstrap.PatientBootstrap`): the query slots' correctness (mean over seeds)
+  resampled by patient, percentile 95% interval of the accuracy and of the paired difference.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluate import metrics
+from pipeline.evaluate.bootstrap import LEVEL, PatientBootstrap
 from pipeline.evaluate.runner import EpisodeOutcome
+
+Slot = tuple[int, int]  # one query row of one episode: (episode id, row in the episode's query)
 
 DEFINITIONS = {
     "ci95": "1.96 * sample std (ddof=1) / sqrt(n) over episodes",
@@ -30,6 +35,12 @@ DEFINITIONS = {
     "per_condition": "binary: accuracy of that condition's episodes; n_way: recall of that condition per episode",
     "across_seeds": "mean and sample std of per-seed mean accuracies",
     "paired_diff": "mean over the same episodes of acc(A) - acc(B), with its 95% CI",
+    "acc_patient": "accuracy over all query slots (each slot's correctness averaged over seeds) with a "
+    "patient-level (cluster) bootstrap 95% percentile interval: the distinct query patients resampled "
+    "with replacement, each drawn patient contributing all its query slots",
+    "paired_diff_patient": "acc(winner) - acc(other) over all query slots, with the patient bootstrap 95% "
+    "percentile interval (the same patient resamples for both methods: paired); excludes_zero = the "
+    "difference is supported at the patient level",
 }
 
 
@@ -129,10 +140,45 @@ def episode_acc_over_seeds(per_seed: Sequence[Sequence[EpisodeOutcome]]) -> dict
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def compare(per_method: dict[str, dict[int, float]]) -> dict[str, Any]:
+def query_correct_over_seeds(per_seed: Sequence[Sequence[EpisodeOutcome]]) -> dict[Slot, float]:
+    """Per query slot (episode id, row), whether it was predicted right, averaged over seeds."""
+    by_episode: dict[int, list[np.ndarray]] = {}
+    for outs in per_seed:
+        for o in outs:
+            by_episode.setdefault(o.episode_id, []).append(o.correct())
+    out: dict[Slot, float] = {}
+    for eid, rows in by_episode.items():
+        if len({r.size for r in rows}) != 1:
+            raise ValueError(f"episode {eid} has different query counts across seeds")
+        out.update(((eid, i), v) for i, v in enumerate(np.mean(rows, axis=0).tolist()))
+    return out
+
+
+def slot_scans(outcomes: Sequence[EpisodeOutcome]) -> dict[Slot, str] | None:
+    """Per query slot, its scan key; None when some outcome does not know its query scans."""
+    out: dict[Slot, str] = {}
+    for o in outcomes:
+        if o.query_keys is None:
+            return None
+        out.update(((o.episode_id, row), k) for row, k in enumerate(o.query_keys))
+    return out
+
+
+def compare(
+    per_method: dict[str, dict[int, float]],
+    per_query: dict[str, dict[Slot, float]] | None = None,
+    slot_patient: dict[Slot, str] | None = None,
+    resamples: int = 2000,
+    seed: int | Sequence[int] = 0,
+    unit: str = "patient",
+) -> dict[str, Any]:
     """Rank methods on one group and compare the best with every other one.
 
     `per_method`: method → {episode id → accuracy (mean over seeds)}, all on the same episodes.
+    With `per_query` (method → {slot → correctness, mean over seeds}) and `slot_patient` (slot → salted
+    patient key), also the patient-level bootstrap: `acc_patient`, `vs_winner[m]["paired_diff_patient"]`
+    and `patient_bootstrap` (what was resampled, how often, with which seed). `unit` names what the
+    keys of `slot_patient` are ("scan" when the scan index had no patient key: each scan its own cluster).
     """
     ids = None
     for accs in per_method.values():
@@ -151,10 +197,50 @@ def compare(per_method: dict[str, dict[int, float]]) -> dict[str, Any]:
             "paired_diff": diff.to_dict(),
             "paired_significant": diff.ci95 is not None and diff.mean - diff.ci95 > 0,
         }
-    return {
+    out: dict[str, Any] = {
         "n_episodes": len(order),
         "acc": {m: s.to_dict() for m, s in stats.items()},
         "ranking": ranking,
         "winner": best,
         "vs_winner": vs,
+    }
+    if per_query is not None and slot_patient is not None:
+        if set(per_query) != set(per_method):
+            raise ValueError(f"per_query has methods {sorted(per_query)}, per_method {sorted(per_method)}")
+        out.update(_patient_level(per_query, slot_patient, best, ranking[1:], vs, resamples, seed, unit))
+    return out
+
+
+def _patient_level(
+    per_query: dict[str, dict[Slot, float]],
+    slot_patient: dict[Slot, str],
+    best: str,
+    others: list[str],
+    vs: dict[str, dict[str, Any]],
+    resamples: int,
+    seed: int | Sequence[int],
+    unit: str,
+) -> dict[str, Any]:
+    slots = sorted(slot_patient)
+    for m, corr in per_query.items():
+        if corr.keys() != slot_patient.keys():
+            raise ValueError(
+                f"{m} was not scored on the same query slots as the patient map; cannot bootstrap"
+            )
+    boot = PatientBootstrap([slot_patient[s] for s in slots], resamples, seed)
+    vec = {m: np.fromiter((corr[s] for s in slots), np.float64, len(slots)) for m, corr in per_query.items()}
+    for m in others:
+        d = boot.difference(vec[best], vec[m])
+        vs[m]["paired_diff_patient"] = {**d.to_dict(), "excludes_zero": d.excludes_zero}
+    return {
+        "acc_patient": {m: boot.accuracy(v).to_dict() for m, v in vec.items()},
+        "patient_bootstrap": {
+            "unit": unit,
+            "interval": "percentile",
+            "level": LEVEL,
+            "n_resamples": boot.n_resamples,
+            "seed": [int(s) for s in np.atleast_1d(seed)],
+            "n_patients": boot.n_patients,
+            "n_query_slots": boot.n_slots,
+        },
     }
