@@ -30,14 +30,94 @@ def _interval(d: dict[str, Any]) -> str:
     )
 
 
+def _span(d: dict[str, Any] | None) -> str:
+    """'[53.0, 59.1]' (percent) from a bootstrap dict (mean, low, high), or '—'."""
+    if not d:
+        return "—"
+    return f"[{d['low'] * PCT:.1f}, {d['high'] * PCT:.1f}]"
+
+
+def _diff(d: dict[str, Any]) -> str:
+    """'+2.4 points [-0.5, 5.2]' from a bootstrap dict of a difference."""
+    return f"{d['mean'] * PCT:+.1f} points {_span(d)}"
+
+
 def _group_title(gkey: str) -> str:
     kind, _, k = gkey.partition(".k")
     what = "binary (condition vs normal)" if kind == "binary" else "n-way (among rare conditions)"
     return f"{what}, {k}-shot"
 
 
+_PD = "paired_diff_patient"
+
+
 def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
-    """Plain sentences: who won this group, and whether the intervals of the others overlap with it."""
+    """Plain sentences: who won this group, and whether its lead over each other method is supported.
+
+    With the patient-level bootstrap in `comp` (`acc_patient`, `paired_diff_patient`), "supported" means the
+    patient-bootstrap 95% interval of the paired difference excludes 0; the episode-level intervals are
+    quoted but not trusted for that (episodes reuse patients). Without it, the episode-level wording."""
+    if not comp.get("acc_patient"):
+        return _verdict_episodes(gkey, comp, methods)
+    win = comp["winner"]
+    acc, pat, vs = comp["acc"], comp["acc_patient"], comp["vs_winner"]
+    boot = comp.get("patient_bootstrap") or {}
+    ties = [m for m in comp["ranking"][1:] if abs(acc[m]["mean"] - acc[win]["mean"]) < 1e-12]
+    shared = f" (equal to {', '.join(ties)})" if ties else ""
+    who = (
+        f"{boot['n_patients']} query {boot.get('unit', 'patient')}s"
+        if "n_patients" in boot
+        else "query patients"
+    )
+    lines = [
+        f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes, {who}): the highest mean accuracy"
+        f"{shared} is **{win}** ({methods[win]['family']}), {_interval(acc[win])} episode CI, "
+        f"{_span(pat[win])} patient CI."
+    ]
+    supported = [m for m, v in vs.items() if v["paired_diff_patient"]["excludes_zero"]]
+    unsupported = [m for m in vs if m not in supported]
+    if supported:
+        lines.append(
+            "By the patient-level paired bootstrap (the same patients resampled for both methods) its lead is "
+            f"supported over {', '.join(f'{m} ({_diff(vs[m][_PD])})' for m in supported)}: the 95% interval "
+            "of the difference excludes 0."
+        )
+    if unsupported:
+        naive = [m for m in unsupported if not vs[m]["overlap"] or vs[m].get("paired_significant")]
+        lines.append(
+            f"Its lead over {', '.join(f'{m} ({_diff(vs[m][_PD])})' for m in unsupported)} is not supported: "
+            "the patient-level 95% interval of the difference includes 0, so these cannot be told apart"
+            + (
+                f" (the episode-level intervals alone would have separated {', '.join(naive)}; they ignore "
+                "that episodes reuse the same patients)."
+                if naive
+                else "."
+            )
+        )
+    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
+    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
+    if meta and trad:
+        bm, bt = meta[0], trad[0]
+        a, b = acc[bm], acc[bt]
+        if abs(a["mean"] - b["mean"]) < 1e-12:
+            which = "their means are equal"
+        else:
+            which = f"{bm if a['mean'] > b['mean'] else bt} is higher"
+        other = bt if win == bm else bm
+        line = f"Best meta-learned ({bm}, {_interval(a)}) vs best traditional ({bt}, {_interval(b)}): {which}"
+        if other in vs:
+            d = vs[other][_PD]
+            line += f"; patient-level paired difference {win} − {other} {_diff(d)}: " + (
+                "supported (excludes 0)." if d["excludes_zero"] else "not supported (includes 0)."
+            )
+        else:
+            line += "."
+        lines.append(line)
+    return lines
+
+
+def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+    """The verdict from episode-level intervals only (results without the patient bootstrap)."""
     win = comp["winner"]
     acc = comp["acc"]
     ties = [m for m in comp["ranking"][1:] if abs(acc[m]["mean"] - acc[win]["mean"]) < 1e-12]
@@ -84,6 +164,20 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
     return lines
 
 
+def _width_ratio(results: dict[str, Any], gkey: str) -> float | None:
+    """Mean over methods of (patient CI width) / (episode CI width) in one group; None if either is missing."""
+    comp = results["comparisons"].get(gkey) or {}
+    pat = comp.get("acc_patient")
+    if not pat:
+        return None
+    ratios = [
+        (pat[m]["high"] - pat[m]["low"]) / (2 * a["ci95"])
+        for m, a in comp["acc"].items()
+        if m in pat and a.get("ci95")
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def _hp(chosen: dict[str, Any]) -> str:
     items = [f"{k}={v}" for k, v in chosen.items() if k not in ("val_acc",)]
     return ", ".join(items) if items else "none"
@@ -99,40 +193,79 @@ def render(results: dict[str, Any]) -> str:
     out += ["## Verdict", ""]
     for gkey, comp in results["comparisons"].items():
         out.append("- " + " ".join(verdict(gkey, comp, methods)))
-    out += [
-        "",
-        "Intervals are 95% confidence intervals of the mean over test episodes (1.96·s/√n)"
-        + (
-            f"; with {len(seeds)} seeds each episode's accuracy is first averaged over the seeds."
-            if len(seeds) > 1
-            else "."
-        )
-        + " Every hyper-parameter was chosen on validation episodes (other conditions, other patients); "
-        "none was chosen on test episodes.",
-        "",
-    ]
+    boots = {
+        g: c["patient_bootstrap"] for g, c in results["comparisons"].items() if c.get("patient_bootstrap")
+    }
+    seeds_note = (
+        f" With {len(seeds)} seeds each episode's accuracy (and each query's correctness) is first averaged "
+        "over the seeds."
+        if len(seeds) > 1
+        else ""
+    )
+    if boots:
+        b0 = next(iter(boots.values()))
+        out += [
+            "",
+            "Two 95% intervals are reported. The **episode CI** (± after an accuracy, or [low, high] after "
+            "'episode CI') is 1.96·s/√n over test episodes; it treats the episodes as independent samples. The "
+            f"**patient CI** is a cluster bootstrap over {b0['unit']}s: the distinct query {b0['unit']}s of a "
+            f"group are resampled with replacement ({b0['n_resamples']} resamples, seed {b0['seed'][0]}), each "
+            f"drawn {b0['unit']} bringing all of its query predictions, and the accuracy's 2.5% and 97.5% "
+            "percentiles are read off. Differences between methods use the same resamples for both methods "
+            "(paired); the verdict calls a lead supported only when the patient CI of the difference excludes "
+            "0." + seeds_note + " Every hyper-parameter was chosen on validation episodes (other conditions, "
+            "other patients); none was chosen on test episodes.",
+            "",
+        ]
+    else:
+        out += [
+            "",
+            "Intervals are 95% confidence intervals of the mean over test episodes (1.96·s/√n)"
+            + (
+                f"; with {len(seeds)} seeds each episode's accuracy is first averaged over the seeds."
+                if len(seeds) > 1
+                else "."
+            )
+            + " Every hyper-parameter was chosen on validation episodes (other conditions, other patients); "
+            "none was chosen on test episodes.",
+            "",
+        ]
     queries = setup.get("queries") or {}
     if queries:
         parts = [
             f"{g}: {q['distinct_query_scans']} distinct scans of {q['distinct_query_patients']} patients "
             f"fill {q['query_slots']} query slots"
+            + (f"; patient CI {r:.1f}× as wide as the episode CI" if (r := _width_ratio(results, g)) else "")
             for g, q in queries.items()
         ]
-        out += [
-            "Caveat: the interval treats episodes as independent samples, but fixed episodes drawn from a finite "
-            "pool of rare-condition patients reuse the same scans (" + "; ".join(parts) + "). When scans are "
-            "reused many times the true uncertainty is larger than the interval shows; differences of a few "
-            "points should not be read as real.",
-            "",
-        ]
+        if boots:
+            out += [
+                "Caveat: fixed episodes drawn from a finite pool of rare-condition patients reuse the same scans ("
+                + "; ".join(parts)
+                + "). The episode CI ignores this reuse and is too narrow when scans recur; the patient CI "
+                "accounts for it by resampling patients instead of episodes. It still assumes the test patients "
+                "are a random sample of the patients a method will meet, and with few patients it is itself "
+                "rough: read differences near the edge of a patient CI with care.",
+                "",
+            ]
+        else:
+            out += [
+                "Caveat: the interval treats episodes as independent samples, but fixed episodes drawn from a "
+                "finite pool of rare-condition patients reuse the same scans ("
+                + "; ".join(parts)
+                + "). When "
+                "scans are reused many times the true uncertainty is larger than the interval shows; "
+                "differences of a few points should not be read as real.",
+                "",
+            ]
 
     out += ["## Results", ""]
     for gkey in results["comparisons"]:
         out += [f"### {_group_title(gkey)}", ""]
         binary = gkey.startswith("binary")
-        head = "| method | family | accuracy % | macro AUC | " + (
-            "sensitivity % | specificity % | " if binary else ""
-        )
+        pat = results["comparisons"][gkey].get("acc_patient")
+        head = "| method | family | accuracy % ± episode CI | " + ("patient CI % | " if pat else "")
+        head += "macro AUC | " + ("sensitivity % | specificity % | " if binary else "")
         head += "ECE | chosen on validation |" + (" seed mean ± sd % |" if len(seeds) > 1 else "")
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
@@ -141,7 +274,10 @@ def render(results: dict[str, Any]) -> str:
             s0 = r["per_seed"][first]
             acc = results["comparisons"][gkey]["acc"][m]
             auc = s0["auc"]["mean"] if s0.get("auc") else None
-            row = f"| {m} | {methods[m]['family']} | {_pct(acc)} | {_num(auc)} | "
+            row = f"| {m} | {methods[m]['family']} | {_pct(acc)} | " + (
+                f"{_span(pat.get(m))} | " if pat else ""
+            )
+            row += f"{_num(auc)} | "
             if binary:
                 row += f"{_pct(s0.get('sens'))} | {_pct(s0.get('spec'))} | "
             sel = results["selection"].get(m, {}).get(first, {}).get(gkey)

@@ -122,16 +122,23 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def headline(results: dict[str, Any]) -> str:
+    """One line per run: each group's winner, its episode CI and, when present, which leads the patient-level
+    bootstrap does not support (else whether the episode intervals overlap)."""
     parts = []
     for gk, comp in results["comparisons"].items():
         w = comp["winner"]
         a = comp["acc"][w]
         ci = f"±{a['ci95'] * 100:.1f}" if a["ci95"] is not None else ""
-        tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
-        parts.append(
-            f"{gk}: {w} {a['mean'] * 100:.1f}{ci}%"
-            + (f" (overlaps {','.join(tied)})" if tied else " (separated)")
-        )
+        pat = (comp.get("acc_patient") or {}).get(w)
+        if pat:
+            tied = [m for m, v in comp["vs_winner"].items() if not v["paired_diff_patient"]["excludes_zero"]]
+            note = f" (patient CI {pat['low'] * 100:.1f}-{pat['high'] * 100:.1f}%; " + (
+                f"lead not supported over {','.join(tied)})" if tied else "lead supported over all)"
+            )
+        else:
+            tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
+            note = f" (overlaps {','.join(tied)})" if tied else " (separated)"
+        parts.append(f"{gk}: {w} {a['mean'] * 100:.1f}{ci}%" + note)
     n = sum(results["setup"]["n_test_episodes"].values())
     return f"{len(results['methods'])} methods on {n} test episodes; " + "; ".join(parts)
 

@@ -91,6 +91,33 @@ def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], lis
     q = res["setup"]["queries"]["binary.k2"]
     assert q["query_slots"] == 6 * 2 * 3 and q["distinct_query_patients"] <= q["distinct_query_scans"] <= 36
     assert "distinct scans" in text
+    # the patient-level (cluster) bootstrap: per method and group, next to the episode interval
+    for gk in ("binary.k2", "n_way.k2"):
+        comp = res["comparisons"][gk]
+        boot = comp["patient_bootstrap"]
+        q = res["setup"]["queries"][gk]
+        assert boot["unit"] == "patient" and boot["n_resamples"] == 2000 and boot["interval"] == "percentile"
+        assert (
+            boot["n_patients"] == q["distinct_query_patients"] and boot["n_query_slots"] == q["query_slots"]
+        )
+        for m in res["methods"]:
+            pat = comp["acc_patient"][m]
+            assert pat["mean"] == pytest.approx(comp["acc"][m]["mean"])  # equal query counts per episode
+            assert pat["low"] <= pat["mean"] <= pat["high"]
+            assert f"[{pat['low'] * 100:.1f}, {pat['high'] * 100:.1f}]" in text
+        for v in comp["vs_winner"].values():
+            d = v["paired_diff_patient"]
+            assert d["low"] <= d["mean"] <= d["high"] and d["excludes_zero"] == (
+                d["low"] > 0 or d["high"] < 0
+            )
+    assert "patient CI" in text and "episode CI" in text and "cluster bootstrap over patients" in text
+
+
+def test_results_hold_no_patient_key(world: World, spied: tuple[dict[str, Any], list]) -> None:
+    # patient keys (already salted hashes) only cluster the bootstrap in memory; none is written out
+    text = json.dumps(spied[0], default=float) + report.render(copy.deepcopy(spied[0]))
+    patients = set(world.store.index["patient_key"].astype(str))
+    assert patients and not any(p in text for p in patients)
 
 
 def test_hyper_parameters_come_from_validation_episodes_only(
@@ -140,6 +167,8 @@ def test_key_metrics_names(spied: tuple[dict[str, Any], list]) -> None:
     for meth in res["methods"]:
         assert f"test.{meth}.binary.k2.acc" in m and f"test.{meth}.binary.k2.acc_ci95" in m
         assert f"test.{meth}.binary.k2.sens" in m and f"test.{meth}.n_way.k2.ece" in m
+        assert m[f"test.{meth}.binary.k2.acc_patient_low"] <= m[f"test.{meth}.binary.k2.acc"]
+        assert m[f"test.{meth}.binary.k2.acc"] <= m[f"test.{meth}.binary.k2.acc_patient_high"]
     assert "test.finetune.binary.k2.acc_seed_std" in m
     assert m["test.binary.k2.n_episodes"] == 6.0
 
@@ -195,3 +224,53 @@ def test_verdict_sentences_on_hand_made_comparisons() -> None:
     comp["acc"]["maml"] = ci(0.70, 0.02)
     text = " ".join(report.verdict("binary.k5", comp, methods))
     assert "(equal to maml)" in text and "their means are equal" in text
+
+
+def test_verdict_uses_the_patient_interval_for_support() -> None:
+    methods = {
+        "maml": {"family": "meta-learned"},
+        "finetune": {"family": "traditional"},
+        "scratch": {"family": "from scratch"},
+    }
+
+    def ci(mean: float, half: float) -> dict[str, Any]:
+        return {"mean": mean, "ci95": half, "std": 0.1, "n": 600}
+
+    def boot(mean: float, low: float, high: float) -> dict[str, Any]:
+        return {"mean": mean, "low": low, "high": high}
+
+    comp = {
+        "n_episodes": 600,
+        "winner": "maml",
+        "ranking": ["maml", "finetune", "scratch"],
+        "acc": {"maml": ci(0.60, 0.008), "finetune": ci(0.57, 0.008), "scratch": ci(0.50, 0.008)},
+        "acc_patient": {
+            "maml": boot(0.60, 0.55, 0.65),
+            "finetune": boot(0.57, 0.52, 0.62),
+            "scratch": boot(0.50, 0.45, 0.55),
+        },
+        # episode intervals do not overlap for finetune, yet the patient-level difference includes 0
+        "vs_winner": {
+            "finetune": {
+                "overlap": False,
+                "paired_diff": ci(0.03, 0.01),
+                "paired_significant": True,
+                "paired_diff_patient": {**boot(0.03, -0.01, 0.07), "excludes_zero": False},
+            },
+            "scratch": {
+                "overlap": False,
+                "paired_diff": ci(0.10, 0.01),
+                "paired_significant": True,
+                "paired_diff_patient": {**boot(0.10, 0.05, 0.15), "excludes_zero": True},
+            },
+        },
+        "patient_bootstrap": {"unit": "patient", "n_patients": 202, "n_resamples": 2000, "seed": [0, 1]},
+    }
+    text = " ".join(report.verdict("binary.k5", comp, methods))
+    assert "(600 test episodes, 202 query patients)" in text
+    assert "**maml** (meta-learned), 60.0% [59.2, 60.8] episode CI, [55.0, 65.0] patient CI" in text
+    assert "supported over scratch (+10.0 points [5.0, 15.0])" in text
+    assert "Its lead over finetune (+3.0 points [-1.0, 7.0]) is not supported" in text
+    assert "would have separated finetune" in text
+    assert "patient-level paired difference maml − finetune +3.0 points [-1.0, 7.0]: not supported" in text
+    assert "It is separated from" not in text  # the episode-level wording no longer decides

@@ -67,7 +67,9 @@ def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
     assert (
         res.metrics["test.maml.binary.k2.acc"] == results["comparisons"]["binary.k2"]["acc"]["maml"]["mean"]
     )
-    assert "binary.k2" in res.summary
+    assert "binary.k2" in res.summary and "patient CI" in res.summary
+    pat = results["comparisons"]["binary.k2"]["acc_patient"]["maml"]
+    assert res.metrics["test.maml.binary.k2.acc_patient_low"] == pat["low"]
     assert run.params["chosen.finetune.binary.k2"] == {"mode": "head", "lr": 0.01, "steps": 2}
 
 
