@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.adapt.support import ScanSpec, read_scan, read_scan_bytes, write_json_atomic
+from pipeline.adapt.support import ScanRef, ScanSpec, read_ref, read_scan, read_scan_bytes, write_json_atomic
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model
@@ -208,6 +208,17 @@ class AdaptedClassifier:
         chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         for chunk in progress(chunks, total=len(chunks), desc="predicting"):
             arrays = [self._read(lambda p: read_scan(Path(p), self.spec), p) for p in chunk]
+            rows.extend(self._rows(arrays, batch_size))
+        return rows
+
+    def predict_refs(self, refs: Sequence[ScanRef], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Like predict_paths for listed scans (`support.scan_units`): a 3D DICOM series is one scan."""
+        from pipeline.progress import progress
+
+        rows: list[dict[str, Any]] = []
+        chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
+        for chunk in progress(chunks, total=len(chunks), desc="predicting"):
+            arrays = [self._read(lambda r: read_ref(r, self.spec), r) for r in chunk]
             rows.extend(self._rows(arrays, batch_size))
         return rows
 

@@ -1,7 +1,8 @@
 """`fewscan predict`: new scans -> a CSV of class probabilities from an adapted model.
 
-One row per scan: the file path, the predicted class, one probability column per class, and an error
-column. An unreadable or mismatched file gets a row with its error and empty probabilities, never a crash.
+One row per scan: the file path (for a 3D model, a DICOM series' folder: its slices are one scan), the
+predicted class, one probability column per class, and an error column. An unreadable or mismatched file
+gets a row with its error and empty probabilities, never a crash.
 Every scan is preprocessed exactly like the meta-model's training data (inside the adapted model), and
 a scan's probabilities do not depend on which other scans are in the same batch.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapt.adapted import AdaptedClassifier, prob_column, torch_threads
-from pipeline.adapt.support import PathLedger, list_inputs
+from pipeline.adapt.support import PathLedger, list_inputs, scan_units
 from pipeline.errors import ConfigError
 from pipeline.ingest.deid import load_or_create_salt
 from pipeline.progress import log
@@ -74,11 +75,12 @@ def predict(
 
     t0 = time.perf_counter()
     ledger = PathLedger(load_or_create_salt(salt_file), Path(local_report_dir) / LEDGER_FILE)
-    refs = list_inputs(Path(input_path), ledger)
+    files = list_inputs(Path(input_path), ledger)
     model: AdaptedClassifier = load_adapted(model_uri)
+    refs = scan_units(files, model.spec, ledger, "predict")  # 3D model: one scan per DICOM series
     t_load = time.perf_counter() - t0
     with torch_threads(threads):
-        rows = model.predict_paths([r.path for r in refs], batch_size=batch_size)
+        rows = model.predict_refs(refs, batch_size=batch_size)
     for r, ref in zip(rows, refs):
         r["path"] = str(ref.path)
     write_predictions_csv(rows, model.classes, Path(output_csv))

@@ -2,9 +2,16 @@
 
 A set is either a folder with one subfolder per class (`Hernia/`, `No Finding/`, files may sit in
 nested series folders) or a label CSV with the columns `path,label` (relative paths resolve against the
-CSV's folder). Every scan goes through the ingest preprocessing of the meta-model's own ingest run
-(`pipeline.ingest.preprocess.load_for_model`), so support, query and training images are identical in
-geometry, windowing and normalisation.
+CSV's folder; for a 3D model a row may name a series folder). Every scan goes through the ingest
+preprocessing of the meta-model's own ingest run (`pipeline.ingest.preprocess.load_for_model`, and for a
+DICOM series ingest's `decode_series`), so support, query and training images are identical in geometry,
+windowing and normalisation.
+
+3D meta-models (scans stored as (C, D, H, W)): a scan is a NIfTI volume, a multi-frame DICOM volume, or a
+DICOM series, i.e. the single-frame slices of a class folder (or CSV row) that share a SeriesInstanceUID,
+grouped by ingest's own header pass (`pipeline.ingest.worker.run_task`, kind "header") and decoded once
+per series, ordered along the slice normal. A 2-D image given to a 3-D model, or a volume to a 2-D
+model, is a ScanMismatch that names both geometries.
 
 De-identification: a scan is known outside this module only by a salted hash of its *content* (the same
 salt file as ingest, kept outside MLflow), so nothing written to MLflow holds a file name, and the same
@@ -47,9 +54,10 @@ class ScanMismatch(DataError):
 
 @dataclass(frozen=True)
 class ScanRef:
-    path: Path
+    path: Path  # the scan's file; for a DICOM series, the folder that holds its slices
     label: str | None  # None for unlabelled scans (predict)
     shown: str  # path relative to the set's root: local only, never for MLflow nor logs (they use file keys)
+    members: tuple[Path, ...] = ()  # the slice files of a DICOM series (3D), sorted; () for a single file
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,11 @@ class ScanSpec:
     preprocessing: dict[str, Any]
     shape: tuple[int, ...]  # (C, H, W) or (C, D, H, W), as stored by ingest
     modalities: frozenset[str] | None = None  # DICOM modalities seen at ingest (None: not checked)
+
+    @property
+    def volumetric(self) -> bool:
+        """True for a 3D meta-model: its scans are (C, D, H, W) volumes."""
+        return len(self.shape) == 4
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -298,26 +311,21 @@ def _describe_shape(shape: tuple[int, ...]) -> str:
     return f"{kind}, {shape[0]} channel(s), {'x'.join(str(s) for s in shape[1:])}"
 
 
-def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
-    """One scan file -> the array ingest would have stored for it ((C, H, W) float32), checked against spec.
+def _dims_mismatch(spec: ScanSpec) -> ScanMismatch:
+    """A 2-D image for a 3-D model or a volume for a 2-D one: the set is wrong, not the file."""
+    if spec.volumetric:
+        return ScanMismatch(
+            f"a 2-D image, but the meta-model takes 3-D volumes ({_describe_shape(spec.shape)}): give one "
+            "DICOM series folder (all slices of one scan) or one NIfTI volume per scan, or adapt a "
+            "meta-model trained on 2-D images"
+        )
+    return ScanMismatch(
+        f"a 3-D volume, but the meta-model takes 2-D images ({_describe_shape(spec.shape)}): give 2-D "
+        "scans, or adapt a meta-model trained on 3-D volumes"
+    )
 
-    Raises DataError when the file cannot be read, ScanMismatch when it is readable but of another
-    modality or geometry than the meta-model's training data.
-    """
-    from pipeline.ingest.preprocess import load_for_model
 
-    if spec.modalities:
-        mod = dicom_modality(path)
-        if mod is not None and mod not in spec.modalities:
-            raise ScanMismatch(
-                f"modality {mod}, but the meta-model was trained on {', '.join(sorted(spec.modalities))}"
-            )
-    try:
-        arr = load_for_model(path, spec.preprocessing)
-    except DataError:
-        raise
-    except (OSError, ValueError, RuntimeError) as err:  # a decoder's own error on a broken file
-        raise DataError(f"cannot read scan: {type(err).__name__}: {err}") from None
+def _check_array(arr: np.ndarray, spec: ScanSpec) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     if tuple(arr.shape) != spec.shape:
         raise ScanMismatch(
@@ -327,6 +335,141 @@ def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise DataError("preprocessing produced non-finite values (NaN/inf): the pixel data is corrupt")
     return arr
+
+
+def _check_modality(mod: str | None, spec: ScanSpec) -> None:
+    if spec.modalities and mod is not None and mod not in spec.modalities:
+        raise ScanMismatch(
+            f"modality {mod}, but the meta-model was trained on {', '.join(sorted(spec.modalities))}"
+        )
+
+
+def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
+    """One scan file (or, for a 3D model, a folder holding one DICOM series) -> the array ingest would
+    have stored for it ((C, H, W) or (C, D, H, W) float32), checked against spec.
+
+    Raises DataError when the file cannot be read, ScanMismatch when it is readable but of another
+    modality, dimensionality or geometry than the meta-model's training data.
+    """
+    from pipeline.ingest.preprocess import load_for_model
+    from pipeline.ingest.reasons import WRONG_DIMENSIONALITY
+
+    if Path(path).is_dir() and not spec.volumetric:
+        raise _dims_mismatch(spec)  # a series folder is one 3-D scan
+    if spec.modalities:
+        _check_modality(dicom_modality(path), spec)
+    try:
+        arr = load_for_model(path, spec.preprocessing)
+    except DataError as err:
+        # load_for_model words ingest's rejections "<name>: <reason code>: <detail>"
+        if f": {WRONG_DIMENSIONALITY}: " in str(err):
+            raise _dims_mismatch(spec) from None
+        raise
+    except (OSError, ValueError, RuntimeError) as err:  # a decoder's own error on a broken file
+        raise DataError(f"cannot read scan: {type(err).__name__}: {err}") from None
+    return _check_array(arr, spec)
+
+
+def read_series(files: Sequence[tuple[Path, bytes]], spec: ScanSpec) -> np.ndarray:
+    """The slices of ONE DICOM series (path, bytes) -> the (C, D, H, W) volume ingest would store,
+    decoded once with ingest's `decode_series` (ordered along the slice normal, resampled with MONAI)."""
+    from pipeline.ingest.reasons import Rejected as IngestRejected
+    from pipeline.ingest.worker import decode_series
+
+    if not spec.volumetric:
+        raise _dims_mismatch(spec)
+    try:
+        arr, facts = decode_series(list(files), spec.preprocessing)
+    except IngestRejected as r:
+        raise DataError(f"{r.reason}: {r.detail}") from None
+    except (OSError, ValueError, RuntimeError, AttributeError, TypeError) as err:  # a decoder's own error
+        raise DataError(f"cannot read series: {type(err).__name__}") from None
+    _check_modality(str(facts.get("modality") or "").strip().upper() or None, spec)
+    return _check_array(arr, spec)
+
+
+def read_ref(ref: ScanRef, spec: ScanSpec) -> np.ndarray:
+    """A listed scan (a file, or the slices of a series) -> its preprocessed array, checked against spec."""
+    if ref.members:
+        return read_series([(p, p.read_bytes()) for p in ref.members], spec)
+    return read_scan(ref.path, spec)
+
+
+def series_key(salt: bytes, datas: Sequence[bytes]) -> str:
+    """Content key of a series: its slices' bytes, in any order (file names and order do not matter)."""
+    digests = sorted(hashlib.sha256(d).hexdigest() for d in datas)
+    return salted_key(salt, "adapt-scan", hashlib.sha256("\n".join(digests).encode()).hexdigest())
+
+
+def scan_units(
+    refs: Sequence[ScanRef], spec: ScanSpec, ledger: PathLedger | None = None, what: str = "support"
+) -> list[ScanRef]:
+    """The scans of a listing: for a 2D model the files themselves; for a 3D model, single-frame DICOM
+    slices grouped into one scan per (label, series) with ingest's header pass, and a listed folder
+    (a CSV row naming a series folder) expanded first. Other files (NIfTI, multi-frame DICOM) stay one
+    scan each; a header that cannot be read leaves the file alone (it is reported when read).
+    A series keeps the place of its first slice, so the order stays deterministic."""
+    if not spec.volumetric:
+        return list(refs)
+    from pipeline.ingest.discover import sniff
+    from pipeline.ingest.worker import Task, run_task
+
+    files: list[ScanRef] = []
+    for r in refs:
+        if r.path.is_dir():
+            files += [
+                ScanRef(path=f, label=r.label, shown=f"{r.shown}/{f.relative_to(r.path).as_posix()}")
+                for f in _files_under(r.path)
+            ]
+        else:
+            files.append(r)
+    salt = ledger.salt if ledger is not None else b""  # series keys only group here; never shown
+    prep = dict(spec.preprocessing)
+    out: list[ScanRef | tuple[str | None, str]] = []
+    series: dict[tuple[str | None, str], list[ScanRef]] = {}
+    sops: dict[tuple[str | None, str], set[str]] = {}
+    dropped: list[ScanRef] = []
+    for r in files:
+        if sniff(r.path) != "dicom":
+            out.append(r)
+            continue
+        res = run_task(Task("header", [str(r.path)], [r.shown], "dicom", prep, salt, None))
+        it = res["items"][0] if res.get("ok") else {}
+        if not it.get("series_key") or int(it.get("frames", 1)) > 1:
+            out.append(r)
+            continue
+        group = (r.label, str(it["series_key"]))
+        if group not in series:
+            series[group], sops[group] = [], set()
+            out.append(group)
+        if it.get("sop_key") and it["sop_key"] in sops[group]:
+            dropped.append(r)  # ingest's rule: a repeated SOPInstanceUID is the same slice again
+            continue
+        sops[group].add(str(it.get("sop_key") or ""))
+        series[group].append(r)
+    if dropped:
+        named = ""
+        if ledger is not None:
+            keys = ledger.record(
+                [(r.path, f"{what}: duplicate slice of a series, left out") for r in dropped]
+            )
+            named = f" ({', '.join(f'file {k}' for k in keys)}; {ledger.where()})"
+        log(f"{what}: left out {len(dropped)} repeated slice(s) (same SOPInstanceUID in one series){named}")
+    units: list[ScanRef] = []
+    for u in out:
+        if isinstance(u, ScanRef):
+            units.append(u)
+            continue
+        members = series[u]
+        if len(members) == 1:  # one slice is a 2-D image: read alone, it is refused as such
+            units.append(members[0])
+            continue
+        folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
+        shown = os.path.commonpath([str(Path(m.shown).parent) for m in members])
+        units.append(
+            ScanRef(path=folder, label=u[0], shown=shown, members=tuple(sorted(m.path for m in members)))
+        )
+    return units
 
 
 def read_scan_bytes(data: bytes, spec: ScanSpec, suffix: str = ".dcm") -> np.ndarray:
@@ -411,6 +554,7 @@ def load_labelled(
     Log lines name a file by its key; `ledger` records the clear paths locally (None: keys only).
     """
     ledger = ledger if ledger is not None else PathLedger(salt, None)
+    refs = scan_units(refs, spec, ledger, what)  # 3D: one ref per DICOM series, not per slice
     index = {c: i for i, c in enumerate(classes)}
     xs: list[np.ndarray] = []
     ys: list[int] = []
@@ -426,8 +570,11 @@ def load_labelled(
                 ref.path,
                 ledger,
             )
+        if not ref.members and ref.path.is_dir():  # a CSV row naming a folder, for a 2D model
+            mismatched.append((ref, str(_dims_mismatch(spec))))
+            continue
         try:
-            data = ref.path.read_bytes()
+            datas = [m.read_bytes() for m in ref.members] if ref.members else [ref.path.read_bytes()]
         except OSError as err:
             rejected.append(
                 Rejected(
@@ -437,7 +584,7 @@ def load_labelled(
                 )
             )
             continue
-        key = content_key(salt, data)
+        key = series_key(salt, datas) if ref.members else content_key(salt, datas[0])
         if key in seen:
             if seen[key] != ref.label:
                 _fail(
@@ -451,7 +598,8 @@ def load_labelled(
             log(f"{what}: {dup} is a duplicate of another '{ref.label}' scan; using it once")
             continue
         try:
-            arr = reader(ref.path, spec)
+            # a series is decoded once, from the bytes already read for its key
+            arr = read_series(list(zip(ref.members, datas)), spec) if ref.members else reader(ref.path, spec)
         except ScanMismatch as err:
             mismatched.append((ref, scrub(str(err), ref.path)))
             continue
