@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import FewscanError
+from pipeline.errors import ConfigError, FewscanError
 
 STAGE_HELP = {
     "ingest": (
@@ -180,6 +180,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, type=Path, help="a scan file or a folder of scans")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    p.add_argument(
+        "--salt-file",
+        type=Path,
+        default=Path(".fewscan/salt"),
+        help="ingest's salt (log lines name files by salted key; default .fewscan/salt)",
+    )
+    p.add_argument(
+        "--local-report-dir",
+        type=Path,
+        default=Path(".fewscan/reports"),
+        help="where predict.paths.json maps those keys back to paths (local only; default .fewscan/reports)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads while scoring (default: torch's)"
+    )
 
     p = sub.add_parser(
         "run",
@@ -316,7 +331,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.adapt.predict import predict
 
-    predict(args.model, args.input, args.output)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    predict(
+        args.model,
+        args.input,
+        args.output,
+        threads=args.threads,
+        salt_file=args.salt_file,
+        local_report_dir=args.local_report_dir,
+    )
     return 0
 
 

@@ -127,3 +127,36 @@ def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
     assert "DOE" not in err
     k_nope = salted_key(("a" * 64).encode(), "file", str((inp / "nope").resolve()))
     assert k_nope in err and _mapped(reports / "predict.paths.json")[k_nope] == str((inp / "nope").resolve())
+
+
+def test_predict_command_passes_salt_file_report_dir_and_threads(
+    meta_model_dir: Path,
+    sets: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`fewscan predict --salt-file --local-report-dir` uses that salt and writes the key map there."""
+    import pipeline.serving
+    from pipeline.cli import main
+
+    mm = load_meta_model(meta_model_dir)
+    s = load_labelled(list_labelled(sets["support"]), CLASSES, _spec(), SALT)
+    method = mm.method()
+    clf = AdaptedClassifier(mm, method, method.fit(s.x, s.y, 2), CLASSES, _spec(), {})
+    monkeypatch.setattr(pipeline.serving, "load_adapted", lambda uri: clf)
+    inp = tmp_path / NAME
+    shutil.copytree(sets["query"] / h.CONDITION, inp)
+    salt_file, reports, out = tmp_path / "s", tmp_path / "rep", tmp_path / "p.csv"
+    salt_file.write_text("b" * 64 + "\n")
+    args = ["predict", "--model", "models:/x@current", "--input", str(inp), "--output", str(out)]
+    assert (
+        main([*args, "--salt-file", str(salt_file), "--local-report-dir", str(reports), "--threads", "1"])
+        == 0
+    )
+    k_out = salted_key(("b" * 64).encode(), "file", str(out.resolve()))
+    assert _mapped(reports / "predict.paths.json")[k_out] == str(out.resolve())
+    assert len(list(csv.DictReader(out.open()))) == 15
+    assert NAME not in capsys.readouterr().err
+    assert main([*args, "--threads", "0"]) == 2  # a clear configuration error, not a crash
+    assert "--threads must be >= 1" in capsys.readouterr().err
