@@ -13,6 +13,15 @@ class DataError(FewscanError):
     """The input data cannot be used (nothing readable, too few patients for an episode, ...)."""
 
 
+class ScanRejectedError(DataError):
+    """One scan refused for one of ingest's reasons; `reason` is the code (`pipeline.ingest.reasons`), so
+    callers branch on the code, not on the wording of the message."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class UpstreamError(FewscanError):
     """An upstream MLflow run is missing, unfinished, or of the wrong stage."""
 

@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, DataError, FewscanError
+from pipeline.errors import ConfigError, DataError, FewscanError, ScanRejectedError
 from pipeline.ingest.deid import salted_key
 from pipeline.progress import log, progress
 
@@ -360,9 +360,8 @@ def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
         _check_modality(dicom_modality(path), spec)
     try:
         arr = load_for_model(path, spec.preprocessing)
-    except DataError as err:
-        # load_for_model words ingest's rejections "<name>: <reason code>: <detail>"
-        if f": {WRONG_DIMENSIONALITY}: " in str(err):
+    except ScanRejectedError as err:
+        if err.reason == WRONG_DIMENSIONALITY:
             raise _dims_mismatch(spec) from None
         raise
     except (OSError, ValueError, RuntimeError) as err:  # a decoder's own error on a broken file

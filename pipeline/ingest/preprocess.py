@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ScanRejectedError
 
 PREPROCESS_VERSION = 1  # bump when a change alters stored pixels: invalidates the decode cache
 
@@ -139,7 +139,8 @@ def load_for_model(path: Path, preprocessing: dict[str, Any]) -> np.ndarray:
     """ONE scan (a DICOM/NIfTI/PNG/JPEG file, or a folder holding one DICOM series for 3D) -> exactly the
     array ingest stores for it, as float32: (C, H, W) for 2D, (C, D, H, W) for 3D.
 
-    Raises DataError naming the reason when the file is unreadable or holds more than one image.
+    Raises DataError naming the reason when the file is unreadable or holds more than one image
+    (ScanRejectedError, carrying ingest's reason code, when ingest itself would reject it).
     """
     from pipeline.ingest.discover import sniff
     from pipeline.ingest.reasons import Rejected
@@ -164,7 +165,7 @@ def load_for_model(path: Path, preprocessing: dict[str, Any]) -> np.ndarray:
             raise DataError(f"{p.name}: an npz holds many images; pass one image file")
         items = decode_file(p, fmt, p.read_bytes(), prep)
     except Rejected as r:
-        raise DataError(f"{p.name}: {r.reason}: {r.detail}") from None
+        raise ScanRejectedError(f"{p.name}: {r.reason}: {r.detail}", r.reason) from None
     if len(items) != 1:
         raise DataError(
             f"{p.name} holds {len(items)} images (multi-frame); pass a single-frame file or use preprocessing multiframe=first"
