@@ -18,7 +18,7 @@ MARKER = ".fewscan-demo.json"  # the generator parameters the folder was written
 
 def ensure_demo_data(suite_name: str, regenerate: bool = False) -> Path:
     """Generate the suite's demo data unless the folder already holds data made with the same parameters."""
-    from pipeline.demodata.generate import generate_study
+    from pipeline.demodata.generate import generate_study, write_demo_salt
 
     suite = load_suite(suite_name)
     dd = dict(suite.cfg.demo_data or {})
@@ -28,6 +28,7 @@ def ensure_demo_data(suite_name: str, regenerate: bool = False) -> Path:
     marker = out / MARKER
     if not regenerate and marker.is_file() and json.loads(marker.read_text()) == dd:
         log(f"demo data already in {out} (same parameters); not regenerating (--regenerate forces it)")
+        write_demo_salt(out, int(dd.get("seed", 0)))  # folders generated before the demo had its own salt
         return out
     log(f"generating the synthetic study into {out} ({dd})")
     generate_study(out, **dd)

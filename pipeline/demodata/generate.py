@@ -70,7 +70,32 @@ def _write_chunk(seed: int, size: int, modality: str, out: str, chunk: list[Imag
 
 
 OWN_ENTRIES = {"dicom", "adapt", "labels.csv", "study.json", "labels.csv.part", "study.json.part",
-               ".fewscan-demo.json"}  # fmt: skip
+               ".fewscan-demo.json", "salt", "salt.part"}  # fmt: skip
+DEMO_SALT_FILE = "salt"
+
+
+def demo_salt(seed: int) -> str:
+    """The salt of the synthetic study: derived from the generator seed, public, the same on every machine.
+
+    Why: the split into common / validation / rare pools and the episodes are drawn from patients ordered by
+    their salted keys, so a random salt per working folder (the default for real data, where it must stay
+    secret) gives every fresh checkout another split and other numbers than the README's. The demo's
+    patients are invented, so a fixed salt protects nothing and buys reproducible demo results.
+    """
+    import hashlib
+
+    return hashlib.sha256(f"fewscan-demo-salt\x00{int(seed)}".encode()).hexdigest()
+
+
+def write_demo_salt(out: Path, seed: int) -> Path:
+    """Write (or repair) `<out>/salt` for the study generated with `seed`; returns its path."""
+    path = Path(out) / DEMO_SALT_FILE
+    want = demo_salt(seed) + "\n"
+    if not path.is_file() or path.read_text() != want:
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(want)
+        os.replace(tmp, path)
+    return path
 
 
 def _available_cpus() -> int:
@@ -272,6 +297,7 @@ def generate_study(
     tmp.write_text(json.dumps({"generator": "fewscan.demodata", "parameters": params, "summary": summary},
                               indent=2), encoding="utf-8")  # fmt: skip
     os.replace(tmp, out / "study.json")
+    write_demo_salt(out, seed)
     return summary
 
 
