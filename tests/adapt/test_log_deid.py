@@ -85,21 +85,23 @@ def test_refusals_keep_the_path_out_of_the_error_and_stderr_but_in_the_local_rep
     assert mapped[k_copy] == str((d / h.NORMAL / "copy.dcm").resolve())
 
 
-def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
-    meta_model_dir: Path,
-    sets: dict[str, Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def served(meta_model_dir: Path, sets: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> AdaptedClassifier:
+    """An adapted classifier that `pipeline.serving.load_adapted` returns for any model URI."""
     import pipeline.serving
-    from pipeline.adapt.predict import predict
 
     mm = load_meta_model(meta_model_dir)
     s = load_labelled(list_labelled(sets["support"]), CLASSES, _spec(), SALT)
     method = mm.method()
     clf = AdaptedClassifier(mm, method, method.fit(s.x, s.y, 2), CLASSES, _spec(), {})
     monkeypatch.setattr(pipeline.serving, "load_adapted", lambda uri: clf)
+    return clf
+
+
+def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
+    served: AdaptedClassifier, sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.adapt.predict import predict
 
     inp = tmp_path / NAME / "new"
     shutil.copytree(sets["query"] / h.CONDITION, inp)
@@ -130,21 +132,11 @@ def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
 
 
 def test_predict_command_passes_salt_file_report_dir_and_threads(
-    meta_model_dir: Path,
-    sets: dict[str, Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    served: AdaptedClassifier, sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`fewscan predict --salt-file --local-report-dir` uses that salt and writes the key map there."""
-    import pipeline.serving
     from pipeline.cli import main
 
-    mm = load_meta_model(meta_model_dir)
-    s = load_labelled(list_labelled(sets["support"]), CLASSES, _spec(), SALT)
-    method = mm.method()
-    clf = AdaptedClassifier(mm, method, method.fit(s.x, s.y, 2), CLASSES, _spec(), {})
-    monkeypatch.setattr(pipeline.serving, "load_adapted", lambda uri: clf)
     inp = tmp_path / NAME
     shutil.copytree(sets["query"] / h.CONDITION, inp)
     salt_file, reports, out = tmp_path / "s", tmp_path / "rep", tmp_path / "p.csv"
