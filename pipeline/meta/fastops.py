@@ -13,8 +13,8 @@ its time outside the convolutions.
   `max_pool2` runs the channels-last kernel and returns a contiguous result; the backward is ATen's own
   `max_pool2d_with_indices_backward`, differentiable w.r.t. the incoming gradient (second order).
 
-Both are CPU-only fast paths: on other devices, under `torch.func.vmap` (batched tensors), or for shapes they
-do not cover they defer to the stock PyTorch op, so a model never depends on them for correctness. State
+Both are CPU-only fast paths: on other devices, under `torch.func.vmap` (batched tensors), under forward-mode
+AD, or for shapes they do not cover they defer to the stock PyTorch op, so a model never depends on them for correctness. State
 dicts are unchanged (`GroupNorm2` is an `nn.GroupNorm`).
 """
 
@@ -27,8 +27,13 @@ from torch.autograd.function import once_differentiable
 
 
 def _is_plain_cpu(x: Tensor) -> bool:
-    """True for an ordinary CPU tensor; False under vmap (batched tensors take the stock op)."""
+    """True for an ordinary CPU tensor; False under vmap (batched tensors take the stock op) and under
+    forward-mode AD (torch.func.jvp, torch.autograd.forward_ad), which the fast paths do not implement."""
     if x.device.type != "cpu":
+        return False
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0:  # inside a dual level: the stock ops have forward-mode formulas
         return False
     try:
         from torch._C._functorch import is_batchedtensor

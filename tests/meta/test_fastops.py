@@ -96,6 +96,18 @@ def test_fast_paths_defer_to_the_stock_ops_under_vmap():
     assert torch.equal(vmap(max_pool2)(xs), torch.stack([F.max_pool2d(x, 2) for x in xs]))
 
 
+def test_forward_mode_ad_takes_the_stock_ops():
+    """jvp (torch.func and torch.autograd.forward_ad) works through the fast modules: they defer to the
+    stock ops, whose forward-mode formulas exist."""
+    from torch.func import jvp
+
+    torch.manual_seed(0)
+    fast, ref = _pair(2, 4)
+    x, v = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert torch.allclose(jvp(fast, (x,), (v,))[1], jvp(ref, (x,), (v,))[1], atol=1e-12)
+    assert torch.equal(jvp(max_pool2, (x,), (v,))[1], jvp(lambda t: F.max_pool2d(t, 2), (x,), (v,))[1])
+
+
 def test_maml_meta_gradient_through_the_fast_network_equals_the_stock_network():
     """Second-order MAML (torch.func.grad inner loop, autograd outer) through conv -> norm -> pool -> ReLU
     with the fast ops equals the stock conv -> GroupNorm -> ReLU -> MaxPool2d network (float64)."""
