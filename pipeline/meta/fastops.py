@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C import _functorch
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 
@@ -31,22 +33,14 @@ def _is_plain_cpu(x: Tensor) -> bool:
     forward-mode AD (torch.func.jvp, torch.autograd.forward_ad), which the fast paths do not implement."""
     if x.device.type != "cpu":
         return False
-    from torch.autograd import forward_ad
-
     if forward_ad._current_level >= 0:  # inside a dual level: the stock ops have forward-mode formulas
         return False
-    try:
-        from torch._C._functorch import is_batchedtensor
-    except ImportError:  # pragma: no cover - torch without functorch internals
-        return True
     t = x
     # Unwrap grad-tracking wrappers (torch.func.grad) to see whether a vmap level sits underneath.
-    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
-
-    while is_functorch_wrapped_tensor(t):
-        if is_batchedtensor(t):
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
             return False
-        t = get_unwrapped(t)
+        t = _functorch.get_unwrapped(t)
     return True
 
 

@@ -196,15 +196,20 @@ def test_outputs_written(spied: tuple[dict[str, Any], list], tmp_path: Path) -> 
     assert "plots/adaptation_vs_steps.png" in md
 
 
-def test_verdict_sentences_on_hand_made_comparisons() -> None:
-    methods = {
-        "maml": {"family": "meta-learned"},
-        "finetune": {"family": "traditional"},
-        "scratch": {"family": "from scratch"},
-    }
+METHODS = {
+    "maml": {"family": "meta-learned"},
+    "finetune": {"family": "traditional"},
+    "scratch": {"family": "from scratch"},
+}
 
-    def ci(mean: float, half: float) -> dict[str, Any]:
-        return {"mean": mean, "ci95": half, "std": 0.1, "n": 600}
+
+def ci(mean: float, half: float) -> dict[str, Any]:
+    """An episode-level summary as summary.py writes it."""
+    return {"mean": mean, "ci95": half, "std": 0.1, "n": 600}
+
+
+def test_verdict_sentences_on_hand_made_comparisons() -> None:
+    methods = METHODS
 
     comp = {
         "n_episodes": 600,
@@ -227,14 +232,7 @@ def test_verdict_sentences_on_hand_made_comparisons() -> None:
 
 
 def test_verdict_uses_the_patient_interval_for_support() -> None:
-    methods = {
-        "maml": {"family": "meta-learned"},
-        "finetune": {"family": "traditional"},
-        "scratch": {"family": "from scratch"},
-    }
-
-    def ci(mean: float, half: float) -> dict[str, Any]:
-        return {"mean": mean, "ci95": half, "std": 0.1, "n": 600}
+    methods = METHODS
 
     def boot(mean: float, low: float, high: float) -> dict[str, Any]:
         return {"mean": mean, "low": low, "high": high}
