@@ -7,7 +7,9 @@ inner step is `torch.autograd.grad(loss, params, create_graph=second_order)` fol
 query loss is back-propagated per task (as learn2learn's MAML examples do). torch's default intra-op threads.
 Ours: `pipeline.meta.algorithms.MetaLearner.meta_backward` with fewscan's Conv4 — the one functional inner
 loop, tasks spread over CPU task threads (`tasks: auto`), the backbone's CPU fast paths
-(`pipeline/meta/fastops.py`: analytic GroupNorm double backward, channels-last max-pool, pool-then-ReLU).
+(`pipeline/meta/fastops.py`: im2col convolution of the images without the unneeded input-gradient term,
+GroupNorm with an analytic double backward, fused max-pool + ReLU; the last two in small C kernels compiled
+on first use, `pipeline/meta/native.py`, whose status the run prints).
 Both compute the same function from the same weights; the meta-gradients are checked to agree in float64
 before timing. To separate the two sources of speed, the reference is also timed on fewscan's own network
 ("reference on our network"), and our engine as a plain loop at one thread. Where installed, the real
@@ -48,8 +50,9 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.meta import native  # noqa: E402
 from pipeline.meta.algorithms import InnerConfig, MetaLearner, make_algorithm  # noqa: E402
-from pipeline.meta.fastops import GroupNorm2, MaxPool2  # noqa: E402
+from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2  # noqa: E402
 from pipeline.meta.models import FewShotNet, ModelSpec, build_model  # noqa: E402
 
 CONFIGS = {
@@ -118,10 +121,14 @@ def textbook_net(model: FewShotNet, head_rows: int = 1) -> nn.Sequential:
             gn = nn.GroupNorm(mod.num_groups, mod.num_channels, eps=mod.eps)
             gn.load_state_dict(mod.state_dict())
             layers.append(gn)
-        elif isinstance(mod, MaxPool2):
-            continue  # re-inserted after the ReLU below
-        elif isinstance(mod, nn.ReLU):
+        elif isinstance(mod, Conv2d2):
+            conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, padding=mod.padding)
+            conv.load_state_dict(mod.state_dict())
+            layers.append(conv)
+        elif isinstance(mod, MaxPoolReLU2):
             layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        elif isinstance(mod, nn.Identity):
+            continue
         else:
             layers.append(copy.deepcopy(mod))
     head = nn.Linear(model.feat_dim, head_rows)
@@ -403,7 +410,8 @@ def main() -> None:
         return
     print(
         f"# machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, python {platform.python_version()}"
+        f"threads {torch.get_num_threads()}, python {platform.python_version()}, "
+        f"CPU kernels {native.status()} (AVX-512 pool: {native.pool_simd()})"
     )
     results: dict = {"threads": torch.get_num_threads()}
     for name in ("A", "B"):

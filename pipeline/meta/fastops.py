@@ -1,21 +1,28 @@
-"""CPU-fast GroupNorm and 2x2 max-pool for the backbones, exact (same values, same gradients).
+"""CPU fast paths for the Conv-4 backbone: convolution on the images, GroupNorm, 2x2 max-pool + ReLU.
 
-Why (measured, benchmarks/RESULTS.md "engine"): on CPU, second-order MAML through Conv-4 spends a third of
-its time outside the convolutions.
-- `nn.GroupNorm`'s backward, when it must itself be differentiable (every inner step of second-order MAML),
-  falls back to a composite of ~80 small ops per call, and the outer backward differentiates all of them.
-  `GroupNorm2` keeps the native fused backward kernel for the first derivative and writes the second
-  derivative out analytically (a dozen reductions and elementwise ops; derivation in
-  `_GroupNormBackward.backward`). Values are identical to `nn.GroupNorm`; gradients and second
-  derivatives agree to rounding (tests/meta/test_fastops.py, gradcheck/gradgradcheck in float64).
-- ATen's NCHW max-pool forward kernel is scalar on this CPU (21 ms for a 75x64x28x28 query batch); the
-  channels-last kernel is vectorised over channels (7.5 ms including the layout round trip).
-  `max_pool2` runs the channels-last kernel and returns a contiguous result; the backward is ATen's own
-  `max_pool2d_with_indices_backward`, differentiable w.r.t. the incoming gradient (second order).
+Exact: the same function and the same gradients and second derivatives as the stock PyTorch ops, up to
+rounding (tests/meta/test_fastops.py and test_native.py, gradcheck/gradgradcheck in float64).
 
-Both are CPU-only fast paths: on other devices, under `torch.func.vmap` (batched tensors), under forward-mode
-AD, or for shapes they do not cover they defer to the stock PyTorch op, so a model never depends on them for correctness. State
-dicts are unchanged (`GroupNorm2` is an `nn.GroupNorm`).
+Why (measured, benchmarks/RESULTS.md "engine"): second-order MAML through Conv-4 on a CPU spent about 40 %
+of its time outside the convolutions, and the first convolution itself ran far from peak.
+- `Conv2d2`: on an input that needs no gradient (the images), the convolution is one matmul with the
+  image's im2col matrix, and its double backward skips the input-gradient term that ATen computes anyway
+  (a slow transposed convolution with one output channel). See "fixed-input convolution" below.
+- `GroupNorm2`: `nn.GroupNorm`'s backward, when it must itself be differentiable (every inner step of
+  second-order MAML), falls back to a composite of ~80 small ops per call, and the outer backward
+  differentiates all of them. `GroupNorm2` keeps the native fused backward kernel for the first derivative
+  and writes the second derivative out analytically (derivation in `_GroupNormBackward.backward`), in one
+  C kernel (csrc/, pipeline/meta/native.py) or, where that is not built, as a dozen tensor ops.
+- `MaxPoolReLU2`: ReLU(max-pool) in one C kernel pass forward and one backward (an AVX-512 kernel where
+  the CPU has it; ATen's NCHW max-pool forward is scalar here: 8.2 vs 0.9 ms for a 75x64x28x28 query
+  batch, ReLU included). Without the kernel: ATen's channels-last max-pool (`max_pool2`) and a ReLU.
+- The Functions are applied through `_fast_apply`, which skips `Function.apply`'s per-call Python
+  overhead outside torch.func transforms.
+
+All are CPU-only fast paths: on other devices, under `torch.func.vmap` (batched tensors), under
+forward-mode AD, or for shapes and options they do not cover they defer to the stock PyTorch ops, so a
+model never depends on them for correctness. State dicts are unchanged (`GroupNorm2` is an
+`nn.GroupNorm`, `Conv2d2` an `nn.Conv2d`; `MaxPoolReLU2` has no parameters).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from torch import Tensor, nn
 from torch._C import _functorch
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
+
+from pipeline.meta import native
 
 
 def _is_plain_cpu(x: Tensor) -> bool:
@@ -42,6 +51,30 @@ def _is_plain_cpu(x: Tensor) -> bool:
             return False
         t = _functorch.get_unwrapped(t)
     return True
+
+
+def _fast_apply(fn: type[torch.autograd.Function]):
+    """`fn.apply`, minus the Python wrapper's per-call overhead where that is safe.
+
+    `Function.apply` binds default arguments with `inspect.signature` on every call of a Function that
+    defines `setup_context` (~20 µs; measured 29 vs 9.5 µs per call, and these Functions run ~1,200 times
+    per Conv-4 meta-batch, holding the GIL the task threads share). The C entry point it ends in,
+    `torch._C._FunctionBase.apply`, handles `setup_context` Functions itself; the wrapper only adds work
+    for functorch transforms, so they keep it: under an active transform, or with a functorch-wrapped
+    argument, this calls `fn.apply`. None of these Functions has default arguments to bind."""
+    c_apply = torch._C._FunctionBase.__dict__.get("apply")
+    if c_apply is None:  # a torch without the C entry point: the public path
+        return fn.apply
+    bound = c_apply.__get__(None, fn)
+    active = torch._C._are_functorch_transforms_active
+    wrapped = _functorch.is_functorch_wrapped_tensor
+
+    def apply(*args):
+        if active() or any(isinstance(a, Tensor) and wrapped(a) for a in args):
+            return fn.apply(*args)
+        return bound(*args)
+
+    return apply
 
 
 # ----------------------------------------------------------------------------------------- group norm
@@ -63,11 +96,14 @@ class _GroupNorm(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.groups = groups
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of mean and rstd
 
     @staticmethod
     def backward(ctx, gy, _gm, _gr):  # type: ignore[override]
+        if gy is None:
+            return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _GroupNormBackward.apply(gy, x, weight, mean, rstd, ctx.groups)
+        gx, gw, gb = _apply_GroupNormBackward(gy.contiguous(), x, weight, mean, rstd, ctx.groups)
         return gx, gw, gb, None, None
 
 
@@ -78,7 +114,7 @@ class _GroupNormBackward(torch.autograd.Function):
     def forward(gy, x, weight, mean, rstd, groups):  # type: ignore[override]
         n, c = x.shape[:2]
         return torch.ops.aten.native_group_norm_backward(
-            gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), groups, [True, True, True]
+            gy, x, mean, rstd, weight, n, c, x[0, 0].numel(), groups, [True, True, True]
         )
 
     @staticmethod
@@ -102,9 +138,26 @@ class _GroupNormBackward(torch.autograd.Function):
         (r depends on x through ∂r/∂x = -r²·x̂/M; the Σ are over the group's M elements).
         """
         gy, x, weight, mean, rstd = ctx.saved_tensors
+        if ggx is None and ggw is None and ggb is None:
+            return None, None, None, None, None, None
         g = ctx.groups
         n, c = x.shape[:2]
         shape = x.shape
+        args = [t.contiguous() if t is not None else None for t in (ggx, ggw, ggb)]
+        if native.usable(gy, x, weight, mean, rstd, *[t for t in args if t is not None]):
+            # the same formulas in one C pass pair (csrc/fastops_impl.h), instead of ~40 tensor ops
+            out_gy = torch.empty_like(gy)
+            need_x = ctx.needs_input_grad[1] and (ggx is not None or ggw is not None)
+            out_x = torch.empty_like(x) if need_x else None
+            out_w = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+            native.fn("gn_double_backward", x.dtype)(
+                n,
+                c,
+                g,
+                x[0, 0].numel(),
+                *map(native.ptr, (gy, x, mean, rstd, weight, *args, out_gy, out_x, out_w)),
+            )
+            return out_gy, out_x, out_w, None, None, None
         d = c // g
         xv = x.reshape(n, g, d, -1)
         yv = gy.reshape(n, g, d, -1)
@@ -173,7 +226,114 @@ class GroupNorm2(nn.GroupNorm):
             and _is_plain_cpu(x)
             and x.dtype in (torch.float32, torch.float64)
         ):
-            return _GroupNorm.apply(x.contiguous(), self.weight, self.bias, self.num_groups, self.eps)[0]
+            return _apply_GroupNorm(x.contiguous(), self.weight, self.bias, self.num_groups, self.eps)[0]
+        return super().forward(x)
+
+
+# ------------------------------------------------------------------------------ fixed-input convolution
+# The first convolution of a network sees the images, which never need a gradient. Stock autograd still
+# pays for one: `convolution_backward`'s double backward computes the input-gradient term (a transposed
+# convolution, slow for one input channel) even when the input does not require grad (measured: 2.1 ms vs
+# 0.07 ms per inner step for a 5×1×28×28 support set). And oneDNN's forward kernel with one input channel
+# is far from peak. With the input constant, the convolution is one matmul of the weight with the image's
+# im2col matrix, its weight gradient is `convolution_backward` with only the weight/bias outputs, and its
+# double backward is just the forward applied to the incoming weight direction.
+_IM2COL_MAX_K = 32  # in_channels·kh·kw up to which im2col + matmul beats oneDNN (measured for K = 9)
+
+
+def _im2col(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor | None:
+    """The im2col matrix of `x` with a row of ones appended (the bias then rides in the same matmul,
+    instead of a broadcast copy of the bias into the output first: 2.0 vs 3.1 ms on a 75-image query)."""
+    if x.shape[1] * weight.shape[2] * weight.shape[3] > _IM2COL_MAX_K:
+        return None
+    cols = F.unfold(x, weight.shape[2:], padding=padding)  # (n, cin·kh·kw, L)
+    return torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], dim=1)
+
+
+def _conv_fixed(x: Tensor, cols: Tensor | None, weight: Tensor, bias: Tensor | None, padding) -> Tensor:
+    """conv2d(x, weight, bias, padding) (stride 1), via the augmented im2col matrix `cols` when given."""
+    if cols is None:
+        return F.conv2d(x, weight, bias, padding=padding)
+    n, c = x.shape[0], weight.shape[0]
+    h = x.shape[2] + 2 * padding[0] - weight.shape[2] + 1
+    w = x.shape[3] + 2 * padding[1] - weight.shape[3] + 1
+    b = bias.reshape(c, 1) if bias is not None else weight.new_zeros(c, 1)
+    wa = torch.cat([weight.reshape(c, -1), b], dim=1)
+    return torch.bmm(wa.unsqueeze(0).expand(n, c, wa.shape[1]), cols).view(n, c, h, w)
+
+
+class _FixedInputConv(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding):  # type: ignore[override]
+        cols = _im2col(x, weight, padding)
+        y = _conv_fixed(x, cols, weight, bias, padding)
+        return y, (cols if cols is not None else x.new_empty(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, padding = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, output[1], weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+
+    @staticmethod
+    def backward(ctx, gy, _gcols):  # type: ignore[override]
+        x, cols, weight = ctx.saved_tensors
+        gw, gb = _apply_FixedInputConvBackward(gy, x, cols, weight, ctx.has_bias, ctx.padding)
+        return None, gw, gb, None
+
+
+class _FixedInputConvBackward(torch.autograd.Function):
+    """gy -> (gweight, gbias) of a convolution with a constant input; linear in gy, so its derivative is
+    the convolution of the input with the incoming (ggweight, ggbias)."""
+
+    @staticmethod
+    def forward(gy, x, cols, weight, has_bias, padding):  # type: ignore[override]
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]] if has_bias else None, [1, 1], list(padding), [1, 1],
+            False, [0, 0], 1, [False, True, has_bias],
+        )  # fmt: skip
+        return gw, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, x, cols, weight, has_bias, padding = inputs
+        ctx.save_for_backward(x, cols)
+        ctx.padding, ctx.gy_shape = padding, gy.shape
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggw, ggb):  # type: ignore[override]
+        x, cols = ctx.saved_tensors
+        if ggw is None:
+            if ggb is None:
+                return (None,) * 6
+            return ggb.view(1, -1, 1, 1).expand(ctx.gy_shape).contiguous(), None, None, None, None, None
+        g_gy = _conv_fixed(x, cols if cols.numel() else None, ggw, ggb, ctx.padding)
+        return g_gy, None, None, None, None, None
+
+
+class Conv2d2(nn.Conv2d):
+    """`nn.Conv2d` with the CPU fast path for an input that needs no gradient (the images; see above).
+    Other inputs, devices, transforms and options take the stock op. State dicts are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            torch.is_grad_enabled()
+            and not x.requires_grad
+            and x.dim() == 4
+            and x.shape[0] > 0
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and x.dtype == self.weight.dtype
+            and x.dtype in (torch.float32, torch.float64)
+            and not _functorch.is_functorch_wrapped_tensor(x)
+            and _is_plain_cpu(self.weight)
+        ):
+            return _apply_FixedInputConv(x.contiguous(), self.weight, self.bias, self.padding)[0]
         return super().forward(x)
 
 
@@ -203,7 +363,7 @@ def max_pool2(x: Tensor) -> Tensor:
     if x.dim() == 5:
         return F.max_pool3d(x, 2)
     if x.dim() == 4 and x.shape[0] > 0 and _is_plain_cpu(x):
-        return _MaxPool2.apply(x.contiguous())[0]
+        return _apply_MaxPool2(x.contiguous())[0]
     return F.max_pool2d(x, 2)
 
 
@@ -212,3 +372,92 @@ class MaxPool2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return max_pool2(x)
+
+
+# ---------------------------------------------------------------------------------- max pool + ReLU
+class _PoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(x, 2)) in one C pass (csrc/fastops_impl.h); the backward scatters gy to the
+    recorded window position (a code per output: 0..3, or 4 where the ReLU blocks), writing every
+    element of gx once, and is itself differentiable (a gather) for second-order MAML."""
+
+    @staticmethod
+    def forward(x: Tensor):  # type: ignore[override]
+        n, c, h, w = x.shape
+        y = x.new_empty(n, c, h // 2, w // 2)
+        code = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8)
+        native.fn("pool2_relu_fwd", x.dtype)(n * c, h, w, x.data_ptr(), y.data_ptr(), code.data_ptr())
+        return y, code
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.hw = inputs[0].shape[2:]
+        ctx.set_materialize_grads(False)  # no zero tensor for the gradient of `code`
+
+    @staticmethod
+    def backward(ctx, gy, _gcode):  # type: ignore[override]
+        if gy is None:
+            return None
+        (code,) = ctx.saved_tensors
+        return _apply_PoolReLUBackward(gy.contiguous(), code, *ctx.hw)
+
+
+class _PoolReLUBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(gy: Tensor, code: Tensor, h: int, w: int):  # type: ignore[override]
+        n, c = gy.shape[:2]
+        gx = gy.new_empty(n, c, h, w)
+        native.fn("pool2_relu_bwd", gy.dtype)(n * c, h, w, gy.data_ptr(), code.data_ptr(), gx.data_ptr())
+        return gx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.hw = inputs[2:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx):  # type: ignore[override]
+        (code,) = ctx.saved_tensors
+        ggx = ggx.contiguous()
+        n, c = code.shape[:2]
+        ggy = ggx.new_empty(code.shape)
+        h, w = ctx.hw
+        native.fn("pool2_relu_gather", ggx.dtype)(
+            n * c, h, w, ggx.data_ptr(), code.data_ptr(), ggy.data_ptr()
+        )
+        return ggy, None, None, None
+
+
+def pool2_relu(x: Tensor) -> Tensor:
+    """`relu(max_pool(x, 2))`, 2D or 3D; the fused C kernel for CPU float tensors (exact: same values, same
+    gradient routing on ties as ATen), else the stock ops."""
+    if (
+        x.dim() == 4
+        and x.shape[0] > 0
+        and min(x.shape[2:]) >= 2
+        and _is_plain_cpu(x)
+        and not _functorch.is_functorch_wrapped_tensor(x)
+        and native.usable(x.contiguous())
+        and (x.dtype == torch.float64 or native.pool_simd())
+    ):
+        return _apply_PoolReLU(x.contiguous())[0]
+    return F.relu(max_pool2(x))
+
+
+class MaxPoolReLU2(nn.Module):
+    """2x2(x2) max-pool, stride 2, then ReLU, as one module (see `pool2_relu`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pool2_relu(x)
+
+
+# Bound once: the per-call appliers used above (see _fast_apply).
+_apply_GroupNorm = _fast_apply(_GroupNorm)
+_apply_GroupNormBackward = _fast_apply(_GroupNormBackward)
+_apply_FixedInputConv = _fast_apply(_FixedInputConv)
+_apply_FixedInputConvBackward = _fast_apply(_FixedInputConvBackward)
+_apply_PoolReLU = _fast_apply(_PoolReLU)
+_apply_PoolReLUBackward = _fast_apply(_PoolReLUBackward)
+_apply_MaxPool2 = _fast_apply(_MaxPool2)

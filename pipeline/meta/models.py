@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
-from pipeline.meta.fastops import GroupNorm2, MaxPool2
+from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2
 
 NormPolicy = Literal["group", "instance", "layer", "batch_transductive", "none"]
 HeadPolicy = Literal["shared", "zero"]
@@ -135,7 +135,7 @@ class Conv4(nn.Module):
         spatial_dims = len(image_size)
         if spatial_dims not in (2, 3):
             raise ConfigError(f"conv4 needs 2D or 3D images, got spatial size {tuple(image_size)}")
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        conv = Conv2d2 if spatial_dims == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         c = in_channels
         size = list(image_size)
@@ -143,7 +143,9 @@ class Conv4(nn.Module):
             layers += [conv(c, filters, 3, padding=1), norm_layer(norm, filters, spatial_dims, norm_groups)]
             # Pool, then ReLU: max-pool and ReLU commute exactly (both monotone), and the ReLU then runs on a
             # quarter (2D) / an eighth (3D) of the elements, forward, backward and double backward alike.
-            layers += [MaxPool2(), nn.ReLU()]
+            # One fused module (fastops.MaxPoolReLU2); the Identity keeps each block four modules long, so
+            # the state-dict keys (features.0, .1, .4, .5, ...) are those of every earlier version.
+            layers += [MaxPoolReLU2(), nn.Identity()]
             c = filters
             size = [s // 2 for s in size]
         if min(size) < 1:

@@ -25,6 +25,7 @@ from pipeline.episodes.episode import Episode, load_episodes
 from pipeline.episodes.sampler import TrainSampler
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest.store import ImageStore
+from pipeline.meta import native
 from pipeline.meta.algorithms import MetaLearner, make_algorithm
 from pipeline.meta.device import pick_device
 from pipeline.meta.inner import detach_lr
@@ -189,12 +190,16 @@ def _execute(
                 "ingest_run_id": ingest_up.run_id,
                 "torch_threads": torch.get_num_threads(),
                 "world_size": ctx.world_size,
+                # speed only (results agree to rounding either way): compiled CPU kernels loaded or not
+                # (the reason, which may name local paths, goes to the log only)
+                "cpu_kernels": native.status().split(":")[0] if device.type == "cpu" else "n/a (not CPU)",
             }
         }
     )
     log(
         f"meta-train: {len(sampler.conditions)} common conditions, images {image_shape}, device {device}, "
         f"{len(val_eps)} val episodes, methods {cfg.methods}"
+        + (f", CPU kernels {native.status()}" if device.type == "cpu" else "")
     )
 
     scratch = Path(tempfile.mkdtemp(prefix="fewscan-metatrain-"))

@@ -1,4 +1,6 @@
-"""The CPU fast paths (GroupNorm2, max_pool2) compute exactly what the stock PyTorch ops compute."""
+"""The CPU fast paths (GroupNorm2, max_pool2, Conv2d2, MaxPoolReLU2) compute what the stock PyTorch ops compute.
+
+The compiled kernels behind them are tested on their own in test_native.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pipeline.meta.fastops import GroupNorm2, MaxPool2, max_pool2
+from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPool2, MaxPoolReLU2, max_pool2
 
 
 def _pair(groups: int, channels: int) -> tuple[nn.GroupNorm, nn.GroupNorm]:
@@ -109,16 +111,16 @@ def test_forward_mode_ad_takes_the_stock_ops():
 
 
 def test_maml_meta_gradient_through_the_fast_network_equals_the_stock_network():
-    """Second-order MAML (torch.func.grad inner loop, autograd outer) through conv -> norm -> pool -> ReLU
-    with the fast ops equals the stock conv -> GroupNorm -> ReLU -> MaxPool2d network (float64)."""
+    """Second-order MAML (torch.func.grad inner loop, autograd outer) through conv -> norm -> pool+ReLU
+    with the fast ops (Conv2d2, GroupNorm2, MaxPoolReLU2) equals the stock conv -> GroupNorm -> ReLU ->
+    MaxPool2d network (float64)."""
     torch.manual_seed(0)
 
     def net(fast: bool) -> nn.Sequential:
+        conv = Conv2d2(1, 4, 3, padding=1) if fast else nn.Conv2d(1, 4, 3, padding=1)
         norm = GroupNorm2(2, 4) if fast else nn.GroupNorm(2, 4)
-        tail = [MaxPool2(), nn.ReLU()] if fast else [nn.ReLU(), nn.MaxPool2d(2)]
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), norm, *tail, nn.Flatten(), nn.Linear(64, 3)
-        ).double()
+        tail = [MaxPoolReLU2(), nn.Identity()] if fast else [nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(conv, norm, *tail, nn.Flatten(), nn.Linear(64, 3)).double()
 
     a, b = net(True), net(False)
     b.load_state_dict(a.state_dict())
