@@ -453,6 +453,74 @@ class MaxPoolReLU2(nn.Module):
         return pool2_relu(x)
 
 
+# ------------------------------------------------------------------------ GroupNorm + max pool + ReLU
+class _GNPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(group_norm(x), 2)) without writing the normalised tensor: one C kernel forward
+    (statistics, then each channel normalised into a cache-sized scratch plane and pooled from there), one
+    fused C kernel for a first-order backward. Under `create_graph` (an inner step of second-order MAML)
+    the backward is the composition of the two differentiable backward Functions above, so the outer
+    backward can differentiate it. On a 75x64x28x28 query batch this saves writing and re-reading two
+    full-size tensors (the normalised output forward, the pool's scattered gradient backward)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float):  # type: ignore[override]
+        n, c, h, w = x.shape
+        y = x.new_empty(n, c, h // 2, w // 2)
+        code = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8)
+        mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
+        rc = native.fn("gn_pool_relu_fwd", x.dtype)(
+            n, c, groups, h, w, eps, *map(native.ptr, (x, weight, bias, y, code, mean, rstd))
+        )
+        if rc:
+            raise MemoryError(f"gn_pool_relu_fwd could not allocate a {h}x{w} scratch plane")
+        return y, code, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, groups, _ = inputs
+        _, code, mean, rstd = output
+        ctx.mark_non_differentiable(code, mean, rstd)
+        ctx.save_for_backward(x, weight, code, mean, rstd)
+        ctx.groups = groups
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, _gcode, _gmean, _grstd):  # type: ignore[override]
+        if gy is None:
+            return None, None, None, None, None
+        x, weight, code, mean, rstd = ctx.saved_tensors
+        gy = gy.contiguous()
+        n, c, h, w = x.shape
+        if torch.is_grad_enabled():  # create_graph: keep the graph differentiable
+            g_full = _apply_PoolReLUBackward(gy, code, h, w)
+            gx, gw, gb = _apply_GroupNormBackward(g_full, x, weight, mean, rstd, ctx.groups)
+            return gx, gw, gb, None, None
+        gx, gw, gb = torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
+        rc = native.fn("gn_pool_relu_bwd", x.dtype)(
+            n, c, ctx.groups, h, w, *map(native.ptr, (gy, code, x, mean, rstd, weight, gx, gw, gb))
+        )
+        if rc:
+            raise MemoryError(f"gn_pool_relu_bwd could not allocate a {c}x{h}x{w} scratch block")
+        return gx, gw, gb, None, None
+
+
+def group_norm_pool_relu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """`relu(max_pool(norm(x), 2))` for a Conv-4 block: the fused kernels where they apply (2D CPU float
+    tensors, an affine GroupNorm), else `pool2_relu(norm(x))`. Same function, same gradients."""
+    if (
+        isinstance(norm, GroupNorm2)
+        and norm.affine
+        and x.dim() == 4
+        and x.shape[0] > 0
+        and min(x.shape[2:]) >= 2
+        and _is_plain_cpu(x)
+        and native.usable(x.contiguous(), norm.weight, norm.bias)
+        and (x.dtype == torch.float64 or native.pool_simd())
+    ):
+        return _apply_GNPoolReLU(x.contiguous(), norm.weight, norm.bias, norm.num_groups, norm.eps)[0]
+    return pool2_relu(norm(x))
+
+
 # Bound once: the per-call appliers used above (see _fast_apply).
 _apply_GroupNorm = _fast_apply(_GroupNorm)
 _apply_GroupNormBackward = _fast_apply(_GroupNormBackward)
@@ -461,3 +529,4 @@ _apply_FixedInputConvBackward = _fast_apply(_FixedInputConvBackward)
 _apply_PoolReLU = _fast_apply(_PoolReLU)
 _apply_PoolReLUBackward = _fast_apply(_PoolReLUBackward)
 _apply_MaxPool2 = _fast_apply(_MaxPool2)
+_apply_GNPoolReLU = _fast_apply(_GNPoolReLU)

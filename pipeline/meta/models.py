@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
-from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2
+from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2, group_norm_pool_relu
 
 NormPolicy = Literal["group", "instance", "layer", "batch_transductive", "none"]
 HeadPolicy = Literal["shared", "zero"]
@@ -158,7 +158,14 @@ class Conv4(nn.Module):
         self.feat_dim = filters * (math.prod(size) if pool == "flatten" else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.features(x)  # (n, filters, *size)
+        h = x
+        mods = list(self.features)
+        for i in range(0, len(mods), 4):  # blocks of [conv, norm, pool+ReLU, Identity]
+            conv, norm, pool = mods[i : i + 3]
+            h = conv(h)
+            # GroupNorm + pool + ReLU in one fused kernel where it applies (fastops); else module by module
+            h = group_norm_pool_relu(h, norm) if isinstance(norm, GroupNorm2) else pool(norm(h))
+        # h: (n, filters, *size)
         if self.pool == "avg":
             return h.flatten(2).mean(-1)
         return h.flatten(1)

@@ -93,6 +93,10 @@ def _build() -> ctypes.CDLL:
         for name in ("pool2_relu_fwd", "pool2_relu_bwd", "pool2_relu_gather"):
             getattr(lib, f"{name}_{suf}").argtypes = [i64, i64, i64, ptr, ptr, ptr]
         getattr(lib, f"gn_double_backward_{suf}").argtypes = [i64] * 4 + [ptr] * 11
+        fwd, bwd = getattr(lib, f"gn_pool_relu_fwd_{suf}"), getattr(lib, f"gn_pool_relu_bwd_{suf}")
+        fwd.argtypes = [i64] * 5 + [ctypes.c_double] + [ptr] * 7
+        bwd.argtypes = [i64] * 5 + [ptr] * 9
+        fwd.restype = bwd.restype = ctypes.c_int  # 0, or -1 when the scratch buffer cannot be allocated
     return lib
 
 

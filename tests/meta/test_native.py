@@ -310,3 +310,50 @@ def test_portable_kernels_without_avx512(tmp_path):
     env = {**os.environ, "FEWSCAN_NATIVE_CACHE": str(tmp_path), "FEWSCAN_NATIVE_ARCH": "-march=x86-64"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize(
+    "shape,groups", [((3, 8, 8, 8), 2), ((2, 6, 7, 7), 3), ((2, 4, 5, 6), 4), ((75, 16, 28, 28), 8)]
+)
+def test_fused_group_norm_pool_relu_equals_the_stock_block(shape, groups, dtype, tol):
+    """group_norm_pool_relu (the fused kernels) against nn.GroupNorm -> ReLU -> max_pool2d: values, the
+    first-order gradients (fused backward kernel) and Hessian-vector products (the create_graph path)."""
+    fast, ref = _gn_pair(groups, shape[1], dtype)
+    x0 = torch.randn(*shape, dtype=dtype) * 3 + 1
+
+    def block(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return fastops.group_norm_pool_relu(x, mod) if mod is fast else _reference_pool_relu(mod(x))
+
+    x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    y, yr = block(fast, x), block(ref, xr)
+    assert y.grad_fn.name() == "_GNPoolReLUBackward"
+    torch.testing.assert_close(y, yr, rtol=tol, atol=tol)
+    gy = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, (x, fast.weight, fast.bias), gy),
+        torch.autograd.grad(yr, (xr, ref.weight, ref.bias), gy),
+    ):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    v = torch.randn_like(x0)
+
+    def hvp(mod: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        gx, gw = torch.autograd.grad((block(mod, x) ** 2).sum(), (x, mod.weight), create_graph=True)
+        return list(torch.autograd.grad((gx * v).sum() + (gw**2).sum(), (x, mod.weight, mod.bias)))
+
+    for a, b in zip(hvp(fast, x), hvp(ref, xr)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@needs_kernels
+def test_fused_group_norm_pool_relu_gradcheck():
+    fast, _ = _gn_pair(2, 4, torch.float64)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    w, b = fast.weight.detach().clone().requires_grad_(), fast.bias.detach().clone().requires_grad_()
+
+    def f(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+        return fastops._apply_GNPoolReLU(x_, w_, b_, 2, fast.eps)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

@@ -6,6 +6,7 @@
    torch ops it replaces (the GroupNorm double backward up to rounding; it accumulates in double). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)

@@ -218,3 +218,110 @@ void FN(gn_double_backward)(int64_t n, int64_t c, int64_t groups, int64_t hw, co
         }
     }
 }
+
+/* ---- GroupNorm fused with the 2x2 max-pool + ReLU that follows it (Conv-4 blocks) ------------------
+   Forward: y = relu(maxpool(groupnorm(x))), plus the pool code and the group statistics (mean, rstd =
+   1/sqrt(biased var + eps), as native_group_norm returns them). The normalised tensor is never written
+   to memory: each channel is normalised into an L1-sized scratch plane and pooled from there. Statistics
+   are accumulated in double. Returns 0, or -1 if the scratch could not be allocated. */
+int FN(gn_pool_relu_fwd)(int64_t n, int64_t c, int64_t groups, int64_t h, int64_t w, double eps, const REAL *x,
+                         const REAL *gamma, const REAL *beta, REAL *y, uint8_t *code, REAL *mean, REAL *rstd) {
+    const int64_t d = c / groups, hw = h * w, ohw = (h / 2) * (w / 2);
+    REAL *buf = (REAL *)malloc((size_t)hw * sizeof(REAL));
+    if (!buf)
+        return -1;
+    for (int64_t ni = 0; ni < n; ++ni) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const REAL *xg = x + (ni * c + gi * d) * hw;
+            const int64_t m = d * hw;
+            /* two passes (mean, then squared deviations: no cancellation; the group is cache-resident);
+               vector lanes in REAL within a channel, channels summed in double */
+            double s1 = 0, s2 = 0;
+            for (int64_t j = 0; j < d; ++j) {
+                REAL a = 0;
+#pragma omp simd reduction(+ : a)
+                for (int64_t e = 0; e < hw; ++e)
+                    a += xg[j * hw + e];
+                s1 += (double)a;
+            }
+            const double mu = s1 / (double)m;
+            const REAL mu_r = (REAL)mu;
+            for (int64_t j = 0; j < d; ++j) {
+                REAL a = 0;
+#pragma omp simd reduction(+ : a)
+                for (int64_t e = 0; e < hw; ++e) {
+                    const REAL dv = xg[j * hw + e] - mu_r;
+                    a += dv * dv;
+                }
+                s2 += (double)a;
+            }
+            const double r = 1.0 / sqrt(s2 / (double)m + eps);
+            mean[ni * groups + gi] = (REAL)mu;
+            rstd[ni * groups + gi] = (REAL)r;
+            for (int64_t j = 0; j < d; ++j) {
+                const int64_t ch = gi * d + j;
+                const REAL sc = (REAL)((double)gamma[ch] * r);
+                const REAL sh = (REAL)((double)beta[ch] - mu * (double)gamma[ch] * r);
+                const REAL *xp = xg + j * hw;
+#pragma omp simd
+                for (int64_t e = 0; e < hw; ++e)
+                    buf[e] = xp[e] * sc + sh;
+                FN(pool2_relu_fwd)(1, h, w, buf, y + (ni * c + ch) * ohw, code + (ni * c + ch) * ohw);
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Backward of gn_pool_relu_fwd for a first-order backward (the second-order path composes the two
+   differentiable backward Functions in Python): gy (n, c, h/2, w/2) -> gx (n, c, h, w), and the weight /
+   bias gradients accumulated into gw, gb (c,) (the caller zeroes them). Per (sample, group) the pool's
+   scatter of gy goes to a scratch block (L1/L2-sized) instead of a full-size tensor in memory; then
+       gx = r * (gamma * g - A - xh * B),  A = sum(gamma * g) / M,  B = sum(gamma * g * xh) / M
+   over the group (g the scattered gradient, xh the normalised input), as native_group_norm_backward. */
+int FN(gn_pool_relu_bwd)(int64_t n, int64_t c, int64_t groups, int64_t h, int64_t w, const REAL *gy,
+                         const uint8_t *code, const REAL *x, const REAL *mean, const REAL *rstd, const REAL *gamma,
+                         REAL *gx, REAL *gw, REAL *gb) {
+    const int64_t d = c / groups, hw = h * w, ohw = (h / 2) * (w / 2);
+    REAL *buf = (REAL *)malloc((size_t)(d * hw) * sizeof(REAL));
+    if (!buf)
+        return -1;
+    for (int64_t ni = 0; ni < n; ++ni) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const int64_t base = (ni * c + gi * d) * hw;
+            const double mu = (double)mean[ni * groups + gi], r = (double)rstd[ni * groups + gi];
+            const REAL mu_r = (REAL)mu, r_r = (REAL)r;
+            const int64_t obase = (ni * c + gi * d) * ohw;
+            FN(pool2_relu_bwd)(d, h, w, gy + obase, code + obase, buf);
+            double sa = 0, sb = 0;
+            for (int64_t j = 0; j < d; ++j) {
+                const REAL *g = buf + j * hw, *xp = x + base + j * hw;
+                REAL a0 = 0, a1 = 0; /* vector lanes in REAL within a channel; channels summed in double */
+#pragma omp simd reduction(+ : a0, a1)
+                for (int64_t e = 0; e < hw; ++e) {
+                    const REAL gv = g[e];
+                    a0 += gv;
+                    a1 += gv * ((xp[e] - mu_r) * r_r);
+                }
+                const int64_t ch = gi * d + j;
+                gb[ch] += (REAL)a0;
+                gw[ch] += (REAL)a1;
+                sa += (double)gamma[ch] * a0;
+                sb += (double)gamma[ch] * a1;
+            }
+            const double m = (double)(d * hw);
+            const REAL ca = (REAL)(-r * sa / m), cb = (REAL)(-r * sb / m);
+            for (int64_t j = 0; j < d; ++j) {
+                const REAL gs = (REAL)(r * (double)gamma[gi * d + j]);
+                const REAL *g = buf + j * hw, *xp = x + base + j * hw;
+                REAL *o = gx + base + j * hw;
+#pragma omp simd
+                for (int64_t e = 0; e < hw; ++e)
+                    o[e] = gs * g[e] + ca + cb * ((xp[e] - mu_r) * r_r);
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
