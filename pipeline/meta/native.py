@@ -9,7 +9,8 @@ The library is cached per source, compiler, flags and CPU under `$FEWSCAN_NATIVE
 `~/.cache/fewscan/native`), written to a temporary name and renamed into place, so concurrent first uses
 never see a half-written file. Where no compiler works (or `FEWSCAN_NATIVE=0`), `lib()` returns None and
 every fast path keeps the pure-torch implementation it had before: correctness never depends on this
-module; only speed does. `status()` says which case holds and why.
+module. Speed does, and so does float rounding (the kernels sum in another order), which a long training
+run can amplify; meta-train logs `status()` so runs can be compared on the same path.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def lib() -> ctypes.CDLL | None:
                     _state["why"] = f"unavailable: {e}"
                     warnings.warn(
                         f"fewscan: the compiled CPU kernels could not be built ({e}); using the pure-torch "
-                        f"paths (same results, slower). Set FEWSCAN_NATIVE=0 to silence this.",
+                        f"paths (the same function up to float rounding, slower). Set FEWSCAN_NATIVE=0 to silence this.",
                         RuntimeWarning,
                         stacklevel=2,
                     )
