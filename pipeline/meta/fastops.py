@@ -78,10 +78,6 @@ def _fast_apply(fn: type[torch.autograd.Function]):
 
 
 # ----------------------------------------------------------------------------------------- group norm
-def _group_view(t: Tensor, n: int, g: int) -> Tensor:
-    return t.reshape(n, g, -1)
-
-
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float):  # type: ignore[override]
@@ -365,13 +361,6 @@ def max_pool2(x: Tensor) -> Tensor:
     if x.dim() == 4 and x.shape[0] > 0 and _is_plain_cpu(x):
         return _apply_MaxPool2(x.contiguous())[0]
     return F.max_pool2d(x, 2)
-
-
-class MaxPool2(nn.Module):
-    """2x2(x2) max-pool, stride 2, as a module (see `max_pool2`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return max_pool2(x)
 
 
 # ---------------------------------------------------------------------------------- max pool + ReLU
