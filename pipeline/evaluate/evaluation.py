@@ -373,6 +373,14 @@ def assemble(
             seed=[cfg.bootstrap.seed, zlib.crc32(gk.encode())],
             unit="patient" if patient_of is not None else "scan",
         )
+        if slot_patient is not None:
+            comparisons[gk]["per_condition_patient"] = summary.per_condition_patient(
+                per_query,
+                slot_patient,
+                summary.condition_slots(first[next(iter(first))][gk]),
+                resamples=cfg.bootstrap.resamples,
+                seed=[cfg.bootstrap.seed, zlib.crc32(gk.encode())],
+            )
     split = inputs.split
     conds = split.get("conditions", {})
     return {

@@ -295,18 +295,33 @@ def render(results: dict[str, Any]) -> str:
             ]
 
     out += ["## Per rare condition (accuracy %, seed " + first + ")", ""]
+    if any("per_condition_patient" in c for c in results["comparisons"].values()):
+        out += [
+            "Each cell: seed " + first + "'s accuracy ± its episode CI, then [the patient CI] of that "
+            "condition's query slots (correctness averaged over seeds). After each condition: the distinct "
+            "query patients its interval resamples (binary episodes: the condition's and the normal "
+            "class's, which the conditions share).",
+            "",
+        ]
     for gkey in results["comparisons"]:
-        ranking = results["comparisons"][gkey]["ranking"]
+        comp = results["comparisons"][gkey]
+        ranking = comp["ranking"]
+        pcp = comp.get("per_condition_patient")
         conds = sorted(
             {c for m in ranking for c in results["results"][m][gkey]["per_seed"][first]["per_condition"]}
         )
         out += [f"### {_group_title(gkey)}", "", "| condition | " + " | ".join(ranking) + " |"]
         out.append("|" + "---|" * (len(ranking) + 1))
         for c in conds:
-            cells = [
-                _pct(results["results"][m][gkey]["per_seed"][first]["per_condition"].get(c)) for m in ranking
-            ]
-            out.append(f"| {c} | " + " | ".join(cells) + " |")
+            cells = []
+            for m in ranking:
+                cell = _pct(results["results"][m][gkey]["per_seed"][first]["per_condition"].get(c))
+                pci = pcp["acc"].get(m, {}).get(c) if pcp else None
+                if pci is not None:
+                    cell += f" [{pci['low'] * PCT:.1f}, {pci['high'] * PCT:.1f}]"
+                cells.append(cell)
+            n_pat = f" ({pcp['n_patients'][c]} patients)" if pcp and c in pcp["n_patients"] else ""
+            out.append(f"| {c}{n_pat} | " + " | ".join(cells) + " |")
         out.append("")
 
     out += ["## Adaptation curves (accuracy %, seed " + first + ")", ""]

@@ -15,6 +15,7 @@ How each number is aggregated (also written into results.json under `definitions
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ DEFINITIONS = {
     "paired_diff_patient": "acc(winner) - acc(other) over all query slots, with the patient bootstrap 95% "
     "percentile interval (the same patient resamples for both methods: paired); excludes_zero = the "
     "difference is supported at the patient level",
+    "per_condition_patient": "per condition, the same patient bootstrap on that condition's query slots "
+    "only (binary: every slot of the condition's episodes; n_way: the slots whose true class is the "
+    "condition, i.e. its pooled recall), correctness averaged over seeds",
 }
 
 
@@ -209,6 +213,43 @@ def compare(
             raise ValueError(f"per_query has methods {sorted(per_query)}, per_method {sorted(per_method)}")
         out.update(_patient_level(per_query, slot_patient, best, ranking[1:], vs, resamples, seed, unit))
     return out
+
+
+def condition_slots(outcomes: Sequence[EpisodeOutcome]) -> dict[str, list[Slot]]:
+    """Per condition, the query slots its per-condition number is computed on (as `per_condition`):
+    binary → every slot of that condition's episodes; n-way → the slots whose true class it is."""
+    out: dict[str, list[Slot]] = {}
+    for o in outcomes:
+        if o.kind == "binary":
+            out.setdefault(o.classes[0], []).extend((o.episode_id, r) for r in range(o.y.size))
+        else:
+            for r, t in enumerate(o.y.tolist()):
+                out.setdefault(o.classes[t], []).append((o.episode_id, r))
+    return out
+
+
+def per_condition_patient(
+    per_query: dict[str, dict[Slot, float]],
+    slot_patient: dict[Slot, str],
+    cond_slots: dict[str, list[Slot]],
+    resamples: int,
+    seed: Sequence[int],
+) -> dict[str, Any]:
+    """Patient-level intervals of each method's per-condition number (definition `per_condition_patient`):
+    one bootstrap per condition over the distinct patients of its slots, shared by the methods.
+    Returns {"acc": {method: {condition: {mean, low, high}}}, "n_patients": {condition: P}}."""
+    acc: dict[str, dict[str, Any]] = {m: {} for m in per_query}
+    n_patients: dict[str, int] = {}
+    for cond, slots in sorted(cond_slots.items()):
+        slots = sorted(slots)
+        boot = PatientBootstrap(
+            [slot_patient[s] for s in slots], resamples, [*seed, zlib.crc32(cond.encode())]
+        )
+        n_patients[cond] = boot.n_patients
+        for m, corr in per_query.items():
+            vec = np.fromiter((corr[s] for s in slots), np.float64, len(slots))
+            acc[m][cond] = boot.accuracy(vec).to_dict()
+    return {"acc": acc, "n_patients": n_patients}
 
 
 def _patient_level(

@@ -164,3 +164,38 @@ def test_config_names_the_bootstrap_knobs() -> None:
         EvaluateConfig.model_validate({"bootstrap": {"resamples": 10}})
     with pytest.raises(ValueError, match="resampels"):  # a typo is named, not ignored
         EvaluateConfig.model_validate({"bootstrap": {"resampels": 500}})
+
+
+def test_per_condition_intervals_use_only_that_conditions_slots_and_patients() -> None:
+    """Binary: a condition's interval is computed on its own episodes' slots. A method perfect on condition
+    A's episodes and always wrong on B's gets [1, 1] and [0, 0]; the patients counted are that condition's.
+    n-way: the slots whose true class is the condition (its pooled recall)."""
+    rng = np.random.default_rng(0)
+    outs = []
+    for i in range(40):  # 20 episodes of A, 20 of B; 4 queries each, patients reused within a condition
+        cond = "A" if i < 20 else "B"
+        y = np.array([0, 1, 0, 1])
+        pred = y if cond == "A" else 1 - y
+        keys = [f"{cond}{rng.integers(0, 6)}" for _ in range(4)]
+        outs.append(EpisodeOutcome(i, "binary", 5, [cond, "normal"], y, np.eye(2)[pred] * 0.8 + 0.1, keys))
+    slots = summary.condition_slots(outs)
+    assert {c: len(v) for c, v in slots.items()} == {"A": 80, "B": 80}
+    per_query = {"m": summary.query_correct_over_seeds([outs])}
+    scans = summary.slot_scans(outs)
+    assert scans is not None
+    res = summary.per_condition_patient(per_query, dict(scans), slots, resamples=500, seed=[0])
+    assert res["acc"]["m"]["A"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert res["acc"]["m"]["B"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert res["n_patients"] == {"A": len({k for o in outs[:20] for k in o.query_keys or []}), "B": 6}
+
+    # n-way: recall of class "X" over the slots whose true class is X, resampled by patient
+    y = np.array([0, 1, 2, 0, 1, 2])
+    pred = np.array([0, 1, 2, 1, 1, 2])  # X right once of twice, Y and Z always right
+    nway = [EpisodeOutcome(0, "n_way", 2, ["X", "Y", "Z"], y, np.eye(3)[pred] * 0.7 + 0.1, list("abcdef"))]
+    s_n = summary.condition_slots(nway)
+    assert s_n == {"X": [(0, 0), (0, 3)], "Y": [(0, 1), (0, 4)], "Z": [(0, 2), (0, 5)]}
+    pq = {"m": summary.query_correct_over_seeds([nway])}
+    r = summary.per_condition_patient(pq, {(0, i): k for i, k in enumerate("abcdef")}, s_n, 500, [1])
+    assert r["acc"]["m"]["X"]["mean"] == pytest.approx(0.5)
+    assert r["acc"]["m"]["X"]["low"] == 0.0 and r["acc"]["m"]["X"]["high"] == 1.0  # two patients, one wrong
+    assert r["acc"]["m"]["Y"] == {"mean": 1.0, "low": 1.0, "high": 1.0}

@@ -110,6 +110,17 @@ def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], lis
             assert d["low"] <= d["mean"] <= d["high"] and d["excludes_zero"] == (
                 d["low"] > 0 or d["high"] < 0
             )
+        # per condition: the same bootstrap on that condition's slots; binary point = episode mean
+        pcp = comp["per_condition_patient"]
+        for m in res["methods"]:
+            per_cond = res["results"][m][gk]["per_seed"]["0"]["per_condition"]
+            assert set(pcp["acc"][m]) == set(per_cond)
+            for c, ci in pcp["acc"][m].items():
+                assert ci["low"] <= ci["mean"] <= ci["high"]
+                assert 1 <= pcp["n_patients"][c] <= q["distinct_query_patients"]
+                if gk.startswith("binary") and len(res["results"][m][gk]["per_seed"]) == 1:
+                    assert ci["mean"] == pytest.approx(per_cond[c]["mean"])
+                assert f"[{ci['low'] * 100:.1f}, {ci['high'] * 100:.1f}]" in text
     assert "patient CI" in text and "episode CI" in text and "cluster bootstrap over patients" in text
 
 
