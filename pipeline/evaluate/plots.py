@@ -91,16 +91,28 @@ def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
         methods = _ordered(results, g)
         per = {m: results["results"][m][g]["per_seed"][seed]["per_condition"] for m in methods}
         conds = sorted({c for m in methods for c in per[m]})
+        # patient-level intervals where the results have them (episodes reuse patients), else episode CIs
+        pcp = results["comparisons"][g].get("per_condition_patient")
         width = 0.8 / max(1, len(methods))
         x = np.arange(len(conds))
         for i, m in enumerate(methods):
-            mean = [per[m].get(c, {}).get("mean", np.nan) * PCT for c in conds]
-            ci = [(per[m].get(c, {}).get("ci95") or 0.0) * PCT for c in conds]
+            if pcp:
+                cis = [pcp["acc"][m].get(c) for c in conds]
+                mean = [ci["mean"] * PCT if ci else np.nan for ci in cis]
+                err: Any = np.array(
+                    [
+                        [(ci["mean"] - ci["low"]) * PCT if ci else 0.0 for ci in cis],
+                        [(ci["high"] - ci["mean"]) * PCT if ci else 0.0 for ci in cis],
+                    ]
+                )
+            else:
+                mean = [per[m].get(c, {}).get("mean", np.nan) * PCT for c in conds]
+                err = [(per[m].get(c, {}).get("ci95") or 0.0) * PCT for c in conds]
             ax.bar(
                 x + (i - (len(methods) - 1) / 2) * width,
                 mean,
                 width,
-                yerr=ci,
+                yerr=err,
                 capsize=2,
                 label=m,
                 color=_color(results, m),
@@ -108,7 +120,8 @@ def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
         ax.set_xticks(x, conds, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("accuracy / recall (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"per rare condition — {_title(g)} (95% CI)")
+        what = "95% patient CI, seeds pooled" if pcp else f"seed {seed}, 95% episode CI"
+        ax.set_title(f"per rare condition — {_title(g)} ({what})")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=min(len(methods), 5))
     _save(fig, path)

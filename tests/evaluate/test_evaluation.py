@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline.errors import DataError
@@ -283,3 +284,38 @@ def test_verdict_uses_the_patient_interval_for_support() -> None:
     assert "would have separated finetune" in text
     assert "patient-level paired difference maml − finetune +3.0 points [-1.0, 7.0]: not supported" in text
     assert "It is separated from" not in text  # the episode-level wording no longer decides
+
+
+def test_per_condition_plot_uses_patient_intervals_when_present(monkeypatch, tmp_path: Path) -> None:
+    """The bars' error bars are the patient-level intervals (asymmetric, around the pooled mean) when the
+    results carry them, and the episode CI of the seed otherwise."""
+    import matplotlib.axes
+
+    from pipeline.evaluate import plots
+
+    calls: list[dict[str, Any]] = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def spy(self, x, height, width, **kw):  # type: ignore[no-untyped-def]
+        calls.append({"height": list(height), "yerr": np.asarray(kw["yerr"], dtype=float)})
+        return real_bar(self, x, height, width, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    per_cond = {"A": {"mean": 0.6, "ci95": 0.05}, "B": {"mean": 0.5, "ci95": 0.04}}
+    results: dict[str, Any] = {
+        "methods": {"m": {"family": "meta-learned"}},
+        "results": {"m": {"binary.k5": {"per_seed": {"0": {"per_condition": per_cond}}}}},
+        "comparisons": {"binary.k5": {"ranking": ["m"]}},
+    }
+    assert plots.plot_per_condition(results, tmp_path / "a.png", "0")
+    assert calls[-1]["height"] == pytest.approx([60.0, 50.0])
+    assert calls[-1]["yerr"] == pytest.approx([5.0, 4.0])
+    results["comparisons"]["binary.k5"]["per_condition_patient"] = {
+        "acc": {
+            "m": {"A": {"mean": 0.62, "low": 0.55, "high": 0.7}, "B": {"mean": 0.5, "low": 0.41, "high": 0.6}}
+        },
+        "n_patients": {"A": 30, "B": 25},
+    }
+    assert plots.plot_per_condition(results, tmp_path / "b.png", "0")
+    assert calls[-1]["height"] == pytest.approx([62.0, 50.0])
+    assert calls[-1]["yerr"] == pytest.approx(np.array([[7.0, 9.0], [8.0, 10.0]]))
