@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.evaluate.metrics import MeanCI
+
 PCT = 100.0
 
 
@@ -94,15 +96,10 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
                 else "."
             )
         )
-    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
-    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
-    if meta and trad:
-        bm, bt = meta[0], trad[0]
+    best = _best_meta_vs_traditional(comp, methods)
+    if best:
+        bm, bt, which = best
         a, b = acc[bm], acc[bt]
-        if abs(a["mean"] - b["mean"]) < 1e-12:
-            which = "their means are equal"
-        else:
-            which = f"{bm if a['mean'] > b['mean'] else bt} is higher"
         other = bt if win == bm else bm
         line = f"Best meta-learned ({bm}, {_interval(a)}) vs best traditional ({bt}, {_interval(b)}): {which}"
         if other in vs:
@@ -114,6 +111,19 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
             line += "."
         lines.append(line)
     return lines
+
+
+def _best_meta_vs_traditional(comp: dict[str, Any], methods: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(best meta-learned, best traditional, which one is higher) by the group's ranking; None when a
+    family is missing. Both verdicts (patient-level and episode-level) end with this comparison."""
+    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
+    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
+    if not (meta and trad):
+        return None
+    bm, bt = meta[0], trad[0]
+    a, b = comp["acc"][bm]["mean"], comp["acc"][bt]["mean"]
+    which = "their means are equal" if abs(a - b) < 1e-12 else f"{bm if a > b else bt} is higher"
+    return bm, bt, which
 
 
 def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
@@ -144,19 +154,12 @@ def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) 
             f"On the same episodes (paired difference, a more sensitive test), {win} is still ahead of "
             f"{', '.join(sig)} ({diffs})."
         )
-    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
-    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
-    if meta and trad:
-        bm, bt = meta[0], trad[0]
+    best = _best_meta_vs_traditional(comp, methods)
+    if best:
+        bm, bt, which = best
         a, b = acc[bm], acc[bt]
-        from pipeline.evaluate.metrics import MeanCI
-
         ma = MeanCI(a["mean"], a["ci95"], a["std"], a["n"])
         mb = MeanCI(b["mean"], b["ci95"], b["std"], b["n"])
-        if abs(a["mean"] - b["mean"]) < 1e-12:
-            which = "their means are equal"
-        else:
-            which = f"{bm if a['mean'] > b['mean'] else bt} is higher"
         lines.append(
             f"Best meta-learned ({bm}, {_interval(a)}) vs best traditional ({bt}, {_interval(b)}): "
             f"{which}; the intervals {'overlap' if ma.overlaps(mb) else 'do not overlap'}."
