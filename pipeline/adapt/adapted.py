@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.adapt.support import ScanRef, ScanSpec, read_ref, read_scan, read_scan_bytes, write_json_atomic
+from pipeline.adapt.support import (
+    ScanRef,
+    ScanSpec,
+    check_array,
+    read_ref,
+    read_scan,
+    read_scan_bytes,
+    write_json_atomic,
+)
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model
@@ -230,15 +238,7 @@ class AdaptedClassifier:
 
     def check_array(self, a: Any) -> np.ndarray:
         """A caller-preprocessed array (as ingest stores it, shape `spec.shape`) -> float32, or DataError."""
-        arr = np.asarray(a, dtype=np.float32)
-        if tuple(arr.shape) != self.spec.shape:
-            raise DataError(
-                f"an input array has shape {tuple(arr.shape)}; arrays must already be preprocessed like the "
-                f"meta-model's store, shape {self.spec.shape} (send the DICOM file or its bytes otherwise)"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise DataError("an input array holds NaN or inf")
-        return arr
+        return check_array(a, self.spec, caller_array=True)
 
     def predict_arrays(self, arrays: Sequence[Any], batch_size: int = 64) -> list[dict[str, Any]]:
         return self._rows([self._read(self.check_array, a) for a in arrays], batch_size)

@@ -325,14 +325,24 @@ def _dims_mismatch(spec: ScanSpec) -> ScanMismatch:
     )
 
 
-def _check_array(arr: np.ndarray, spec: ScanSpec) -> np.ndarray:
+def check_array(arr: Any, spec: ScanSpec, *, caller_array: bool = False) -> np.ndarray:
+    """An array as the model takes it (shape `spec.shape`, finite) -> float32; else ScanMismatch (shape)
+    or DataError (NaN/inf). `caller_array`: the array came preprocessed from the caller (serving), not
+    from our own preprocessing, and the messages say what to send instead."""
     arr = np.asarray(arr, dtype=np.float32)
     if tuple(arr.shape) != spec.shape:
-        raise ScanMismatch(
-            f"preprocessed to {_describe_shape(tuple(arr.shape))}, but the meta-model takes "
-            f"{_describe_shape(spec.shape)}"
-        )
+        got = _describe_shape(tuple(arr.shape)) if arr.ndim >= 2 else f"shape {tuple(arr.shape)}"
+        if caller_array:
+            raise ScanMismatch(
+                f"an input array has shape {tuple(arr.shape)} ({got}), but the meta-model takes "
+                f"{_describe_shape(spec.shape)}, shape {spec.shape}: arrays "
+                "must already be preprocessed like the meta-model's store (send the DICOM file or its "
+                "bytes otherwise)"
+            )
+        raise ScanMismatch(f"preprocessed to {got}, but the meta-model takes {_describe_shape(spec.shape)}")
     if not np.all(np.isfinite(arr)):
+        if caller_array:
+            raise DataError("an input array holds NaN or inf")
         raise DataError("preprocessing produced non-finite values (NaN/inf): the pixel data is corrupt")
     return arr
 
@@ -366,7 +376,7 @@ def read_scan(path: Path, spec: ScanSpec) -> np.ndarray:
         raise
     except (OSError, ValueError, RuntimeError) as err:  # a decoder's own error on a broken file
         raise DataError(f"cannot read scan: {type(err).__name__}: {err}") from None
-    return _check_array(arr, spec)
+    return check_array(arr, spec)
 
 
 def read_series(files: Sequence[tuple[Path, bytes]], spec: ScanSpec) -> np.ndarray:
@@ -384,7 +394,7 @@ def read_series(files: Sequence[tuple[Path, bytes]], spec: ScanSpec) -> np.ndarr
     except (OSError, ValueError, RuntimeError, AttributeError, TypeError) as err:  # a decoder's own error
         raise DataError(f"cannot read series: {type(err).__name__}") from None
     _check_modality(str(facts.get("modality") or "").strip().upper() or None, spec)
-    return _check_array(arr, spec)
+    return check_array(arr, spec)
 
 
 def read_ref(ref: ScanRef, spec: ScanSpec) -> np.ndarray:

@@ -148,6 +148,9 @@ def test_every_input_form_gives_the_same_answer_and_bad_rows_get_errors(
     assert "base64" in bad64[0]["error"]
     wrong = predict_any(clf, [np.zeros((3, h.SIZE, h.SIZE), np.float32)])
     assert "shape (3, 32, 32)" in wrong[0]["error"]
+    assert "already be preprocessed" in wrong[0]["error"] and wrong[0]["predicted_class"] is None
+    nan_in = np.full((1, h.SIZE, h.SIZE), np.nan, np.float32)
+    assert predict_any(clf, [nan_in, arrays[0]])[0]["error"] == "an input array holds NaN or inf"
     with pytest.raises(DataError, match="exactly one of the columns path, dicom_base64, bytes, array"):
         predict_any(clf, pd.DataFrame({"file": ["x"]}))
 
