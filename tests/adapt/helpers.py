@@ -65,26 +65,31 @@ def as_model_input(img: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)[None]
 
 
-def write_dicom(path: Path, img: np.ndarray, *, patient_id: str, modality: str = "DX") -> Path:
-    """`img` in [0, 1] as a 12-bit MONOCHROME2 DICOM with fake identifiers."""
-    px = np.round(img * 4000).astype(np.uint16)
+def dicom_image(px: np.ndarray, sop_class: str, *, study: str, series: str) -> Dataset:
+    """A 12-bit MONOCHROME2 DICOM dataset holding `px` (uint16), with fresh instance UIDs; the caller
+    sets patient, modality and geometry. Shared by the 2D and the series (3D) writers."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPClassUID = sop_class
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Rows, ds.Columns = px.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = px.tobytes()
+    return ds
+
+
+def write_dicom(path: Path, img: np.ndarray, *, patient_id: str, modality: str = "DX") -> Path:
+    """`img` in [0, 1] as a 12-bit MONOCHROME2 DICOM with fake identifiers."""
+    px = np.round(img * 4000).astype(np.uint16)
+    ds = dicom_image(px, SecondaryCaptureImageStorage, study=generate_uid(), series=generate_uid())
     ds.PatientID = patient_id
     ds.PatientName = "Synthetic^Adapttest"
     ds.Modality = modality
-    ds.Rows, ds.Columns = px.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = px.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 import pipeline.ingest.worker as worker
 from pipeline.adapt.adapted import AdaptedClassifier
@@ -63,23 +62,11 @@ def write_series(folder: Path, vol: np.ndarray, patient_id: str, rng: np.random.
     names = rng.permutation(len(vol))
     folder.mkdir(parents=True, exist_ok=True)
     for k, sl in enumerate(vol):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds = h.dicom_image(np.round(sl * 2000).astype(np.uint16), CTImageStorage, study=study, series=series)
         ds.PatientID, ds.PatientName, ds.Modality = patient_id, "Synthetic^Volume", "CT"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
         ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
-        px = np.round(sl * 2000).astype(np.uint16)
-        ds.Rows, ds.Columns = px.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = px.tobytes()
         ds.save_as(folder / f"IM{names[k]:04d}", enforce_file_format=True)
     return folder
 
