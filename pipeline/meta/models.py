@@ -163,7 +163,8 @@ class Conv4(nn.Module):
         for i in range(0, len(mods), 4):  # blocks of [conv, norm, pool+ReLU, Identity]
             conv, norm, pool = mods[i : i + 3]
             h = conv(h)
-            # GroupNorm + pool + ReLU in one fused kernel where it applies (fastops); else module by module
+            # GroupNorm + pool + ReLU in one fused kernel where it applies (fastops); else module by module.
+            # (On the fused path the norm and pool modules' forward hooks do not run; their parameters do.)
             h = group_norm_pool_relu(h, norm) if isinstance(norm, GroupNorm2) else pool(norm(h))
         # h: (n, filters, *size)
         if self.pool == "avg":

@@ -62,6 +62,23 @@ def _cache_dir() -> Path:
     return Path(base) / "fewscan" / "native"
 
 
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    """Compile into a temporary file next to `out`, then rename: a reader never sees a partial library."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *flags, "-o", tmp, str(_SRC / "fastops.c")], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-800:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
@@ -73,20 +90,13 @@ def _build() -> ctypes.CDLL:
     h.update("\0".join((cc, *flags, _cpu_key(), platform.machine())).encode())
     out = _cache_dir() / f"libfewscan_fastops-{h.hexdigest()[:16]}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [cc, *flags, "-o", tmp, str(_SRC / "fastops.c")], capture_output=True, text=True, timeout=300
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-800:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+        _compile(cc, flags, out)
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError:  # a damaged cache entry (e.g. a disk that filled up): build it once more
+        out.unlink(missing_ok=True)
+        _compile(cc, flags, out)
+        lib = ctypes.CDLL(str(out))
     if lib.fewscan_fastops_abi() != _ABI:
         raise RuntimeError(f"{out} has another ABI version; delete it to rebuild")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

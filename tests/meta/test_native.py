@@ -357,3 +357,21 @@ def test_fused_group_norm_pool_relu_gradcheck():
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@needs_kernels
+def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
+    """A truncated library in the cache (a full disk, a killed copy) is rebuilt, not a permanent fallback."""
+    code = "from pipeline.meta import native; print(native.status())"
+    env = {**os.environ, "FEWSCAN_NATIVE_CACHE": str(tmp_path)}
+
+    def status() -> str:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert status() == "loaded"
+    (lib,) = tmp_path.glob("libfewscan_fastops-*.so")
+    lib.write_bytes(lib.read_bytes()[:100])
+    assert status() == "loaded"
+    assert lib.stat().st_size > 1000 and not list(tmp_path.glob(".build-*"))
