@@ -65,9 +65,8 @@ def execute_stage(
     """Run one stage as an MLflow run (or reuse a finished one with the same fingerprint)."""
     mod = module(stage)
     if stage == "meta-train":
-        dctx = distributed.init_from_env(
-            device=getattr(cfg, "device", "auto")
-        )  # torchrun's ranks, or one process
+        # torchrun's ranks, or one process
+        dctx = distributed.init_from_env(device=getattr(cfg, "device", "auto"))
         if not dctx.is_main:
             # ranks > 0 train alongside rank 0 but never talk to MLflow: rank 0 owns the run
             follower: StageResult = mod.execute(cfg, distributed.FollowerRun(stage, dctx.rank), upstream)
