@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.demodata.generate import DEFAULT_MIN_PER_FINDING, MODALITIES, generate_study, one_line
+from pipeline.demodata.render import DEFAULT_CONSPICUITY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: available CPU cores)")
     parser.add_argument("--min-per-finding", type=int, default=DEFAULT_MIN_PER_FINDING,
                         help=f"floor of images per finding (default {DEFAULT_MIN_PER_FINDING})")  # fmt: skip
+    parser.add_argument("--conspicuity", type=float, default=DEFAULT_CONSPICUITY,
+                        help="how strongly findings show against the anatomy, a factor on what they draw "
+                        f"(default {DEFAULT_CONSPICUITY}; 1 = as faint as the anatomy model draws them)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         min_per_finding=getattr(args, "min_per_finding", DEFAULT_MIN_PER_FINDING),
         n_patients=args.patients,
+        conspicuity=args.conspicuity,
     )
     print(one_line(summary), flush=True)
     return 0

@@ -26,7 +26,7 @@ from pipeline.demodata.dicomio import write_radiograph, write_text_sr
 from pipeline.demodata.labels import label_row, write_labels
 from pipeline.demodata.plan import ImagePlan, plan_patients_labels, realize
 from pipeline.demodata.prevalence import FINDINGS, NORMAL
-from pipeline.demodata.render import render_radiograph
+from pipeline.demodata.render import DEFAULT_CONSPICUITY, render_radiograph
 from pipeline.demodata.vendors import VENDORS
 from pipeline.errors import ConfigError, DataError
 from pipeline.progress import log, progress
@@ -45,7 +45,14 @@ def _station(im: ImagePlan) -> str:
     return ("XR-ROOM1", "XR-ROOM2", "OPD-DR", "XR-ROOM3")[im.vendor % 4]
 
 
-def _write_chunk(seed: int, size: int, modality: str, out: str, chunk: list[ImagePlan]) -> list[dict]:
+def _write_chunk(
+    seed: int,
+    size: int,
+    modality: str,
+    out: str,
+    chunk: list[ImagePlan],
+    conspicuity: float = DEFAULT_CONSPICUITY,
+) -> list[dict]:
     """Worker: render and write a chunk of planned images; returns what was written."""
     done = []
     for im in chunk:
@@ -55,7 +62,7 @@ def _write_chunk(seed: int, size: int, modality: str, out: str, chunk: list[Imag
         else:
             vendor = VENDORS[im.vendor]
             stored, hdr = render_radiograph(
-                seed, im.patient.index, im.index, im.labels, im.view, size, vendor
+                seed, im.patient.index, im.index, im.labels, im.view, size, vendor, conspicuity
             )
             write_radiograph(seed, im, path, modality, stored, hdr, vendor, _station(im))
             info = {"files": 1, "spacing": round(vendor.detector_mm / size, 4), "vendor": vendor.key,
@@ -200,17 +207,23 @@ def generate_study(
     adapt_support_per_class: int = 10,
     adapt_query_per_class: int = 20,
     n_patients: int | None = None,
+    conspicuity: float = DEFAULT_CONSPICUITY,
 ) -> dict:
     """Write the synthetic study under `out_dir`; return a summary (counts, patients, files, junk, seconds).
 
     `n_images` labelled images (CT: series), each finding >= `min_per_finding` images; `adapt/` holds
     `adapt_*_per_class` images of `adapt_condition` and of No Finding from fresh patients (one image
-    each, support and query patient-disjoint and absent from labels.csv).
+    each, support and query patient-disjoint and absent from labels.csv). `conspicuity` scales how strongly
+    the findings show (radiographs only; pipeline/demodata/render.py says why the default is 3).
     """
     t0 = time.monotonic()
     out = Path(out_dir)
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: choose one of {', '.join(MODALITIES)}")
+    if not 0 < conspicuity <= 20:
+        raise ConfigError(
+            f"conspicuity={conspicuity}: choose a factor in (0, 20]; 1 draws findings as faint as the anatomy model does"
+        )
     if size < 32 or size > 2048:
         raise ConfigError(f"size={size}: choose 32..2048 pixels")
     if adapt_condition not in FINDINGS:
@@ -249,10 +262,12 @@ def generate_study(
     results: list[dict] = []
     if n_workers == 1 or len(chunks) <= 2:
         for ch in progress(chunks, total=len(chunks), desc="writing DICOM (chunks)"):
-            results.extend(_write_chunk(seed, size, modality, str(out), ch))
+            results.extend(_write_chunk(seed, size, modality, str(out), ch, conspicuity))
     else:
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=_mp_context()) as pool:
-            futs = [pool.submit(_write_chunk, seed, size, modality, str(out), ch) for ch in chunks]
+            futs = [
+                pool.submit(_write_chunk, seed, size, modality, str(out), ch, conspicuity) for ch in chunks
+            ]
             for fut in progress(as_completed(futs), total=len(futs), desc="writing DICOM (chunks)"):
                 results.extend(fut.result())
     _write_strays(seed, out, strays, rng, ct)
@@ -292,7 +307,7 @@ def generate_study(
               "min_per_finding": min_per_finding, "adapt_condition": adapt_condition,
               "adapt_support_per_class": adapt_support_per_class,
               "adapt_query_per_class": adapt_query_per_class, "n_patients": n_patients,
-              "labels_unit": "series" if ct else "image"}  # fmt: skip
+              "conspicuity": conspicuity, "labels_unit": "series" if ct else "image"}  # fmt: skip
     tmp = out / "study.json.part"
     tmp.write_text(json.dumps({"generator": "fewscan.demodata", "parameters": params, "summary": summary},
                               indent=2), encoding="utf-8")  # fmt: skip

@@ -46,3 +46,26 @@ def test_anatomy_varies_per_patient_and_visit():
     b, _ = render_attenuation(0, 2, 2, (), "PA", 64)
     c, _ = render_attenuation(0, 1, 3, (), "AP", 64)
     assert np.abs(a - b).mean() > 0.02 and np.abs(a - c).mean() > 0.01
+
+
+def test_conspicuity_scales_what_a_finding_draws_and_leaves_the_anatomy_alone():
+    # A normal image is the same at any conspicuity: only the findings' contribution is scaled.
+    n1, _ = render_attenuation(0, 4, 4, (), "PA", 64, conspicuity=1.0)
+    n3, _ = render_attenuation(0, 4, 4, (), "PA", 64, conspicuity=3.0)
+    assert np.array_equal(n1, n3)
+    # An additive lesion (a nodule adds density, no marking loss): the difference to the normal image
+    # triples, up to the final clip at 0 (none here: the lesion adds density).
+    d1 = render_attenuation(0, 4, 4, ("Nodule",), "PA", 64, conspicuity=1.0)[0] - n1
+    d3 = render_attenuation(0, 4, 4, ("Nodule",), "PA", 64, conspicuity=3.0)[0] - n1
+    assert np.abs(d1).max() > 0.01
+    np.testing.assert_allclose(d3, 3.0 * d1, atol=1e-5)
+
+
+def test_conspicuity_out_of_range_is_a_clear_config_error(tmp_path):
+    import pytest
+
+    from pipeline.demodata.generate import generate_study
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="conspicuity=0"):
+        generate_study(tmp_path / "x", n_images=10, conspicuity=0)
