@@ -9,6 +9,7 @@ failure handling behave the same everywhere.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -79,7 +80,11 @@ def execute_stage(
     for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
         fp_cfg.pop(key, None)
     inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
-    fp = tracking.fingerprint(stage, fp_cfg, {k: u.run_id for k, u in upstream.items()}, inputs)
+    # The device setting picks the numerics that enter the fingerprint (torch, device type, CPU kernels).
+    device = getattr(cfg, "device", "auto")
+    fp = tracking.fingerprint(
+        stage, fp_cfg, {k: u.run_id for k, u in upstream.items()}, inputs, device=device
+    )
     if reuse and not resume_run_id:
         rid = tracking.find_reusable(stage, fp)
         if rid:
@@ -100,6 +105,9 @@ def execute_stage(
         resume_run_id=resume_run_id,
         system_metrics=stage in SYSTEM_METRICS,
     ) as run:
+        numerics = tracking.numerics(stage, device)
+        if numerics:
+            run.set_tags({tracking.TAG_NUMERICS: json.dumps(numerics, sort_keys=True)})
         result: StageResult = mod.execute(cfg, run, upstream)
         elapsed = time.monotonic() - t0
         line = f"{stage} finished in {elapsed:.1f} s: {result.summary}"

@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from pipeline import __version__
+from pipeline import __version__, codeset
 from pipeline.errors import TrackingError, UpstreamError
 from pipeline.progress import log
 
@@ -171,36 +171,48 @@ def run_url(experiment: str, run_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- fingerprints
-_PKG = Path(__file__).resolve().parent
-# Which code a stage's result depends on: editing evaluate must not invalidate a finished ingest.
-_STAGE_CODE = {
-    "ingest": ["ingest"],
-    "episodes": ["episodes"],
-    "meta-train": ["meta", "metatrain", "episodes", "ingest/store.py", "distributed.py"],
-    "adapt": ["adapt", "meta", "serving.py", "ingest"],
-    "evaluate": ["evaluate", "meta", "episodes", "ingest/store.py"],
-}
-_COMMON_CODE = ["__init__.py", "config.py", "errors.py"]
+TAG_NUMERICS = "fewscan.numerics"  # JSON of `numerics(stage)`, for stages that run the engine
+
+
+def code_files(stage: str) -> tuple[str, ...]:
+    """The package files (relative to pipeline/) the stage can execute, derived from its imports: editing
+    evaluate must not invalidate a finished ingest, and editing a C kernel must rerun meta-train
+    (pipeline/codeset.py)."""
+    from pipeline.stages import MODULES  # stages imports this module
+
+    return codeset.code_files(MODULES[stage]) if stage in MODULES else ()
 
 
 def code_version(stage: str) -> str:
-    """Hash of the source files the stage depends on (works without git, sees uncommitted edits)."""
-    h = hashlib.sha256(__version__.encode())
-    for rel in _COMMON_CODE + _STAGE_CODE.get(stage, []):
-        p = _PKG / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else ([p] if p.exists() else [])
-        for f in files:
-            h.update(str(f.relative_to(_PKG)).encode())
-            h.update(f.read_bytes())
+    """Hash of the stage's code set, paths and bytes (works without git, sees uncommitted edits)."""
+    h = hashlib.sha256()
+    for rel in code_files(stage):
+        h.update(rel.encode() + b"\0")
+        h.update((codeset.ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
 
 
-def fingerprint(stage: str, config: dict[str, Any], upstream_ids: dict[str, str], inputs: Any = None) -> str:
+def numerics(stage: str, device: str = "auto") -> dict[str, str] | None:
+    """Torch version, device type and CPU kernel build the stage computes with; None if it runs no engine."""
+    return codeset.numerics(code_files(stage), device)
+
+
+def fingerprint(
+    stage: str,
+    config: dict[str, Any],
+    upstream_ids: dict[str, str],
+    inputs: Any = None,
+    *,
+    device: str = "auto",
+) -> str:
+    """Hash of what a stage's result depends on: config, upstream runs, inputs, code set and numerics.
+    `device` is the stage's `device` setting (auto / cpu / cuda[:N]) where it has one."""
     payload = {
         "stage": stage,
         "config": config,
         "upstream": dict(sorted(upstream_ids.items())),
         "code": code_version(stage),
+        "numerics": numerics(stage, device),
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -32,6 +32,9 @@ from torch._C import _functorch
 
 _SRC = Path(__file__).with_name("csrc")
 _SOURCES = ("fastops.c", "fastops_impl.h", "pool_avx512.h")
+# Files besides this one whose edits change results: they enter the code set of every stage that reaches
+# this module, hence its fingerprint (pipeline/codeset.py, read with ast: keep it a literal list).
+CODE_DEPENDENCIES = ["csrc/*.c", "csrc/*.h"]
 # -O3; no -ffast-math: IEEE semantics (NaN handling, no reassociation) are
 # part of "exact". -fopenmp-simd only honours the `omp simd` reduction pragmas (no OpenMP runtime).
 _FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
@@ -88,7 +91,8 @@ def _build() -> ctypes.CDLL:
     for name in _SOURCES:
         h.update((_SRC / name).read_bytes())
     h.update("\0".join((cc, *flags, _cpu_key(), platform.machine())).encode())
-    out = _cache_dir() / f"libfewscan_fastops-{h.hexdigest()[:16]}.so"
+    _state["build"] = h.hexdigest()[:16]
+    out = _cache_dir() / f"libfewscan_fastops-{_state['build']}.so"
     if not out.exists():
         _compile(cc, flags, out)
     try:
@@ -147,6 +151,13 @@ def status() -> str:
     """'loaded', 'disabled by FEWSCAN_NATIVE=0' or 'unavailable: <why>' (after the first `lib()` call)."""
     lib()
     return str(_state["why"])
+
+
+def build_id() -> str:
+    """Which arithmetic the fast paths use, for stage fingerprints (pipeline/codeset.py): 'torch' when the
+    kernels are not loaded (disabled or unavailable alike: the pure-torch paths), else 'native-<key>' with
+    the key of the build (sources, compiler, flags, CPU features), which fixes the summation order."""
+    return f"native-{_state.get('build', 'unknown')}" if lib() is not None else "torch"
 
 
 def usable(*tensors: Tensor) -> bool:
