@@ -1,7 +1,15 @@
 """The MLflow pyfunc of an adapted model: scans in, class probabilities out, preprocessing inside.
 
 The one module besides pipeline/tracking.py that imports mlflow: a pyfunc must subclass
-`mlflow.pyfunc.PythonModel`. All the work is done by `pipeline.adapt.adapted.AdaptedClassifier` (no mlflow).
+`mlflow.pyfunc.PythonModel` (pipeline/adapt/fewscan_model.py, the model's code file, only instantiates it).
+All the work is done by `pipeline.adapt.adapted.AdaptedClassifier` (no mlflow).
+
+How the model is stored and loaded (docs/CONTRACTS.md, "Adapted model"): an MLflow "model from code" whose
+code file is pipeline/adapt/fewscan_model.py and whose one artifact is the `adapted` folder (JSON + plain
+tensor files); nothing in it is pickled. `load_adapted`, fewscan's own loader, never goes through
+`mlflow.pyfunc.load_model`: that would run the code file the model folder carries, whoever wrote it. It
+checks the MLmodel file (plain YAML) is fewscan's form and reads the `adapted` folder with the installed
+fewscan, tensors with `weights_only=True`.
 
 Input (`mlflow models serve` JSON or `pyfunc.load_model(...).predict(...)`), one scan per row:
 - a DataFrame (or `{"dataframe_split"/"dataframe_records": ...}` in a scoring request) with ONE of the
@@ -18,11 +26,14 @@ scan in a batch never fails the whole request).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
+import yaml
+from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, DataType, Schema
 
 from pipeline.adapt.adapted import AdaptedClassifier, prob_column
 from pipeline.errors import DataError, UpstreamError
@@ -32,7 +43,7 @@ INPUT_COLUMNS = ("path", "dicom_base64", "bytes", "array")
 
 
 class FewscanAdaptedModel(PythonModel):  # type: ignore[misc]
-    """Holds nothing heavy when pickled; the adapted model is loaded from the artifacts in load_context."""
+    """Built empty by the model's code file; the adapted model is loaded from the artifacts in load_context."""
 
     def __init__(self) -> None:
         self._clf: AdaptedClassifier | None = None
@@ -46,7 +57,15 @@ class FewscanAdaptedModel(PythonModel):  # type: ignore[misc]
             raise RuntimeError("the adapted model is not loaded (load it with mlflow.pyfunc.load_model)")
         return self._clf
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 - untyped: no MLflow schema check
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """A scoring request's DataFrame (one scan per row) -> one row of probabilities per scan.
+
+        Typed `pd.DataFrame`, a hint from which MLflow infers no input schema and so validates nothing:
+        a request may carry any one of the input columns, and in process MLflow passes the other accepted
+        forms (a list, an array, a path; see the module docstring) through to `predict_any` untouched.
+        """
         clf = self.classifier
         batch_size = int((params or {}).get("batch_size", 64))
         rows = predict_any(clf, model_input, batch_size)
@@ -102,6 +121,69 @@ def predict_any(clf: AdaptedClassifier, model_input: Any, batch_size: int = 64) 
 
 
 MODEL_ARTIFACT = "adapted_model"  # where the adapt stage logs the pyfunc inside its run
+MODEL_CODE_FILE = "fewscan_model.py"  # pipeline/adapt/fewscan_model.py, copied into the model folder
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the loader_module MLflow records for a model from code
+# The input example saved with the model: a template of a scoring request (what MLflow's UI shows), no scan.
+INPUT_EXAMPLE = {"dicom_base64": ["<a scan file's bytes, base64-encoded>"]}
+
+
+def model_signature(classes: list[str]) -> ModelSignature:
+    """The output columns of the model (see the module docstring). No input schema: a request carries any
+    one of INPUT_COLUMNS, and MLflow would refuse the in-process forms against a column schema."""
+    probs = [ColSpec(DataType.double, prob_column(c), required=False) for c in classes]
+    out = Schema(
+        [
+            ColSpec(DataType.string, "predicted_class", required=False),
+            *probs,
+            ColSpec(DataType.string, "error"),
+        ]
+    )
+    return ModelSignature(inputs=None, outputs=out)
+
+
+def adapted_dir(folder: Path, model_uri: str) -> Path:
+    """The `adapted` artifact folder of the model at `folder`, once its MLmodel file is found to be the form
+    `fewscan adapt` saves: one python_function flavor, loaded as a model from code by fewscan's code file,
+    no pickled model, no code paths, the `adapted` artifact inside the folder. Anything else is refused
+    here, before any of the model is unpickled or run: the MLmodel is read as plain YAML."""
+
+    def refuse(why: str) -> NoReturn:
+        raise UpstreamError(
+            f"refusing to load '{model_uri}': {why}. fewscan loads only models saved by `fewscan adapt` (code "
+            "from the installed fewscan, weights as plain tensors), as loading any other could run code it "
+            "carries; re-run `fewscan adapt` to make the model again"
+        )
+
+    try:
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        refuse(f"its MLmodel file is unreadable ({str(err).splitlines()[0]})")
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
+        names = sorted(map(str, flavors)) if isinstance(flavors, dict) else []
+        refuse(f"its MLmodel has the flavors {names}, not python_function alone")
+    pf = flavors["python_function"]
+    if not isinstance(pf, dict):
+        refuse("its MLmodel has no python_function settings")
+    if "python_model" in pf or any(folder.glob("*.pkl*")):
+        refuse("it is a pickled (cloudpickle) Python model")
+    code_file = Path(str(pf.get("model_code_path") or "")).name
+    if pf.get("loader_module") != CODE_LOADER or code_file != MODEL_CODE_FILE:
+        refuse(
+            f"it is loaded by {pf.get('loader_module')!r} with code file {code_file or None!r}, not as a "
+            f"model from code by fewscan's {MODEL_CODE_FILE}"
+        )
+    if pf.get("code"):
+        refuse("it carries code paths")
+    artifacts = pf.get("artifacts")
+    if not isinstance(artifacts, dict) or set(artifacts) != {ARTIFACT_KEY}:
+        refuse(f"its artifacts are not the one '{ARTIFACT_KEY}' folder")
+    info = artifacts[ARTIFACT_KEY]
+    rel = str(info.get("path") or "") if isinstance(info, dict) else ""
+    target = (folder / rel).resolve()
+    if not rel or not target.is_relative_to(folder.resolve()) or not target.is_dir():
+        refuse(f"its '{ARTIFACT_KEY}' artifact is not a folder inside the model")
+    return target
 
 
 def local_model_dir(model_uri: str) -> Path:
@@ -129,18 +211,15 @@ def local_model_dir(model_uri: str) -> Path:
 
 
 def load_adapted(model_uri: str) -> AdaptedClassifier:
-    """The classifier of an adapted model (see `local_model_dir` for the accepted references)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc import load_model
+    """The classifier of an adapted model (see `local_model_dir` for the accepted references).
 
+    Not `mlflow.pyfunc.load_model`, which would run the code file in the model folder: the MLmodel is
+    checked (`adapted_dir`) and the `adapted` folder read by the installed fewscan, tensors with
+    `weights_only=True`. So loading a model someone else logged runs none of their code."""
     folder = local_model_dir(model_uri)
     try:
-        model = load_model(str(folder))
-    except (MlflowException, OSError) as err:
+        return AdaptedClassifier.load(adapted_dir(folder, model_uri))
+    except DataError as err:
         raise UpstreamError(
-            f"cannot load the adapted model '{model_uri}' from {folder}: {str(err).splitlines()[0]}"
+            f"cannot load the adapted model '{model_uri}': {err}; re-run `fewscan adapt` to make it again"
         ) from None
-    py = model.unwrap_python_model()
-    if not isinstance(py, FewscanAdaptedModel):
-        raise UpstreamError(f"'{model_uri}' is not a fewscan adapted model (it is a {type(py).__name__})")
-    return py.classifier

@@ -539,15 +539,20 @@ class StageRun:
     def log_pyfunc(
         self,
         artifact_path: str,
-        python_model: Any,
+        python_model: Path,
         artifacts: dict[str, str] | None = None,
         input_example: Any = None,
-        code_paths: list[str] | None = None,
+        signature: Any = None,
         pip_requirements: list[str] | None = None,
     ) -> str:
-        """Save an MLflow pyfunc model into this run's artifacts; returns its `runs:/` URI."""
+        """Save an MLflow pyfunc model into this run's artifacts; returns its `runs:/` URI.
+
+        `python_model`: the path of the model's code file (a model from code). Never a model object: MLflow
+        would cloudpickle it, and loading a pickle runs code (docs/CONTRACTS.md, "Adapted model")."""
         import mlflow.pyfunc
 
+        if not isinstance(python_model, (str, Path)):
+            raise TypeError("log_pyfunc takes the path of a model's code file, not an object to pickle")
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
@@ -555,7 +560,7 @@ class StageRun:
                 python_model=python_model,
                 artifacts=artifacts,
                 input_example=input_example,
-                code_paths=code_paths,
+                signature=signature,
                 pip_requirements=pip_requirements,
             )
             self.log_artifact(target, artifact_path)

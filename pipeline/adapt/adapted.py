@@ -5,6 +5,8 @@ Folder layout (the `adapted` artifact inside the pyfunc model; no mlflow needed 
     meta_model/state_dict.pth, meta_model/meta_model.json   # the meta-model adapted from (copied verbatim)
     adapted_state.pth     # the `Adapted` tensors: "params.<name>" (gradient methods, head (n_way, F)) or
                           # "prototypes" (ProtoNet, (n_way, F)); plain torch.save of a dict of tensors
+                          # (read back by model_io.load_tensors, weights_only=True: any other object is
+                          # refused unread)
     adapted.json          # classes (label index order), condition, method, steps, lr, ScanSpec
                           # (ingest preprocessing, input shape, modalities), provenance run ids
 
@@ -42,7 +44,7 @@ from pipeline.adapt.support import (
 )
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
-from pipeline.meta.model_io import MetaModel, load_meta_model
+from pipeline.meta.model_io import MetaModel, load_meta_model, load_tensors
 
 FORMAT = "fewscan-adapted-model"
 VERSION = 1
@@ -163,10 +165,9 @@ class AdaptedClassifier:
             raise DataError(f"{card_path} is not an adapted fewscan model (format={card.get('format')!r})")
         if int(card.get("version", 0)) > VERSION:
             raise DataError(f"{card_path} has version {card['version']}; this fewscan reads up to {VERSION}")
-        mm = load_meta_model(folder / META_DIR)
+        mm = load_meta_model(folder / META_DIR)  # tensors with weights_only=True, as below
         method = mm.method()  # prediction only: steps/lr play no part
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        adapted = adapted_from_state(state, int(card["n_way"]))
+        adapted = adapted_from_state(load_tensors(folder / STATE_FILE), int(card["n_way"]))
         return cls(mm, method, adapted, list(card["classes"]), ScanSpec.from_json(card["spec"]), card)
 
     # ------------------------------------------------------------------------------ probabilities

@@ -9,7 +9,8 @@
    the support loss and accuracy after every step are logged as metric curves.
 4. With a query set: accuracy, AUC, sensitivity, specificity of the adapted model (and of the
    unadapted one, for comparison); scans also present in the support set are left out of these.
-5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`.
+5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`: a model
+   from code (fewscan_model.py) + the `adapted` folder of plain tensors, nothing pickled (docs/CONTRACTS.md).
 
 No file name or path reaches MLflow: scans are salted content hashes, config paths are hashed. Nor does
 one reach stderr: log lines name a file by its salted file key, and `<local_report_dir>/adapt.paths.json`
@@ -56,9 +57,16 @@ UPSTREAM = ("meta-train",)
 DEFAULT_NORMAL = "No Finding"
 # In local_report_dir (next to the salt, never uploaded): file key -> clear path of every file a log line names.
 LEDGER_FILE = "adapt.paths.json"
+# The model's code file imports the installed fewscan (the model carries no copy of it, see
+# fewscan_model.py); so does predict. A fewscan model runs its code from the installed package.
+MODEL_CODE = Path(__file__).with_name("fewscan_model.py")
+# For the fingerprint's code set (pipeline/codeset.py): MODEL_CODE is read, not imported, yet it is code.
+CODE_DEPENDENCIES = ["fewscan_model.py"]
 # Distributions the adapted pyfunc imports (pinned to this environment's versions); listing them
 # explicitly skips MLflow's requirement inference, which loads the model in a subprocess (seconds).
+# fewscan first: a serving environment must have it (MLflow warns on load when its version differs).
 _RUNTIME_DISTS = (
+    "fewscan",
     "mlflow",
     "torch",
     "numpy",
@@ -278,16 +286,6 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _code_snapshot(dst: Path) -> Path:
-    """A copy of the `pipeline` package for the pyfunc's code path, so the served model runs without fewscan
-    installed. Without demodata: its fake-identity tables are no code the model needs, and fake names in
-    an artifact would look exactly like a PHI leak to anyone auditing the store."""
-    src = Path(__file__).resolve().parents[1]
-    out = dst / "code" / "pipeline"
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "demodata"))
-    return out
-
-
 def _patient_keys(refs_paths: list[Path], salt: bytes) -> set[str]:
     """Salted patient keys (ingest's scheme) of DICOM files; non-DICOM files have none."""
     import pydicom
@@ -312,7 +310,7 @@ def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -
 
 def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
     from pipeline.meta.device import pick_device
-    from pipeline.serving import ARTIFACT_KEY, MODEL_ARTIFACT, FewscanAdaptedModel
+    from pipeline.serving import ARTIFACT_KEY, INPUT_EXAMPLE, MODEL_ARTIFACT, MODEL_CODE_FILE, model_signature
 
     mt = upstream["meta-train"]
     method_name, mm_dir = choose_method(mt, cfg.method)
@@ -439,12 +437,17 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         folder = save_adapted(
             tmp / "adapted", meta_model_dir=mm_dir, adapted=adapted, classes=classes, spec=spec, card=card
         )
+        # A model from code, not a pickled PythonModel: loading it never unpickles anything, and the model
+        # carries no copy of the package (its code is the installed fewscan's; docs/CONTRACTS.md). The code
+        # file is copied first so that the MLmodel records a temporary path, not where fewscan is installed.
+        code = shutil.copy2(MODEL_CODE, tmp / MODEL_CODE_FILE)
         model_uri = run.log_pyfunc(
             MODEL_ARTIFACT,
-            FewscanAdaptedModel(),
+            Path(code),
             artifacts={ARTIFACT_KEY: str(folder)},
-            input_example=None,  # an example would be a file path or pixels: neither belongs in MLflow
-            code_paths=[str(_code_snapshot(tmp))],
+            signature=model_signature(classes),
+            # a request template, no scan: a real example would be a file path or pixels, neither for MLflow
+            input_example=INPUT_EXAMPLE,
             pip_requirements=_pip_requirements(),
         )
     version = run.register_model(MODEL_ARTIFACT, reg_name, cfg.alias)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,25 @@ class MetaModel:
         )
 
 
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """A file of named tensors, read with `torch.load(weights_only=True)`. A file that holds anything else
+    (a pickled object, whose unpickling could run code) is refused by torch before any of it runs, and
+    reported here as a DataError; so is a dict of something other than tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(
+            f"{path} holds more than tensors (a pickled object); refused unread, as unpickling it could run code"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable tensor file ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise DataError(f"{path} is not a dict of named tensors")
+    return state
+
+
 def load_meta_model(folder: str | Path, device: str | torch.device = "cpu") -> MetaModel:
     """Rebuild a meta-model from a `models/<method>` folder (see module docstring)."""
     folder = Path(folder)
@@ -171,7 +191,7 @@ def load_meta_model(folder: str | Path, device: str | torch.device = "cpu") -> M
     spec = ModelSpec.model_validate(meta["model"])
     shape = meta["image_shape"]
     model = build_model(spec, int(shape[0]), tuple(shape[1:]))
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_tensors(state_path)
     model_state = {k: v for k, v in state.items() if not k.startswith("inner_lr.")}
     model.load_state_dict(model_state, strict=True)
     model.to(device).eval()

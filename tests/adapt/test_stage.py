@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import logging
+import pickle
+import re
 import shutil
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import yaml
 
 from pipeline import stages, tracking
 from pipeline.adapt.config import AdaptConfig
@@ -39,14 +49,48 @@ def store(
             AdaptConfig,
             "test",
         )
-        out = stages.execute_stage(
-            "adapt",
-            cfg,
-            upstream={"meta-train": tracking.UpstreamRun.from_id(ids["meta-train"])},
-            suite="adapttest",
-            dataset="synthetic",
-        )
-        yield {"root": root, "ids": ids, "run_id": out.run_id, "summary": out.summary, "support": support}
+        with mlflow_noise() as noise:
+            out = stages.execute_stage(
+                "adapt",
+                cfg,
+                upstream={"meta-train": tracking.UpstreamRun.from_id(ids["meta-train"])},
+                suite="adapttest",
+                dataset="synthetic",
+            )
+        yield {
+            "root": root,
+            "ids": ids,
+            "run_id": out.run_id,
+            "summary": out.summary,
+            "support": support,
+            "noise": noise,
+        }
+
+
+class _Collect(logging.Handler):
+    def __init__(self, said: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.said = said
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def mlflow_noise() -> Iterator[list[str]]:
+    """What MLflow says while the block runs, as text: `warnings.warn` calls (MLflow's own and any other
+    library's) and WARNING records of MLflow's loggers (it logs some warnings, e.g. the cloudpickle one)."""
+    said: list[str] = []
+    handler = _Collect(said)
+    logger = logging.getLogger("mlflow")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logger.addHandler(handler)
+        try:
+            yield said
+        finally:
+            logger.removeHandler(handler)
+            said.extend(f"{w.category.__name__}: {w.message} ({w.filename})" for w in seen)
 
 
 def _run(run_id: str):
@@ -149,6 +193,179 @@ def test_error_paths_name_the_problem(store: dict[str, Any], sets: dict[str, Pat
         )
 
 
+# ---------------------------------------------------------------- the stored model: code + tensors, nothing pickled
+class _Payload:
+    """Unpickling it runs code: here it creates the file `marker` (a planted pickle could do anything)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def _model_copy(store: dict[str, Any], dst: Path) -> Path:
+    """A copy of the adapt run's model folder, to tamper with."""
+    from pipeline.serving import local_model_dir
+
+    return Path(shutil.copytree(local_model_dir(f"runs:/{store['run_id']}/adapted_model"), dst))
+
+
+def _edit_mlmodel(folder: Path, **pyfunc: Any) -> None:
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"].update(pyfunc)
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+def test_the_adapted_model_is_code_plus_tensors_and_adapt_logs_it_quietly(store: dict[str, Any]) -> None:
+    from pipeline.serving import local_model_dir
+
+    folder = local_model_dir("models:/fewscan-hernia@current")
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    pf = mlmodel["flavors"]["python_function"]
+    assert pf["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in pf
+    shipped = Path(stages.__file__).parent / "adapt" / "fewscan_model.py"
+    assert (folder / "fewscan_model.py").read_text() == shipped.read_text()
+    assert (
+        not pf.get("code") and not (folder / "code").exists()
+    )  # no copy of the package: fewscan is installed
+    assert "fewscan==" in (folder / "requirements.txt").read_text()
+    assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle", ".joblib")]
+    outputs = [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])]
+    assert outputs == ["predicted_class", "prob_Hernia", "prob_No Finding", "error"]
+    # MLflow said nothing about the model while adapt saved it: no cloudpickle warning, no "add type hints",
+    # no "cannot infer a signature", no "no input example", no requirement inference trouble. (Only these:
+    # what else MLflow may say, e.g. about system metrics on some machine, is not this test's business.)
+    about_the_model = re.compile(r"(?i)pickle|type hint|signature|input.example|requirement|python_model")
+    assert [n for n in store["noise"] if about_the_model.search(n)] == [], store["noise"]
+
+
+def test_the_pyfunc_class_has_the_typed_predict_mlflow_asks_for(tmp_path: Path) -> None:
+    """MLflow checks `predict` when the class is defined (at import): ours passes, an untyped one warns."""
+    code = """if True:
+        import json, warnings
+        def said(fn):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                fn()
+            return [str(w.message) for w in seen]
+        def ours():
+            import pipeline.serving
+        def untyped():
+            from mlflow.pyfunc import PythonModel
+            class Untyped(PythonModel):
+                def predict(self, context, model_input, params=None):
+                    return model_input
+        print(json.dumps([said(ours), said(untyped)]))
+    """
+    # run from tmp_path: the repo root holds the local store's `mlflow/` folder, which is no package
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    ours, untyped = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any("Add type hints to the `predict` method" in m for m in untyped)
+    assert not any("type hint" in m.lower() for m in ours), ours
+
+
+def test_predict_refuses_a_pickled_model_and_never_unpickles_it(
+    store: dict[str, Any], sets: dict[str, Path], tmp_path: Path
+) -> None:
+    import mlflow.pyfunc
+
+    marker = tmp_path / "payload-ran"
+
+    class Planted(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        def predict(self, context: Any, model_input: list[str], params: Any = None) -> list[str]:
+            return model_input
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return _Payload(marker).__reduce__()
+
+    # a model as MLflow saves a PythonModel object (what adapt did before): cloudpickled, the real weights
+    adapted = _model_copy(store, tmp_path / "real") / "artifacts" / "adapted"
+    planted = tmp_path / "planted"
+    with mlflow_noise() as noise:
+        # pip_requirements given: inferring them would load the model in a subprocess, running the payload
+        mlflow.pyfunc.save_model(
+            str(planted), python_model=Planted(), artifacts={"adapted": str(adapted)}, pip_requirements=[]
+        )
+    assert any("CloudPickle" in n for n in noise)  # the warning adapt printed then (and the capture works)
+    assert (planted / "python_model.pkl").is_file() and not marker.exists()
+    with pytest.raises(
+        UpstreamError,
+        match=r"refusing to load '.*planted': it is a pickled \(cloudpickle\) Python model\. .*re-run `fewscan adapt`",
+    ):
+        predict(str(planted), sets["query"] / h.CONDITION, tmp_path / "p.csv")
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    # the plant is live: unpickling it, which is what loading it through MLflow means, runs the payload
+    with (planted / "python_model.pkl").open("rb") as fh:
+        pickle.load(fh)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("plant", ["pickle next to the code", "other code file", "own loader module"])
+def test_the_loader_refuses_any_other_form_of_model_before_running_it(
+    plant: str, store: dict[str, Any], tmp_path: Path
+) -> None:
+    from pipeline.serving import load_adapted
+
+    marker = tmp_path / "payload-ran"
+    folder = _model_copy(store, tmp_path / "m")
+    evil = f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+    if plant == "pickle next to the code":
+        (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+        why = "it is a pickled"
+    elif plant == "other code file":
+        (folder / "model.py").write_text(evil)
+        _edit_mlmodel(folder, model_code_path="/anywhere/model.py")
+        why = "it is loaded by 'mlflow.pyfunc.loaders.code_model' with code file 'model.py', not as a model from code"
+    else:
+        (folder / "code").mkdir()
+        (folder / "code" / "evil_loader.py").write_text(evil)
+        _edit_mlmodel(folder, loader_module="evil_loader", code="code")
+        why = "it is loaded by 'evil_loader'"
+    with pytest.raises(UpstreamError, match=f"refusing to load '[^']*': {re.escape(why)}"):
+        load_adapted(str(folder))
+    assert not marker.exists()
+
+
+def test_fewscan_never_runs_the_code_file_a_model_carries(store: dict[str, Any], tmp_path: Path) -> None:
+    """Only `mlflow models serve` runs fewscan_model.py; fewscan reads the weights with its installed code."""
+    from pipeline.serving import load_adapted
+
+    marker = tmp_path / "payload-ran"
+    folder = _model_copy(store, tmp_path / "m")
+    (folder / "fewscan_model.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    assert load_adapted(str(folder)).classes == ["Hernia", "No Finding"]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "target", ["artifacts/adapted/adapted_state.pth", "artifacts/adapted/meta_model/state_dict.pth"]
+)
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_weights_holding_a_pickled_object_are_refused_unread(
+    target: str, how: str, store: dict[str, Any], tmp_path: Path
+) -> None:
+    from pipeline.serving import load_adapted
+
+    marker = tmp_path / "payload-ran"
+    folder = _model_copy(store, tmp_path / "m")
+    state = {"params.head.weight": _Payload(marker)}
+    if how == "torch.save":
+        torch.save(state, folder / target)
+    else:
+        (folder / target).write_bytes(pickle.dumps(state))
+    with pytest.raises(UpstreamError, match=r"holds more than tensors \(a pickled object\); refused unread"):
+        load_adapted(str(folder))
+    assert not marker.exists()
+    # the plant is live: loading it without weights_only runs the payload (a plain pickle: before torch
+    # finds no magic number after it)
+    with contextlib.suppress(RuntimeError):
+        torch.load(folder / target, weights_only=False)
+    assert marker.exists()
+
+
 def _free_port() -> int:
     import socket
 
@@ -161,12 +378,8 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], sets: dict[str, Path]) -> None:
     """`mlflow models serve` on the registered model, on loopback: DICOM bytes in, probabilities out."""
     import base64
-    import contextlib
-    import json
     import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.error
     import urllib.request
@@ -175,7 +388,7 @@ def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], se
 
     port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store['root'] / 'mlflow' / 'mlflow.db'}")
-    env.pop("PYTHONPATH", None)  # the model carries its own copy of the pipeline package (code path)
+    env.pop("PYTHONPATH", None)  # the model's code file imports the installed fewscan, not the checkout
     # the server is started as `uvicorn` from PATH: the one next to this interpreter
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fewscan-hernia@current"]
