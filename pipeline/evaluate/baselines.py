@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import DataError
+from pipeline.evaluate import metrics
 from pipeline.evaluate.config import PretrainConfig
 from pipeline.meta import inner
 from pipeline.meta.methods import Adapted, GradientMethod
@@ -88,9 +89,13 @@ def pretrain_data(split: Mapping[str, Any], index: pd.DataFrame, rows_for: Any) 
         raise DataError(
             f"the train pool has single-label scans of only {[classes[i] for i in present]}; need >= 2 classes"
         )
+    # The head gets one output per class that has examples: a class listed in the pool without a single
+    # single-label scan (e.g. the normal label of an n-way-only suite) would be an output never trained.
+    remap = {old: new for new, old in enumerate(present)}
     rows = np.asarray(rows_for(keys), dtype=np.int64)
     patients = by_key.loc[keys, "patient_key"].astype(str).to_numpy()
-    return PretrainData(rows, np.asarray(ys, dtype=np.int64), patients, classes, len(dropped))
+    y = np.asarray([remap[v] for v in ys], dtype=np.int64)
+    return PretrainData(rows, y, patients, [classes[i] for i in present], len(dropped))
 
 
 def _stratified_cap(y: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -125,6 +130,38 @@ class Pretrained:
     report: dict[str, Any]
 
 
+def _split_holdout(
+    patients: np.ndarray, idx: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(train, stop, report) index arrays and the patient counts of the two hold-out halves.
+
+    Whole patients go to the hold-out (their scans never train the classifier); the hold-out patients are
+    split in two halves: "stop" decides when training ends, "report" measures the result.
+    """
+    uniq = np.unique(patients[idx])
+    n_hold = int(math.floor(fraction * uniq.size))
+    if n_hold < 2:
+        return idx, idx[:0], idx[:0], 0, 0
+    hold = rng.choice(uniq, size=n_hold, replace=False)
+    stop_p, report_p = set(hold[: n_hold // 2].tolist()), set(hold[n_hold // 2 :].tolist())
+    pat = patients[idx]
+    in_stop = np.array([p in stop_p for p in pat], dtype=bool)
+    in_report = np.array([p in report_p for p in pat], dtype=bool)
+    return idx[~in_stop & ~in_report], idx[in_stop], idx[in_report], len(stop_p), len(report_p)
+
+
+def _class_probs(
+    model: FewShotNet, clf: nn.Module, images: np.ndarray, rows: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """(n, n_classes) softmax probabilities of the classifier on store rows (eval mode, no grad)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, rows.size, 256):
+            x = torch.from_numpy(np.asarray(images[rows[s : s + 256]], dtype=np.float32)).to(device)
+            out.append(torch.softmax(clf(model.features(x)), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
 def pretrain_classifier(
     spec: ModelSpec,
     in_channels: int,
@@ -135,21 +172,19 @@ def pretrain_classifier(
     seed: int,
     device: torch.device | None = None,
 ) -> Pretrained:
-    """Train backbone + a (n_classes) linear head with cross-entropy; keep the backbone.
+    """Train backbone + a (n_classes) linear head with cross-entropy to convergence; keep the backbone.
 
     Class-balanced sampling (each class drawn equally often) so that the abundant normal scans do not
-    dominate the representation. A hold-out of train-pool PATIENTS measures the classifier itself.
+    dominate the representation. Held-out train-pool PATIENTS decide when to stop (early stopping on their
+    loss, best epoch kept) and, separately, measure the classifier: its macro AUC on the "report" patients
+    is the study's positive control (can the common findings be learned at all at this image size?).
     """
     device = device or torch.device("cpu")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E7A]))
     idx = np.arange(data.y.size)
     if cfg.max_images is not None:
         idx = _stratified_cap(data.y, cfg.max_images, rng)
-    patients = np.unique(data.patients[idx])
-    n_hold = int(math.floor(cfg.holdout_fraction * patients.size))
-    hold_patients = set(rng.choice(patients, size=n_hold, replace=False).tolist()) if n_hold else set()
-    is_hold = np.array([p in hold_patients for p in data.patients[idx]], dtype=bool)
-    tr, ho = idx[~is_hold], idx[is_hold]
+    tr, stop, rep, n_stop_p, n_rep_p = _split_holdout(data.patients, idx, cfg.holdout_fraction, rng)
 
     model = _seeded_model(spec, in_channels, image_size, seed).to(device)
     n_cls = len(data.classes)
@@ -164,14 +199,25 @@ def pretrain_classifier(
     )
     # class-balanced draws: P(scan) ∝ 1 / count(its class)
     counts = np.bincount(data.y[tr], minlength=n_cls).astype(np.float64)
-    w = 1.0 / counts[data.y[tr]]
+    w = 1.0 / np.maximum(counts[data.y[tr]], 1.0)
     w /= w.sum()
-    per_epoch = tr.size
-    n_batches = max(1, per_epoch // cfg.batch_size)
-    bar = Bar(cfg.epochs * n_batches, desc=f"pretrain traditional classifier (seed {seed})")
-    losses = []
+    n_batches = max(1, tr.size // cfg.batch_size)
+    stop_y = torch.from_numpy(data.y[stop])
+
+    def stop_loss() -> float:
+        model.eval()
+        probs = _class_probs(model, clf, images, data.rows[stop], device)
+        model.train()
+        return float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), stop_y))
+
+    bar = Bar(cfg.max_epochs * n_batches, desc=f"pretrain traditional classifier (seed {seed})")
+    losses: list[float] = []
+    stop_curve: list[float] = []
+    best = (math.inf, -1)
+    best_state: dict[str, Tensor] | None = None
+    epochs_run = 0
     model.train()
-    for _epoch in range(cfg.epochs):
+    for epoch in range(cfg.max_epochs):
         order = rng.choice(tr, size=n_batches * cfg.batch_size, replace=True, p=w)
         for b in range(n_batches):
             sel = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
@@ -183,41 +229,77 @@ def pretrain_classifier(
             opt.step()
             losses.append(float(loss.detach()))
             bar.update(loss=losses[-1])
+        epochs_run = epoch + 1
+        if stop.size == 0:
+            continue
+        sl = stop_loss()
+        stop_curve.append(sl)
+        if sl < best[0] - cfg.min_delta:
+            best = (sl, epoch)
+            best_state = {
+                k: v.detach().clone()
+                for k, v in [
+                    *model.state_dict().items(),
+                    *(("clf." + n, t) for n, t in clf.state_dict().items()),
+                ]
+            }
+        elif epoch - best[1] >= cfg.patience:
+            break
     bar.close()
+    if best_state is not None:
+        model.load_state_dict({k: v for k, v in best_state.items() if not k.startswith("clf.")})
+        clf.load_state_dict({k[4:]: v for k, v in best_state.items() if k.startswith("clf.")})
     model.eval()
 
     report: dict[str, Any] = {
         "classes": data.classes,
         "n_train_images": int(tr.size),
-        "n_holdout_images": int(ho.size),
-        "n_holdout_patients": len(hold_patients),
+        "n_stop_images": int(stop.size),
+        "n_stop_patients": n_stop_p,
+        "n_holdout_images": int(rep.size),
+        "n_holdout_patients": n_rep_p,
         "n_multi_label_dropped": data.n_multi_label_dropped,
         "train_class_counts": {c: int(n) for c, n in zip(data.classes, counts)},
-        "epochs": cfg.epochs,
+        "max_epochs": cfg.max_epochs,
+        "epochs": epochs_run,
+        "best_epoch": best[1] + 1 if best[1] >= 0 else epochs_run,
+        "stopped": (
+            "early (held-out loss stopped improving)"
+            if stop.size and epochs_run < cfg.max_epochs
+            else ("max_epochs reached" if stop.size else "max_epochs (no hold-out to stop on)")
+        ),
+        "stop_loss_curve": [round(v, 4) for v in stop_curve],
         "batches": len(losses),
         "final_loss": float(np.mean(losses[-max(1, n_batches) :])),
         "sampling": "class-balanced",
     }
-    if ho.size:
-        correct = per_class_total = 0
-        recalls = []
-        with torch.no_grad():
-            preds = []
-            for s in range(0, ho.size, 256):
-                x = torch.from_numpy(np.asarray(images[data.rows[ho[s : s + 256]]], dtype=np.float32)).to(
-                    device
-                )
-                preds.append(clf(model.features(x)).argmax(1).cpu().numpy())
-        pred = np.concatenate(preds)
-        yh = data.y[ho]
-        correct = int((pred == yh).sum())
-        per_class_total = yh.size
-        for c in np.unique(yh):
-            recalls.append(float(np.mean(pred[yh == c] == c)))
-        report["holdout_acc"] = correct / per_class_total
-        report["holdout_balanced_acc"] = float(np.mean(recalls))
-        report["holdout_chance_balanced_acc"] = 1.0 / len(np.unique(yh))
+    if rep.size:
+        probs = _class_probs(model, clf, images, data.rows[rep], device)
+        yh = data.y[rep]
+        pred = probs.argmax(1)
+        present = np.unique(yh)
+        report["holdout_acc"] = float((pred == yh).mean())
+        report["holdout_balanced_acc"] = float(np.mean([np.mean(pred[yh == c] == c) for c in present]))
+        report["holdout_chance_balanced_acc"] = 1.0 / present.size
+        report["holdout_macro_auc"] = metrics.macro_auc(probs, yh)
+        report["holdout_auc_per_class"] = {
+            data.classes[c]: metrics.binary_auc(probs[:, c], yh == c) for c in present
+        }
+    report["near_chance"] = near_chance(report)
     return Pretrained(model=model, report=report)  # on `device`, like the episodes the loader yields
+
+
+# A classifier whose held-out macro AUC stays below this learned (almost) nothing: evaluate marks every
+# verdict that rests on it (docs/tasks.md, "evaluate").
+NEAR_CHANCE_AUC = 0.6
+
+
+def near_chance(report: dict[str, Any]) -> bool | None:
+    """True when the pretrained classifier ended near chance on its held-out patients (None: no hold-out)."""
+    auc = report.get("holdout_macro_auc")
+    if auc is None:
+        return None
+    return bool(auc < NEAR_CHANCE_AUC)
 
 
 def scratch_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:

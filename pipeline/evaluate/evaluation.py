@@ -6,9 +6,11 @@ For every seed and every (kind, k_shot) group of the fixed test episodes:
 2. the chosen configuration runs once on the test episodes;
 3. on the first seed, adaptation curves (accuracy vs inner steps, vs k-shot) are measured on the first
    `curve_episodes` test episodes with the chosen configuration.
-Meta-learned methods involve no randomness at test time (the meta-learned weights are fixed, adaptation
-is deterministic), so they are evaluated once and marked seed-independent; the baselines are re-run per
-seed (pretraining of the traditional classifier and the scratch initialization depend on it).
+Seeds are what a result depends on besides the patients: for a meta-learned method, its meta-training
+seed (meta-train trains one model per `meta_train.seeds`; adaptation itself is deterministic), for the
+baselines the evaluation seed (pretraining of the traditional classifier, the scratch initialization).
+Every seed's model runs on the same test episodes, and the patient bootstrap resamples seeds too, so a
+verdict includes the variance between training runs (summary.py, bootstrap.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,8 @@ class Inputs:
     load: Loader  # episode → (x_s, y_s, x_q, y_q)
     provenance: dict[str, str]  # meta_train_run, episodes_run, ingest_run
     device: torch.device = torch.device("cpu")
+    # method → {meta-training seed → meta-model} for the seeds after the first (meta-train's seeds/ folder)
+    meta_seed_models: dict[str, dict[int, MetaModel]] = field(default_factory=dict)
 
 
 def _pool_keys(split: dict[str, Any], pool: str) -> set[str]:
@@ -65,7 +69,12 @@ class MethodPlan:
     seed_independent: bool
 
 
-def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig) -> MethodPlan:
+def meta_seed(mm: MetaModel) -> int:
+    """The meta-training seed a meta-model was trained with (0 for models written before seeds existed)."""
+    return int(mm.meta.get("meta_train_seed", 0))
+
+
+def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig, one_seed: bool = True) -> MethodPlan:
     if mm.meta["method"] == "protonet":
         return MethodPlan(
             name,
@@ -74,7 +83,7 @@ def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig) -> MethodPlan:
             "no inner loop, no test-time hyper-parameter)",
             [Candidate({}, lambda: mm.method())],
             [None],
-            True,
+            one_seed,
         )
     inner = mm.meta["inner"]
     trained = int(inner.get("eval_steps") or inner["steps"])
@@ -88,7 +97,7 @@ def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig) -> MethodPlan:
         f"inner lr {lr}, trained with {inner['steps']} inner steps; test-time steps from {steps}",
         [Candidate({}, lambda: mm.method())],
         steps,
-        True,
+        one_seed,
     )
 
 
@@ -208,9 +217,12 @@ def run(
         if on_method_done:
             on_method_done(plan.name)
 
-    # Meta-learned methods: seed-independent, evaluated once.
+    # Meta-learned methods: one evaluation per meta-training seed (adaptation is deterministic).
     for name, mm in inputs.meta_models.items():
-        evaluate_plan(_meta_plan(name, mm, cfg), seeds[0], True)
+        extra = inputs.meta_seed_models.get(name, {})
+        evaluate_plan(_meta_plan(name, mm, cfg, one_seed=not extra), meta_seed(mm), True)
+        for s, other in sorted(extra.items()):
+            evaluate_plan(_meta_plan(name, other, cfg, one_seed=False), s, False)
 
     data = None
     for si, seed in enumerate(seeds):
@@ -270,14 +282,19 @@ def _distinct_queries(groups: dict[Group, list[Any]], index: Any) -> dict[str, d
 
 def _pretrain_line(rep: dict[str, Any]) -> str:
     ho = rep.get("holdout_balanced_acc")
-    return (
-        f"{rep['n_train_images']} scans, {len(rep['classes'])} classes, final loss {rep['final_loss']:.3f}"
-        + (
-            f", held-out balanced accuracy {ho:.3f} (chance {rep['holdout_chance_balanced_acc']:.3f})"
-            if ho is not None
-            else ""
-        )
+    auc = rep.get("holdout_macro_auc")
+    line = (
+        f"{rep['n_train_images']} scans, {len(rep['classes'])} classes, {rep['epochs']} epochs "
+        f"({rep['stopped']}; best epoch {rep['best_epoch']}), final loss {rep['final_loss']:.3f}"
     )
+    if ho is not None:
+        line += (
+            f"; held-out patients: balanced accuracy {ho:.3f} (chance {rep['holdout_chance_balanced_acc']:.3f})"
+            + (f", macro AUC {auc:.3f} (chance 0.5)" if auc is not None else "")
+        )
+    if rep.get("near_chance"):
+        line += " — WARNING: near chance, the fine-tuning baseline rests on a classifier that learned little"
+    return line
 
 
 def _select(
@@ -357,7 +374,7 @@ def assemble(
             m: summary.episode_acc_over_seeds([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
         }
         per_query = {
-            m: summary.query_correct_over_seeds([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
+            m: summary.query_correct_per_seed([outcomes[m][s][gk] for s in outcomes[m]]) for m in outcomes
         }
         first = next(iter(outcomes.values()))
         scans = summary.slot_scans(first[next(iter(first))][gk])
@@ -387,6 +404,10 @@ def assemble(
         "setup": {
             **inputs.provenance,
             "seeds": list(cfg.seeds),
+            "meta_train_seeds": {
+                m: [meta_seed(mm), *sorted(inputs.meta_seed_models.get(m, {}))]
+                for m, mm in inputs.meta_models.items()
+            },
             "normal_label": split.get("normal_label"),
             "test_conditions": sorted(c for c, i in conds.items() if i.get("split") == "test"),
             "val_conditions": sorted(c for c, i in conds.items() if i.get("split") == "val"),

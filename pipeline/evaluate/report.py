@@ -110,7 +110,53 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
         else:
             line += "."
         lines.append(line)
+    lines += _pair_lines(comp, methods)
     return lines
+
+
+def _pair(comp: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
+    """The seed + patient bootstrap difference acc(a) − acc(b) from `pairs_patient` (either order stored)."""
+    pairs = comp.get("pairs_patient") or {}
+    if f"{a} - {b}" in pairs:
+        return pairs[f"{a} - {b}"]
+    d = pairs.get(f"{b} - {a}")
+    if d is None:
+        return None
+    return {**d, "mean": -d["mean"], "low": -d["high"], "high": -d["low"]}
+
+
+def _pair_lines(comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+    """The two questions the study is for, whichever method won: does each method that uses the common
+    findings beat training from scratch, and does each gradient-based meta-learner beat fine-tuning?"""
+    out = []
+    if "scratch" in methods and comp.get("pairs_patient"):
+        parts = []
+        for m in comp["ranking"]:
+            d = _pair(comp, m, "scratch") if m != "scratch" else None
+            if d is not None:
+                parts.append(f"{m} {_diff(d)} ({'supported' if d['excludes_zero'] else 'NOT supported'})")
+        if parts:
+            out.append(
+                "Against training from scratch (transfer from the common findings at all?): "
+                + "; ".join(parts)
+                + "."
+            )
+    if "finetune" in methods and comp.get("pairs_patient"):
+        for m in comp["ranking"]:
+            if methods[m]["family"] != "meta-learned" or m == "protonet":
+                continue
+            d = _pair(comp, m, "finetune")
+            if d is None:
+                continue
+            if d["excludes_zero"] and d["mean"] > 0:
+                out.append(f"{m} beats fine-tuning: {_diff(d)}.")
+            elif d["excludes_zero"]:
+                out.append(
+                    f"{m} does NOT beat fine-tuning: fine-tuning is better by {_diff({**d, 'mean': -d['mean'], 'low': -d['high'], 'high': -d['low']})}."
+                )
+            else:
+                out.append(f"{m} does not beat fine-tuning: the difference {_diff(d)} includes 0.")
+    return out
 
 
 def _best_meta_vs_traditional(comp: dict[str, Any], methods: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -186,11 +232,18 @@ def _hp(chosen: dict[str, Any]) -> str:
     return ", ".join(items) if items else "none"
 
 
+def _seed0(per_seed: dict[str, Any], first: str) -> Any:
+    """The first evaluation seed's entry, else the method's first seed (meta-learned methods are keyed by
+    their meta-training seeds, which need not include it)."""
+    return per_seed.get(first) or next(iter(per_seed.values()))
+
+
 def render(results: dict[str, Any]) -> str:
     setup = results["setup"]
     methods = results["methods"]
     seeds = setup["seeds"]
     first = str(seeds[0])
+    multi = any(len(v["per_seed"]) > 1 for r in results["results"].values() for v in r.values())
     out: list[str] = ["# Evaluation: meta-learning vs traditional training on the rare conditions", ""]
 
     out += ["## Verdict", ""]
@@ -199,11 +252,16 @@ def render(results: dict[str, Any]) -> str:
     boots = {
         g: c["patient_bootstrap"] for g, c in results["comparisons"].items() if c.get("patient_bootstrap")
     }
+    mts = setup.get("meta_train_seeds") or {}
     seeds_note = (
-        f" With {len(seeds)} seeds each episode's accuracy (and each query's correctness) is first averaged "
-        "over the seeds."
-        if len(seeds) > 1
-        else ""
+        " Seeds: the meta-learned methods were meta-trained once per seed ("
+        + "; ".join(f"{m}: {', '.join(map(str, v))}" for m, v in mts.items())
+        + f"), the baselines run once per evaluation seed ({', '.join(map(str, seeds))}). Each bootstrap "
+        "resample also draws every method's seeds with replacement, so the patient CIs and the verdicts include "
+        "how much a result moves from one training run to the next; the point estimates are means over seeds."
+        if multi
+        else " One seed per method: the intervals do not include the variance between training runs "
+        "(set `meta_train.seeds` and `evaluate.seeds` to several values to include it)."
     )
     if boots:
         b0 = next(iter(boots.values()))
@@ -226,7 +284,7 @@ def render(results: dict[str, Any]) -> str:
             "Intervals are 95% confidence intervals of the mean over test episodes (1.96·s/√n)"
             + (
                 f"; with {len(seeds)} seeds each episode's accuracy is first averaged over the seeds."
-                if len(seeds) > 1
+                if multi
                 else "."
             )
             + " Every hyper-parameter was chosen on validation episodes (other conditions, other patients); "
@@ -269,12 +327,12 @@ def render(results: dict[str, Any]) -> str:
         pat = results["comparisons"][gkey].get("acc_patient")
         head = "| method | family | accuracy % ± episode CI | " + ("patient CI % | " if pat else "")
         head += "macro AUC | " + ("sensitivity % | specificity % | " if binary else "")
-        head += "ECE | chosen on validation |" + (" seed mean ± sd % |" if len(seeds) > 1 else "")
+        head += "ECE | chosen on validation |" + (" seeds: mean ± sd % (each seed) |" if multi else "")
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for m in results["comparisons"][gkey]["ranking"]:
             r = results["results"][m][gkey]
-            s0 = r["per_seed"][first]
+            s0 = _seed0(r["per_seed"], first)
             acc = results["comparisons"][gkey]["acc"][m]
             auc = s0["auc"]["mean"] if s0.get("auc") else None
             row = f"| {m} | {methods[m]['family']} | {_pct(acc)} | " + (
@@ -283,17 +341,19 @@ def render(results: dict[str, Any]) -> str:
             row += f"{_num(auc)} | "
             if binary:
                 row += f"{_pct(s0.get('sens'))} | {_pct(s0.get('spec'))} | "
-            sel = results["selection"].get(m, {}).get(first, {}).get(gkey)
+            sel = _seed0(results["selection"].get(m, {}) or {first: {}}, first).get(gkey)
             row += f"{_num(s0.get('ece'))} | {_hp(sel['chosen']) if sel else 'none (no hyper-parameter)'} |"
-            if len(seeds) > 1:
+            if multi:
                 a = r["across_seeds"]
                 sd = "—" if a["std"] is None else f"{a['std'] * PCT:.1f}"
-                row += f" {a['mean'] * PCT:.1f} ± {sd} |"
+                each = ", ".join(f"{v['acc']['mean'] * PCT:.1f}" for v in r["per_seed"].values())
+                row += f" {a['mean'] * PCT:.1f} ± {sd} ({each}) |"
             out.append(row)
         out.append("")
-        if len(seeds) > 1:
+        if multi:
             out += [
-                f"AUC, sensitivity, specificity and ECE are those of seed {first}.",
+                "Accuracy and its intervals pool all seeds; AUC, sensitivity, specificity, ECE and the chosen "
+                "hyper-parameters are those of each method's first seed.",
                 "",
             ]
 
@@ -311,14 +371,18 @@ def render(results: dict[str, Any]) -> str:
         ranking = comp["ranking"]
         pcp = comp.get("per_condition_patient")
         conds = sorted(
-            {c for m in ranking for c in results["results"][m][gkey]["per_seed"][first]["per_condition"]}
+            {
+                c
+                for m in ranking
+                for c in _seed0(results["results"][m][gkey]["per_seed"], first)["per_condition"]
+            }
         )
         out += [f"### {_group_title(gkey)}", "", "| condition | " + " | ".join(ranking) + " |"]
         out.append("|" + "---|" * (len(ranking) + 1))
         for c in conds:
             cells = []
             for m in ranking:
-                cell = _pct(results["results"][m][gkey]["per_seed"][first]["per_condition"].get(c))
+                cell = _pct(_seed0(results["results"][m][gkey]["per_seed"], first)["per_condition"].get(c))
                 pci = pcp["acc"].get(m, {}).get(c) if pcp else None
                 if pci is not None:
                     cell += f" [{pci['low'] * PCT:.1f}, {pci['high'] * PCT:.1f}]"
@@ -375,18 +439,32 @@ def render(results: dict[str, Any]) -> str:
     out.append("")
     pre = results.get("pretrain", {})
     if pre:
-        out += ["Traditional classifier (pretrained on the meta-train pool, single-label scans only):", ""]
+        out += [
+            "Traditional classifier (pretrained on the meta-train pool, single-label scans only, to convergence "
+            "by early stopping on held-out train-pool patients). Its macro AUC on a second set of held-out "
+            "patients is the study's positive control: can the common findings be learned at this image size?",
+            "",
+        ]
         for seed, rep in pre.items():
             ho = rep.get("holdout_balanced_acc")
+            auc = rep.get("holdout_macro_auc")
             ho_s = (
-                f"balanced accuracy {ho * PCT:.1f}% on {rep['n_holdout_images']} held-out train-pool scans "
-                f"({rep['n_holdout_patients']} patients; chance {rep['holdout_chance_balanced_acc'] * PCT:.1f}%)"
-                if ho is not None
+                f"macro AUC {auc:.3f} (chance 0.5), balanced accuracy {ho * PCT:.1f}% (chance "
+                f"{rep['holdout_chance_balanced_acc'] * PCT:.1f}%) on {rep['n_holdout_images']} held-out "
+                f"train-pool scans ({rep['n_holdout_patients']} patients)"
+                if ho is not None and auc is not None
                 else "no hold-out"
+            )
+            warn = (
+                " **Near chance: the fine-tuning baseline rests on a classifier that learned little.**"
+                if rep.get("near_chance")
+                else ""
             )
             out.append(
                 f"- seed {seed}: {len(rep['classes'])} classes, {rep['n_train_images']} training scans "
-                f"({rep['n_multi_label_dropped']} multi-label scans left out), {rep['epochs']} epochs, {ho_s}."
+                f"({rep['n_multi_label_dropped']} multi-label scans left out), {rep['epochs']} of at most "
+                f"{rep.get('max_epochs', rep['epochs'])} epochs ({rep.get('stopped', 'fixed')}; best epoch "
+                f"{rep.get('best_epoch', rep['epochs'])}), {ho_s}.{warn}"
             )
         out.append("")
     out += ["Hyper-parameter selection (validation episodes only; grid → choice):", ""]

@@ -39,14 +39,15 @@ def test_pretrain_data_needs_a_train_pool(world: World) -> None:
 
 def _pretrain(world: World, seed: int) -> baselines.Pretrained:
     d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
-    cfg = PretrainConfig(epochs=6, lr=3e-3, batch_size=16, holdout_fraction=0.25)
+    cfg = PretrainConfig(max_epochs=6, lr=3e-3, batch_size=16, holdout_fraction=0.5)
     return baselines.pretrain_classifier(SPEC, 1, (SIZE, SIZE), world.store.images, d, cfg, seed)
 
 
 def test_pretrained_classifier_learns_and_is_deterministic(world: World) -> None:
     a = _pretrain(world, 0)
     rep = a.report
-    assert rep["n_holdout_patients"] > 0 and rep["n_train_images"] + rep["n_holdout_images"] == 80
+    assert rep["n_holdout_patients"] > 0
+    assert rep["n_train_images"] + rep["n_stop_images"] + rep["n_holdout_images"] == 80
     # held-out PATIENTS of the train pool, 3 classes: clearly above chance
     assert rep["holdout_balanced_acc"] > rep["holdout_chance_balanced_acc"] + 0.2, rep
     b = _pretrain(world, 0)
@@ -98,3 +99,38 @@ def test_baselines_refuse_a_non_zero_head(world: World) -> None:
     m = build_model(SPEC, 1, (SIZE, SIZE))  # shared head
     with pytest.raises(ValueError, match="zero head"):
         baselines.whole_network_method("x", m, 0.1, 2)
+
+
+def test_pretraining_stops_on_held_out_patients_and_reports_the_positive_control(world: World) -> None:
+    d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
+    cfg = PretrainConfig(max_epochs=60, patience=2, lr=3e-3, batch_size=16, holdout_fraction=0.5)
+    rep = baselines.pretrain_classifier(SPEC, 1, (SIZE, SIZE), world.store.images, d, cfg, 0).report
+    # early stopping: it ended before the bound, `patience` epochs after its best epoch, and the curve
+    # it stopped on has a minimum at that epoch
+    assert rep["epochs"] < 60 and rep["stopped"].startswith("early")
+    assert rep["epochs"] == rep["best_epoch"] + cfg.patience
+    curve = rep["stop_loss_curve"]
+    assert len(curve) == rep["epochs"] and min(curve) == curve[rep["best_epoch"] - 1]
+    # the stopping and the reporting patients are disjoint halves of the hold-out
+    assert rep["n_stop_patients"] > 0 and rep["n_holdout_patients"] > 0
+    assert rep["n_train_images"] + rep["n_stop_images"] + rep["n_holdout_images"] == d.y.size
+    # the positive control: a macro AUC per class, clearly above chance on this learnable world
+    assert rep["holdout_macro_auc"] > 0.8 and rep["near_chance"] is False
+    assert set(rep["holdout_auc_per_class"]) <= set(d.classes)
+
+
+def test_a_classifier_that_learns_nothing_is_flagged_near_chance(world: World) -> None:
+    d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
+    rng = np.random.default_rng(0)
+    shuffled = baselines.PretrainData(d.rows, rng.permutation(d.y), d.patients, d.classes, 0)
+    cfg = PretrainConfig(max_epochs=4, patience=2, lr=3e-3, batch_size=16, holdout_fraction=0.5)
+    rep = baselines.pretrain_classifier(SPEC, 1, (SIZE, SIZE), world.store.images, shuffled, cfg, 0).report
+    assert rep["holdout_macro_auc"] < baselines.NEAR_CHANCE_AUC and rep["near_chance"] is True
+
+
+def test_the_head_has_no_output_for_a_class_without_examples(world: World) -> None:
+    # an n-way-only suite lists the normal label in the train pool without any single-label scan of it
+    split = {**world.split, "pools": {**world.split["pools"]}}
+    split["pools"]["train"] = {**split["pools"]["train"], "Ghost": []}
+    d = baselines.pretrain_data(split, world.store.index, world.store.rows_for)
+    assert "Ghost" not in d.classes and sorted(set(d.y.tolist())) == list(range(len(d.classes)))

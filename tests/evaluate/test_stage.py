@@ -51,7 +51,7 @@ def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
             "val_episodes": 3,
             "curve_episodes": 1,
             "curve_steps": 2,
-            "finetune": {"steps": [2], "lrs": [0.01], "modes": ["head"], "pretrain": {"epochs": 1}},
+            "finetune": {"steps": [2], "lrs": [0.01], "modes": ["head"], "pretrain": {"max_epochs": 1}},
             "scratch": {"steps": [2], "lrs": [0.05]},
             "methods": ["maml"],
         }
