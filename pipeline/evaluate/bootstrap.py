@@ -16,6 +16,14 @@ How (plain numpy, no torch and no mlflow):
 - the interval is the percentile one (2.5% and 97.5% quantiles of the B resampled accuracies);
 - a paired difference uses the SAME resamples for both methods, so patient difficulty shared by the
   methods cancels out of the difference.
+
+Seeds (a two-level bootstrap): a method run with S seeds (meta-training seeds for the meta-learned
+methods, pretraining / initialization seeds for the baselines) has a correctness matrix (S, Q). Each
+resample also draws the S seeds with replacement (weights = times drawn / S), so the interval includes
+how much the result moves from one training run to the next, not only which patients were tested.
+Seed draws are independent between methods (seed 0 of one method has nothing to do with seed 0 of
+another); the patient draws stay shared, so differences remain paired over patients. With one seed this
+is exactly the patient bootstrap.
 """
 
 from __future__ import annotations
@@ -101,6 +109,57 @@ class PatientBootstrap:
         """Mean correctness over all slots and its percentile interval."""
         c = self._check(correct)
         return _percentile(float(c.mean()), self.samples(c), level)
+
+    def seed_weights(self, n_seeds: int, key: int | Sequence[int]) -> np.ndarray:
+        """(B, S) seed weights of every resample: each resample draws the S seeds with replacement, and a
+        seed drawn m times weighs m / S. `key` seeds the draws (one stream per method)."""
+        if n_seeds < 1:
+            raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+        if n_seeds == 1:
+            return np.ones((self.n_resamples, 1))
+        rng = np.random.default_rng(key)
+        drawn = rng.integers(0, n_seeds, size=(self.n_resamples, n_seeds))
+        offset = (np.arange(self.n_resamples) * n_seeds)[:, None]
+        counts = np.bincount((drawn + offset).ravel(), minlength=self.n_resamples * n_seeds)
+        return counts.reshape(self.n_resamples, n_seeds) / n_seeds
+
+    def samples_over_seeds(self, correct: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(B,) accuracy per resample for a (S, Q) correctness matrix, seeds drawn by `weights` (B, S)."""
+        c = np.asarray(correct, dtype=np.float64)
+        if c.ndim == 1:
+            c = c[None]
+        if weights.shape != (self.n_resamples, c.shape[0]):
+            raise ValueError(f"seed weights {weights.shape} do not fit {c.shape[0]} seeds")
+        per_patient = np.stack([np.bincount(self.slot_index, weights=self._check(row), minlength=self.n_patients)
+                                for row in c])  # (S, P)  # fmt: skip
+        result: np.ndarray = (self.counts * (weights @ per_patient)).sum(axis=1) / self._slots
+        return result
+
+    def accuracy_over_seeds(
+        self, correct: np.ndarray, key: int | Sequence[int], level: float = LEVEL
+    ) -> BootstrapCI:
+        """Mean correctness over seeds and slots, with the seed + patient interval."""
+        c = np.atleast_2d(np.asarray(correct, dtype=np.float64))
+        return _percentile(
+            float(c.mean()), self.samples_over_seeds(c, self.seed_weights(c.shape[0], key)), level
+        )
+
+    def difference_over_seeds(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        key_a: int | Sequence[int],
+        key_b: int | Sequence[int],
+        level: float = LEVEL,
+    ) -> BootstrapCI:
+        """acc(a) - acc(b) for (S_a, Q) and (S_b, Q) matrices: shared patient draws, independent seed draws."""
+        ca, cb = (
+            np.atleast_2d(np.asarray(a, dtype=np.float64)),
+            np.atleast_2d(np.asarray(b, dtype=np.float64)),
+        )
+        sa = self.samples_over_seeds(ca, self.seed_weights(ca.shape[0], key_a))
+        sb = self.samples_over_seeds(cb, self.seed_weights(cb.shape[0], key_b))
+        return _percentile(float(ca.mean() - cb.mean()), sa - sb, level)
 
     def difference(self, a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> BootstrapCI:
         """acc(a) - acc(b) on the same slots and the same resamples (paired), with its interval."""

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import load_episodes
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import evaluation, plots, report
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.ingest.store import ImageStore
@@ -89,14 +89,33 @@ def _meta_models(models_dir: Path, wanted: list[str] | None, device: Any) -> dic
     return {name: load_meta_model(models_dir / name, device=device) for name in found}
 
 
+def _seed_models(mt: UpstreamRun, methods: list[str], device: Any) -> dict[str, dict[int, Any]]:
+    """The further meta-training seeds' models (`seeds/<method>/<seed>/`); none for single-seed runs."""
+    try:
+        root = mt.artifact("seeds")
+    except UpstreamError:
+        return {}
+    out: dict[str, dict[int, Any]] = {}
+    for m in methods:
+        folder = root / m
+        if not folder.is_dir():
+            continue
+        for sub in sorted(folder.iterdir()):
+            if (sub / META_FILE).is_file() and sub.name.isdigit():
+                out.setdefault(m, {})[int(sub.name)] = load_meta_model(sub, device=device)
+    return out
+
+
 def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evaluation.Inputs:
     mt = upstream["meta-train"]
     ep = mt.upstream("episodes")
     ing = ep.upstream("ingest")
     device = pick_device(cfg.device)
     store = ImageStore.open(ing.artifact("store"))
+    meta_models = _meta_models(mt.artifact("models"), cfg.methods, device)
     return evaluation.Inputs(
-        meta_models=_meta_models(mt.artifact("models"), cfg.methods, device),
+        meta_models=meta_models,
+        meta_seed_models=_seed_models(mt, list(meta_models), device),
         val=load_episodes(ep.artifact("episodes/val.jsonl")),
         test=load_episodes(ep.artifact("episodes/test.jsonl")),
         split=ep.read_json("split.json"),

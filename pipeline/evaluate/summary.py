@@ -9,14 +9,16 @@ How each number is aggregated (also written into results.json under `definitions
   the recall of that condition's queries in every episode that contains it;
 - across seeds: the mean and sample std (ddof=1) of the per-seed mean accuracies;
 - paired difference: per-episode accuracy of A minus B on the same episodes, mean ± 95% CI;
-- patient-level intervals (`bootstrap.PatientBootstrap`): the query slots' correctness (mean over seeds)
-  resampled by patient, percentile 95% interval of the accuracy and of the paired difference.
+- patient-level intervals (`bootstrap.PatientBootstrap`): the query slots' correctness resampled by
+  patient AND by seed (each resample also redraws the method's seeds), percentile 95% interval of the
+  accuracy and of the paired difference; so a verdict includes how much a result moves between training
+  runs (meta-training seeds, pretraining seeds), not only between patients.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,12 +38,14 @@ DEFINITIONS = {
     "per_condition": "binary: accuracy of that condition's episodes; n_way: recall of that condition per episode",
     "across_seeds": "mean and sample std of per-seed mean accuracies",
     "paired_diff": "mean over the same episodes of acc(A) - acc(B), with its 95% CI",
-    "acc_patient": "accuracy over all query slots (each slot's correctness averaged over seeds) with a "
-    "patient-level (cluster) bootstrap 95% percentile interval: the distinct query patients resampled "
-    "with replacement, each drawn patient contributing all its query slots",
-    "paired_diff_patient": "acc(winner) - acc(other) over all query slots, with the patient bootstrap 95% "
-    "percentile interval (the same patient resamples for both methods: paired); excludes_zero = the "
-    "difference is supported at the patient level",
+    "acc_patient": "accuracy over all query slots and seeds, with a seed + patient (two-level cluster) "
+    "bootstrap 95% percentile interval: each resample draws the distinct query patients with replacement "
+    "(each drawn patient contributing all its query slots) and the method's seeds with replacement",
+    "paired_diff_patient": "acc(winner) - acc(other) over all query slots and seeds, with the seed + patient "
+    "bootstrap 95% percentile interval (the same patient resamples for both methods: paired; seeds drawn "
+    "independently per method); excludes_zero = the difference is supported across patients and seeds",
+    "pairs_patient": "every pair of methods (higher-ranked minus lower-ranked): the paired difference with "
+    "the same seed + patient bootstrap as paired_diff_patient",
     "per_condition_patient": "per condition, the same patient bootstrap on that condition's query slots "
     "only (binary: every slot of the condition's episodes; n_way: the slots whose true class is the "
     "condition, i.e. its pooled recall), correctness averaged over seeds",
@@ -158,6 +162,26 @@ def query_correct_over_seeds(per_seed: Sequence[Sequence[EpisodeOutcome]]) -> di
     return out
 
 
+def query_correct_per_seed(per_seed: Sequence[Sequence[EpisodeOutcome]]) -> list[dict[Slot, float]]:
+    """Per seed, whether each query slot (episode id, row) was predicted right (the seed + patient
+    bootstrap's input)."""
+    return [query_correct_over_seeds([outs]) for outs in per_seed]
+
+
+PerQuery = dict[Slot, float] | list[dict[Slot, float]]  # one correctness map, or one per seed
+
+
+def _seed_matrix(corr: PerQuery, slots: Sequence[Slot]) -> np.ndarray:
+    """(S, Q) correctness of the slots in order, one row per seed (one row for an averaged map)."""
+    maps = corr if isinstance(corr, list) else [corr]
+    return np.stack([np.fromiter((m[s] for s in slots), np.float64, len(slots)) for m in maps])
+
+
+def _method_key(seed: Sequence[int], method: str) -> list[int]:
+    """The seed stream of one method's seed draws (independent between methods, fixed per method)."""
+    return [*seed, zlib.crc32(method.encode())]
+
+
 def slot_scans(outcomes: Sequence[EpisodeOutcome]) -> dict[Slot, str] | None:
     """Per query slot, its scan key; None when some outcome does not know its query scans."""
     out: dict[Slot, str] = {}
@@ -170,7 +194,7 @@ def slot_scans(outcomes: Sequence[EpisodeOutcome]) -> dict[Slot, str] | None:
 
 def compare(
     per_method: dict[str, dict[int, float]],
-    per_query: dict[str, dict[Slot, float]] | None = None,
+    per_query: Mapping[str, PerQuery] | None = None,
     slot_patient: dict[Slot, str] | None = None,
     resamples: int = 2000,
     seed: int | Sequence[int] = 0,
@@ -179,7 +203,8 @@ def compare(
     """Rank methods on one group and compare the best with every other one.
 
     `per_method`: method → {episode id → accuracy (mean over seeds)}, all on the same episodes.
-    With `per_query` (method → {slot → correctness, mean over seeds}) and `slot_patient` (slot → salted
+    With `per_query` (method → {slot → correctness}, or a list of such maps, one per seed, for the seed +
+    patient bootstrap) and `slot_patient` (slot → salted
     patient key), also the patient-level bootstrap: `acc_patient`, `vs_winner[m]["paired_diff_patient"]`
     and `patient_bootstrap` (what was resampled, how often, with which seed). `unit` names what the
     keys of `slot_patient` are ("scan" when the scan index had no patient key: each scan its own cluster).
@@ -229,7 +254,7 @@ def condition_slots(outcomes: Sequence[EpisodeOutcome]) -> dict[str, list[Slot]]
 
 
 def per_condition_patient(
-    per_query: dict[str, dict[Slot, float]],
+    per_query: Mapping[str, PerQuery],
     slot_patient: dict[Slot, str],
     cond_slots: dict[str, list[Slot]],
     resamples: int,
@@ -247,13 +272,13 @@ def per_condition_patient(
         )
         n_patients[cond] = boot.n_patients
         for m, corr in per_query.items():
-            vec = np.fromiter((corr[s] for s in slots), np.float64, len(slots))
-            acc[m][cond] = boot.accuracy(vec).to_dict()
+            mat = _seed_matrix(corr, slots)
+            acc[m][cond] = boot.accuracy_over_seeds(mat, _method_key(seed, m)).to_dict()
     return {"acc": acc, "n_patients": n_patients}
 
 
 def _patient_level(
-    per_query: dict[str, dict[Slot, float]],
+    per_query: Mapping[str, PerQuery],
     slot_patient: dict[Slot, str],
     best: str,
     others: list[str],
@@ -264,17 +289,31 @@ def _patient_level(
 ) -> dict[str, Any]:
     slots = sorted(slot_patient)
     for m, corr in per_query.items():
-        if corr.keys() != slot_patient.keys():
-            raise ValueError(
-                f"{m} was not scored on the same query slots as the patient map; cannot bootstrap"
-            )
+        for one in corr if isinstance(corr, list) else [corr]:
+            if one.keys() != slot_patient.keys():
+                raise ValueError(
+                    f"{m} was not scored on the same query slots as the patient map; cannot bootstrap"
+                )
     boot = PatientBootstrap([slot_patient[s] for s in slots], resamples, seed)
-    vec = {m: np.fromiter((corr[s] for s in slots), np.float64, len(slots)) for m, corr in per_query.items()}
+    seq = [int(x) for x in np.atleast_1d(seed)]
+    mat = {m: _seed_matrix(corr, slots) for m, corr in per_query.items()}
     for m in others:
-        d = boot.difference(vec[best], vec[m])
+        d = boot.difference_over_seeds(mat[best], mat[m], _method_key(seq, best), _method_key(seq, m))
         vs[m]["paired_diff_patient"] = {**d.to_dict(), "excludes_zero": d.excludes_zero}
+    # Every pair (higher-ranked − lower-ranked), not only the winner's: the report needs "each method vs
+    # scratch" and "MAML vs fine-tuning" whichever method happens to win.
+    ranked = [best, *others]
+    pairs = {}
+    for ia, a in enumerate(ranked):
+        for b in ranked[ia + 1 :]:
+            d = boot.difference_over_seeds(mat[a], mat[b], _method_key(seq, a), _method_key(seq, b))
+            pairs[f"{a} - {b}"] = {"a": a, "b": b, **d.to_dict(), "excludes_zero": d.excludes_zero}
     return {
-        "acc_patient": {m: boot.accuracy(v).to_dict() for m, v in vec.items()},
+        "pairs_patient": pairs,
+        "acc_patient": {
+            m: boot.accuracy_over_seeds(v, _method_key(seq, m)).to_dict() for m, v in mat.items()
+        },
+        "n_seeds": {m: int(v.shape[0]) for m, v in mat.items()},
         "patient_bootstrap": {
             "unit": unit,
             "interval": "percentile",

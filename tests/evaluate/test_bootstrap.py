@@ -199,3 +199,83 @@ def test_per_condition_intervals_use_only_that_conditions_slots_and_patients() -
     assert r["acc"]["m"]["X"]["mean"] == pytest.approx(0.5)
     assert r["acc"]["m"]["X"]["low"] == 0.0 and r["acc"]["m"]["X"]["high"] == 1.0  # two patients, one wrong
     assert r["acc"]["m"]["Y"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+
+
+# ----------------------------------------------------------------------------- seeds (two-level)
+def test_one_seed_is_exactly_the_patient_bootstrap() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 40, 300).astype(str)
+    boot = PatientBootstrap(keys, 1000, [7])
+    c = (rng.random(300) < 0.6).astype(float)
+    assert np.array_equal(boot.samples_over_seeds(c[None], boot.seed_weights(1, [1])), boot.samples(c))
+    ci = boot.accuracy_over_seeds(c[None], [1])
+    assert ci == boot.accuracy(c)
+
+
+def test_seed_weights_draw_each_methods_seeds_with_replacement() -> None:
+    boot = PatientBootstrap(np.arange(10).astype(str), 500, [0])
+    w = boot.seed_weights(3, [5])
+    assert w.shape == (500, 3)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    assert set(np.round(w.ravel() * 3).astype(int).tolist()) <= {0, 1, 2, 3}
+    assert np.array_equal(w, boot.seed_weights(3, [5]))  # reproducible per key
+    assert not np.array_equal(w, boot.seed_weights(3, [6]))
+    with pytest.raises(ValueError, match="n_seeds"):
+        boot.seed_weights(0, [5])
+
+
+def test_seeds_that_disagree_widen_the_interval_and_are_averaged() -> None:
+    # 200 patients, one query each. Three training runs of one method: 55%, 70% and 85% right.
+    rng = np.random.default_rng(0)
+    boot = PatientBootstrap([f"p{i}" for i in range(200)], 4000, [1])
+    runs = np.stack([(rng.random(200) < p).astype(float) for p in (0.55, 0.70, 0.85)])
+    pooled = boot.accuracy(runs.mean(axis=0))  # seeds averaged first: seed variance invisible
+    two_level = boot.accuracy_over_seeds(runs, [2])
+    assert two_level.mean == pytest.approx(runs.mean())
+    assert (two_level.high - two_level.low) > 1.5 * (pooled.high - pooled.low)
+    # three identical runs: no seed variance, same interval as one run
+    same = np.stack([runs[1]] * 3)
+    assert boot.accuracy_over_seeds(same, [2]) == boot.accuracy(runs[1])
+
+
+def test_a_lead_that_one_seed_carries_is_not_supported_across_seeds() -> None:
+    # Method a beats b by 10 points with its first seed, but its other two seeds are no better than b:
+    # the single-seed patient bootstrap supports the lead, the seed + patient bootstrap does not.
+    rng = np.random.default_rng(4)
+    n = 400
+    boot = PatientBootstrap([f"p{i}" for i in range(n)], 4000, [0])
+    base = (rng.random(n) < 0.6).astype(float)
+    lucky = np.maximum(base, (rng.random(n) < 0.25).astype(float))  # ~+10 points
+    a = np.stack([lucky, (rng.random(n) < 0.55).astype(float), (rng.random(n) < 0.55).astype(float)])
+    b = np.stack([base, base, base])
+    assert boot.difference(a[0], b[0]).excludes_zero
+    d = boot.difference_over_seeds(a, b, [1], [2])
+    assert d.mean == pytest.approx(a.mean() - b.mean())
+    assert not d.excludes_zero
+
+
+def test_compare_with_per_seed_maps_reports_seed_counts_and_all_pairs() -> None:
+    rng = np.random.default_rng(1)
+    keys = np.arange(200).reshape(20, 10)
+    patient_of = {str(k): f"p{k % 60}" for k in range(200)}
+    outs = {
+        m: [_outcomes(rng.random((20, 10)) < p, keys) for _ in range(n_seeds)]
+        for m, p, n_seeds in (("good", 0.9, 3), ("mid", 0.7, 1), ("bad", 0.5, 2))
+    }
+    scans = summary.slot_scans(outs["good"][0])
+    assert scans is not None
+    comp = summary.compare(
+        {m: summary.episode_acc_over_seeds(o) for m, o in outs.items()},
+        {m: summary.query_correct_per_seed(o) for m, o in outs.items()},
+        {slot: patient_of[k] for slot, k in scans.items()},
+        resamples=1000,
+        seed=[0],
+    )
+    assert comp["ranking"] == ["good", "mid", "bad"]
+    assert comp["n_seeds"] == {"good": 3, "mid": 1, "bad": 2}
+    assert set(comp["pairs_patient"]) == {"good - mid", "good - bad", "mid - bad"}
+    gm = comp["pairs_patient"]["good - mid"]
+    assert gm["low"] == comp["vs_winner"]["mid"]["paired_diff_patient"]["low"]  # the same draws
+    assert (
+        comp["pairs_patient"]["mid - bad"]["excludes_zero"] and comp["pairs_patient"]["mid - bad"]["mean"] > 0
+    )

@@ -23,7 +23,7 @@ CFG = {
     "curve_steps": 3,
     "curve_episodes": 2,
     "meta": {"steps": [1, 3]},
-    "finetune": {"steps": [2, 4], "lrs": [0.01, 0.05], "pretrain": {"epochs": 2, "batch_size": 16}},
+    "finetune": {"steps": [2, 4], "lrs": [0.01, 0.05], "pretrain": {"max_epochs": 2, "batch_size": 16}},
     "scratch": {"steps": [2, 4], "lrs": [0.05]},
 }
 
@@ -319,3 +319,48 @@ def test_per_condition_plot_uses_patient_intervals_when_present(monkeypatch, tmp
     assert plots.plot_per_condition(results, tmp_path / "b.png", "0")
     assert calls[-1]["height"] == pytest.approx([62.0, 50.0])
     assert calls[-1]["yerr"] == pytest.approx(np.array([[7.0, 9.0], [8.0, 10.0]]))
+
+
+def test_meta_learned_methods_are_evaluated_once_per_meta_training_seed(world: World, tmp_path: Path) -> None:
+    """A meta-train run with several seeds: each seed's model runs on the same test episodes, the seeds
+    enter the bootstrap, and the report shows each seed and says the intervals include them."""
+    import torch
+
+    from pipeline.meta.model_io import load_meta_model, save_meta_model
+    from tests.evaluate.world import SIZE, SPEC
+
+    extra = {}
+    for s in (3, 4):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(100 + s)
+            from pipeline.meta.models import build_model
+
+            model = build_model(SPEC, 1, (SIZE, SIZE))
+        folder = tmp_path / "seeds" / "protonet" / str(s)
+        save_meta_model(folder, model, method="protonet", model_spec=SPEC, image_shape=(1, SIZE, SIZE),
+                        inner={"steps": 3, "lr": 0.1, "trainable": "all"}, extra={"meta_train_seed": s})  # fmt: skip
+        extra[s] = load_meta_model(folder)
+    inputs = _inputs(world)
+    inputs.meta_seed_models = {"protonet": extra}
+    cfg = EvaluateConfig.model_validate(
+        {**CFG, "seeds": [0], "curve_episodes": 0, "finetune": {"enabled": False}}
+    )
+    res = evaluation.run(inputs, cfg)
+    assert res["setup"]["meta_train_seeds"] == {"maml": [0], "protonet": [0, 3, 4]}
+    gk = "binary.k2"
+    per_seed = res["results"]["protonet"][gk]["per_seed"]
+    assert set(per_seed) == {"0", "3", "4"}
+    # different weights, different predictions on the same episodes
+    assert (
+        len({round(v["acc"]["mean"], 9) for v in per_seed.values()}) > 1
+        or len({json.dumps(v["per_condition"], sort_keys=True) for v in per_seed.values()}) > 1
+    )
+    comp = res["comparisons"][gk]
+    assert comp["n_seeds"]["protonet"] == 3 and comp["n_seeds"]["maml"] == 1
+    mean_over_seeds = np.mean([v["acc"]["mean"] for v in per_seed.values()])
+    assert comp["acc"]["protonet"]["mean"] == pytest.approx(mean_over_seeds)
+    assert comp["acc_patient"]["protonet"]["mean"] == pytest.approx(mean_over_seeds)
+    assert res["methods"]["protonet"]["seed_independent"] is False
+    text = report.render(copy.deepcopy(res))
+    assert "meta-trained once per seed (maml: 0; protonet: 0, 3, 4)" in text
+    assert "Against training from scratch" in text
