@@ -60,7 +60,8 @@ def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None) -> 
             "--from",
             dest="from_run",
             metavar="RUN_ID",
-            help=f"the {upstream} run to consume (default: the latest finished {upstream} run of the suite)",
+            help=f"the {upstream} run to consume, anyone's (default: the latest finished {upstream} run of the "
+            "suite, in its own experiments; on a tracking server, one of yours)",
         )
     p.add_argument(
         "--set",
@@ -148,7 +149,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 const="LATEST",
                 metavar="RUN_ID",
                 help="continue an interrupted meta-train run from its last checkpoint (default: the newest "
-                "unfinished meta-train run of the suite)",
+                "unfinished meta-train run in the suite's experiment; on a tracking server, one of yours)",
             )
         if wanted == stage:
             _stage_extra_args(stage, p)

@@ -86,7 +86,7 @@ def execute_stage(
         stage, fp_cfg, {k: u.run_id for k, u in upstream.items()}, inputs, device=device
     )
     if reuse and not resume_run_id:
-        rid = tracking.find_reusable(stage, fp)
+        rid = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
         if rid:
             print(f"{stage}: reusing finished run {rid} (same config, upstream runs and code)", flush=True)
             return Outcome(stage, rid, True)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import random
 import re
+import secrets
 import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,6 +55,9 @@ TAG_ERROR = "fewscan.error"
 TAG_UPSTREAM = "fewscan.upstream."
 TAG_NOTE = "mlflow.note.content"  # shown as the run's description in the UI
 TAG_PARENT = "mlflow.parentRunId"
+TAG_USER = "mlflow.user"  # MlflowClient.create_run takes the run's user_id from this tag
+TAG_OWNER = "fewscan.owner"  # experiment tag: who created it (for people; the proof is what we check)
+TAG_OWNER_PROOF = "fewscan.owner_proof."  # + key id: HMAC of (user, experiment id) with the owner key
 DEFAULT_ALIAS = "current"  # MLflow reserves the alias "latest"
 RETRY_SECONDS = float(os.environ.get("FEWSCAN_DB_RETRY_S", "120"))
 _MAX_PARAM_LEN = 6000
@@ -134,25 +139,172 @@ def retry(fn: Callable[[], T], what: str) -> T:
             delay = min(delay * 2, 2.0)
 
 
-def experiment_id(name: str) -> str:
-    c = client()
-    exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
-    if exp is not None:
-        found_id = str(exp.experiment_id)
-        if exp.lifecycle_stage == "deleted":
-            retry(lambda: c.restore_experiment(found_id), "restore a deleted experiment")
-        return found_id
-    location = default_artifact_root() if is_default_store() else None
-    try:
-        return str(
-            retry(lambda: c.create_experiment(name, artifact_location=location), "create an experiment")
+# ------------------------------------------------------------------------------- whose runs
+# On a shared tracking server other people can create experiments and runs, and (with edit rights they
+# grant) make them visible and writable to you. fewscan therefore consumes, reuses and resumes only
+# runs of the suite's own experiment(s) (`search_scope`) and, on a server with a user, only runs of
+# experiments that user created and only runs that user created (docs/scaling.md, "Whose runs fewscan
+# uses"). A run named by id (--from, --resume RUN_ID, --model) is the user's explicit choice and is used
+# wherever it lives.
+#
+# What MLflow 3.17's basic-auth server does and does not vouch for:
+# - a run's user_id is whatever the client sends in CreateRun (MlflowClient takes it from the tag
+#   `mlflow.user`); the server does not set it to the authenticated user, so anyone who may create
+#   runs in an experiment can create runs "by alice";
+# - the creator of an experiment gets MANAGE on it, but nothing records who created it, and a MANAGE
+#   holder may grant MANAGE to anyone: "I can manage it" does not mean "I created it".
+# So the user_id filter only separates your runs from those of people you yourself let write into your
+# experiment, and the experiment's owner is proven with a secret only the owner has: when fewscan
+# creates an experiment it tags it with an HMAC of (user, experiment id) under a random key kept in
+# the user's own key file (`owner_key_file`). Another user can copy the tag but not compute it for
+# his experiment's id, and the key is no password (the tag gives nothing to guess a password from).
+def server_user() -> str | None:
+    """The tracking user when the store is an http(s) server with a basic-auth user, else None."""
+    if not tracking_uri().startswith(("http://", "https://")):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or None
+    if user and ("'" in user or "\\" in user):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_USERNAME {user!r} contains a quote or a backslash; fewscan selects runs by "
+            "their user and cannot quote such a name in an MLflow search. Use a user name without them."
         )
-    except MlflowException:
-        # another process created it between our lookup and create
-        exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
-        if exp is None:
-            raise
-        return str(exp.experiment_id)
+    return user
+
+
+def owner_key_file() -> Path:
+    env = os.environ.get("FEWSCAN_OWNER_KEY_FILE")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "fewscan" / "owner.key"
+
+
+def _owner_key() -> bytes:
+    """This user's secret owner key, created (mode 0600) on first use."""
+    path = owner_key_file()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):  # another process may create it at the same time
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    if path.stat().st_mode & 0o077:
+        raise TrackingError(
+            f"the fewscan owner key {path} can be read by other users; `chmod 600 {path}` (whoever read it "
+            "can pass off experiments as yours: delete it instead if others may have copied it)"
+        )
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise TrackingError(
+            f"the fewscan owner key {path} is damaged (too short); delete it to make a new one"
+        )
+    return key.encode()
+
+
+def _owner_proof(key: bytes, user: str, exp_id: str) -> tuple[str, str]:
+    """(tag key, tag value) proving that `user`, holding `key`, created experiment `exp_id`."""
+    key_id = hashlib.sha256(b"fewscan-owner-key-id\0" + key).hexdigest()[:12]
+    msg = f"fewscan-experiment-owner/1\0{user}\0{exp_id}".encode()
+    return TAG_OWNER_PROOF + key_id, hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _sign_experiment(exp_id: str, user: str) -> None:
+    tag, proof = _owner_proof(_owner_key(), user, exp_id)
+    c = client()
+    retry(lambda: c.set_experiment_tag(exp_id, TAG_OWNER, user), "tag the experiment's owner")
+    retry(lambda: c.set_experiment_tag(exp_id, tag, proof), "tag the experiment's owner")
+
+
+def _claimed(name: str) -> bool:
+    claims = os.environ.get("FEWSCAN_CLAIM_EXPERIMENT", "")
+    return name in [c.strip() for c in claims.split(",")]
+
+
+def _is_owned(exp: Any, user: str) -> bool:
+    """Whether `user` created experiment `exp` with fewscan (or claims it now with FEWSCAN_CLAIM_EXPERIMENT)."""
+    tag, proof = _owner_proof(_owner_key(), user, str(exp.experiment_id))
+    if hmac.compare_digest(str(exp.tags.get(tag, "")), proof):
+        return True
+    if _claimed(exp.name):
+        _sign_experiment(str(exp.experiment_id), user)
+        log(f"claimed experiment '{exp.name}' as {user}'s (FEWSCAN_CLAIM_EXPERIMENT); unset it now")
+        return True
+    return False
+
+
+def _not_owned_message(name: str, user: str) -> str:
+    return (
+        f"experiment '{name}' on {tracking_uri()} was not created by you ({user}) with fewscan, so fewscan "
+        "neither writes into it nor uses its runs: whoever created it and gave you access could have planted "
+        "runs in it. Give your suite another name (`name:` in the suite file). If the experiment is yours "
+        f"(made before fewscan recorded owners, or on another machine: copying {owner_key_file()} from there "
+        f"also works), check its runs in the UI and claim it once with FEWSCAN_CLAIM_EXPERIMENT='{name}'."
+    )
+
+
+def search_scope(stage: str, suite: str | None, dataset: str | None) -> list[str]:
+    """Ids of the experiments in which a `stage` run for this suite/dataset may be found: the one its
+    runs are written to (`fewscan/<suite>`, or `fewscan/dataset-<name>` without a suite) and, for ingest,
+    also the dataset's (a standalone `fewscan ingest`). Missing experiments are left out, and on a server
+    so are experiments the user did not create (with a log line saying so)."""
+    names = [experiment_name(suite, dataset)] if suite or dataset else []
+    if stage == "ingest" and dataset:
+        names.append(experiment_name(None, dataset))
+    c = client()
+    user = server_user()
+    ids: list[str] = []
+    for name in dict.fromkeys(names):
+        exp = retry(partial(c.get_experiment_by_name, name), "look up an experiment")
+        if exp is None or exp.lifecycle_stage == "deleted":
+            continue
+        if user and not _is_owned(exp, user):
+            log(f"not searching experiment '{name}': {_not_owned_message(name, user)}")
+            continue
+        ids.append(str(exp.experiment_id))
+    return ids
+
+
+def _runs_filter(clauses: Iterable[str]) -> str:
+    """A search filter of `clauses`, restricted on a server to the runs the current user created."""
+    out = list(clauses)
+    user = server_user()
+    if user:
+        out.append(f"attributes.user_id = '{user}'")
+    return " and ".join(out)
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name`, created if missing. On a server with a user it must be one that user
+    created (see "whose runs" above): refused otherwise, with the fix in the message."""
+    c = client()
+    user = server_user()
+    exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
+    if exp is None:
+        location = default_artifact_root() if is_default_store() else None
+        try:
+            new_id = str(
+                retry(lambda: c.create_experiment(name, artifact_location=location), "create an experiment")
+            )
+        except MlflowException:
+            # another process created it between our lookup and create; if it is ours, its tag follows
+            exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")
+            if exp is None:
+                raise
+            for _ in range(20 if user else 0):
+                if any(k.startswith(TAG_OWNER_PROOF) for k in exp.tags):
+                    break
+                time.sleep(0.5)
+                exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment") or exp
+        else:
+            if user:
+                _sign_experiment(new_id, user)
+            return new_id
+    if user and not _is_owned(exp, user):
+        raise TrackingError(_not_owned_message(name, user))
+    found_id = str(exp.experiment_id)
+    if exp.lifecycle_stage == "deleted":
+        retry(lambda: c.restore_experiment(found_id), "restore a deleted experiment")
+    return found_id
 
 
 def experiment_name(suite: str | None, dataset: str | None) -> str:
@@ -326,18 +478,20 @@ class UpstreamRun:
 
 
 def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = None) -> UpstreamRun:
-    """The most recent FINISHED run of `stage` for a suite (or, for ingest, a dataset)."""
+    """The most recent FINISHED run of `stage` for a suite (or, for ingest, a dataset), in the suite's
+    own experiments only (`search_scope`; for ingest, `suite` only widens the scope to the suite's
+    experiment) and, on a server, among the current user's runs only."""
     c = client()
     filt = [f"tags.`{TAG_STAGE}` = '{stage}'", "attributes.status = 'FINISHED'"]
-    if suite:
+    if suite and stage != "ingest":
         filt.append(f"tags.`{TAG_SUITE}` = '{suite}'")
     if dataset:
         filt.append(f"tags.`{TAG_DATASET}` = '{dataset}'")
-    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
+    exps = search_scope(stage, suite, dataset)
     runs = (
         retry(
             lambda: c.search_runs(
-                exps, " and ".join(filt), order_by=["attributes.start_time DESC"], max_results=1
+                exps, _runs_filter(filt), order_by=["attributes.start_time DESC"], max_results=1
             ),
             f"search {stage} runs",
         )
@@ -345,7 +499,7 @@ def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = No
         else []
     )
     if not runs:
-        which = f"suite '{suite}'" if suite else f"dataset '{dataset}'"
+        which = f"suite '{suite}'" if suite and stage != "ingest" else f"dataset '{dataset}'"
         raise UpstreamError(
             f"no finished '{stage}' run for {which} in {tracking_uri()}. Run `fewscan {stage} ...` first, "
             "or pass --from RUN_ID."
@@ -356,20 +510,25 @@ def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = No
 def resolve_upstream(
     stage: str, run_id: str | None, *, suite: str | None, dataset: str | None
 ) -> UpstreamRun:
-    if run_id:
+    if run_id:  # named explicitly: used wherever it lives
         return UpstreamRun.from_id(run_id, expect_stage=stage)
-    return latest_run(
-        stage, suite=suite if stage != "ingest" else None, dataset=dataset if stage == "ingest" else None
-    )
+    return latest_run(stage, suite=suite, dataset=dataset if stage == "ingest" else None)
 
 
-def find_reusable(stage: str, fp: str) -> str | None:
-    """A FINISHED run of `stage` with this fingerprint, in any fewscan experiment."""
+def find_reusable(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> str | None:
+    """A FINISHED run of `stage` with this fingerprint in the suite's own experiments (`search_scope`)
+    and, on a server, created by the current user: a fingerprint is only a hash of tags anyone can set."""
     c = client()
-    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
+    exps = search_scope(stage, suite, dataset)
     if not exps:
         return None
-    filt = f"tags.`{TAG_FINGERPRINT}` = '{fp}' and tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"
+    filt = _runs_filter(
+        [
+            f"tags.`{TAG_FINGERPRINT}` = '{fp}'",
+            f"tags.`{TAG_STAGE}` = '{stage}'",
+            "attributes.status = 'FINISHED'",
+        ]
+    )
     runs = retry(
         lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1),
         "search runs",
@@ -618,7 +777,6 @@ def stage_run(
     `fewscan.error` and the artifact `error.txt`, the run is marked FAILED, and the exception propagates.
     """
     c = client()
-    exp_id = experiment_id(experiment_name(suite, dataset))
     tags: dict[str, str] = {
         TAG_STAGE: stage,
         TAG_FINGERPRINT: fp,
@@ -633,6 +791,9 @@ def stage_run(
         tags[TAG_UPSTREAM + name] = up.run_id
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
+    user = server_user()
+    if user:
+        tags[TAG_USER] = user  # the run's user_id, which the searches filter on
 
     if resume_run_id:
         run = retry(lambda: c.get_run(resume_run_id), "read the run to resume")
@@ -644,6 +805,8 @@ def stage_run(
         run_id, resumed = resume_run_id, True
         artifact_uri = run.info.artifact_uri
     else:
+        # a resume writes only into the run it was given; a new run goes into the suite's own experiment
+        exp_id = experiment_id(experiment_name(suite, dataset))
         run = retry(lambda: c.create_run(exp_id, tags=tags, run_name=run_name), "create a run")
         run_id, resumed = run.info.run_id, False
         artifact_uri = run.info.artifact_uri
@@ -681,10 +844,19 @@ def stage_run(
 
 
 def latest_unfinished(stage: str, suite: str) -> str | None:
-    """The newest FAILED/KILLED/RUNNING run of `stage` in a suite (what `--resume` picks by default)."""
+    """The newest FAILED/KILLED/RUNNING run of `stage` in a suite (what `--resume` picks by default): in the
+    suite's own experiment and, on a server, created by the current user (`search_scope`)."""
     c = client()
-    exps = [e.experiment_id for e in retry(lambda: c.search_experiments(), "list experiments")]
-    filt = f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_SUITE}` = '{suite}' and attributes.status != 'FINISHED'"
+    exps = search_scope(stage, suite, None)
+    if not exps:
+        return None
+    filt = _runs_filter(
+        [
+            f"tags.`{TAG_STAGE}` = '{stage}'",
+            f"tags.`{TAG_SUITE}` = '{suite}'",
+            "attributes.status != 'FINISHED'",
+        ]
+    )
     runs = retry(
         lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1), "search"
     )
@@ -700,6 +872,9 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
     tags = {"fewscan.chain": "true", TAG_SUITE: suite, "fewscan.version": __version__}
     if dataset:
         tags[TAG_DATASET] = dataset
+    user = server_user()
+    if user:
+        tags[TAG_USER] = user
     run = retry(lambda: c.create_run(exp_id, tags=tags, run_name=f"chain {suite}"), "create the chain run")
     sr = StageRun(
         run.info.run_id, "chain", exp_id, Path(tempfile.mkdtemp(prefix="fewscan-chain-")), "", False
@@ -738,6 +913,8 @@ __all__ = [
     "resolve_model_ref",
     "resolve_upstream",
     "retry",
+    "search_scope",
+    "server_user",
     "stage_run",
     "tracking_uri",
 ]

@@ -21,3 +21,10 @@ def tmp_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(tracking, "_client", None)
     monkeypatch.setattr(tracking, "_client_uri", None)
     return tmp_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _owner_key_outside_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """fewscan's owner key (used against a tracking server) in a temporary folder, never in ~/.config;
+    subprocesses inherit it."""
+    os.environ.setdefault("FEWSCAN_OWNER_KEY_FILE", str(tmp_path_factory.mktemp("owner-key") / "owner.key"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -69,6 +71,34 @@ def evaluate_episodes(method: FewShotMethod, episodes: Sequence[Episode]) -> dic
         return {}
     a = np.asarray(accs)
     return {"acc": float(a.mean()), "acc_se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0}
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `MetaTrainer.save` with torch's safe unpickler (`weights_only=True`).
+
+    A checkpoint holds tensors, numbers, strings and containers only (the numpy generator state is a dict
+    of ints and strings, the optimizer's and scheduler's states are dicts too), and a resumed run reads it
+    from a tracking store that other people may write to (docs/scaling.md, section 2). Full unpickling
+    would *run* any object planted in such a file; the safe unpickler refuses it, and so do we, with a
+    message instead of a traceback.
+    """
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's text goes on to suggest ways to allow the object; keep only what was refused
+        found = re.search(r"Unsupported [^.]*?(?= was not|\.|$)", str(err), re.MULTILINE)
+        why = found.group(0) if found else ""
+        raise DataError(
+            f"checkpoint {path} holds more than weights and training state{f' ({why})' if why else ''}; "
+            "fewscan never unpickles objects from a checkpoint (they could run code), so it refuses this "
+            "file. If you did not write it, someone else may have planted it: check who can edit the run's "
+            "experiment, and start a new run instead of resuming this one."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise DataError(f"checkpoint {path} cannot be read ({err}); start a new run") from None
+    if not isinstance(ck, dict):
+        raise DataError(f"checkpoint {path} is not a fewscan checkpoint (a {type(ck).__name__}, not a dict)")
+    return ck
 
 
 @dataclass
@@ -200,7 +230,7 @@ class MetaTrainer:
         return path
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_checkpoint(path))
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(
@@ -259,7 +289,9 @@ class MetaTrainer:
             return {}
         res = self.validate(episodes)
         out = {"val_acc": res["acc"], "val_acc_se": res["acc_se"]}
-        if res["acc"] > self.state.best_val:
+        # Ties go to the LATER step: when validation sits at one value (typically chance, before anything is
+        # learned) the earliest checkpoint would freeze model selection at the start of training.
+        if res["acc"] >= self.state.best_val:
             self.state.best_val, self.state.best_step = res["acc"], self.state.step
             path = self.save(ckpt_dir / "best.pt")
             if on_checkpoint:

@@ -32,7 +32,7 @@ from pipeline.meta.inner import detach_lr
 from pipeline.meta.model_io import save_meta_model, write_json_atomic
 from pipeline.meta.models import build_model, count_parameters
 from pipeline.meta.trainer import Episode as EpisodeTensors
-from pipeline.meta.trainer import MetaBatch, MetaTrainer, OuterConfig
+from pipeline.meta.trainer import MetaBatch, MetaTrainer, OuterConfig, load_checkpoint
 from pipeline.metatrain.config import MetaTrainConfig
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
@@ -117,6 +117,22 @@ def pick_val_episodes(episodes: list[Episode], limit: int | None) -> list[Episod
 def method_seed(seed: int, index: int) -> int:
     """Independent, reproducible seed per method (same seed, same method position → same run)."""
     return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
+
+
+def resume_checkpoint(run: StageRun, method: str, ckdir: Path) -> dict[str, Any] | None:
+    """The resumed run's last checkpoint of `method` (None if it has none), and its best.pt copied into
+    `ckdir`. Both are read with the safe unpickler (`load_checkpoint`): the run may be someone else's,
+    named by id with `--resume RUN_ID` (docs/scaling.md, section 2)."""
+    last = run.own_artifact(f"checkpoints/{method}/last.pt")
+    if last is None or not last.is_file():
+        return None
+    ck = load_checkpoint(last)
+    best = run.own_artifact(f"checkpoints/{method}/best.pt")
+    if best is not None and best.is_file():
+        load_checkpoint(best)  # refused here, before training, rather than after it
+        ckdir.mkdir(parents=True, exist_ok=True)
+        (ckdir / "best.pt").write_bytes(best.read_bytes())
+    return ck
 
 
 def _sampler_fn(sampler: TrainSampler, store: ImageStore, meta_batch: int, ctx: distributed.DistContext):
@@ -224,17 +240,8 @@ def _execute(
             learner, outer, seed=seed, device=device, amp_bf16=cfg.amp, dist=ctx, meta_batch=cfg.meta_batch
         )
         ckdir = scratch / "checkpoints" / method
-        ck = None
-        if (
-            run.resumed
-        ):  # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
-            last = run.own_artifact(f"checkpoints/{method}/last.pt")
-            if last is not None and last.is_file():
-                ck = torch.load(last, map_location="cpu", weights_only=False)
-                best = run.own_artifact(f"checkpoints/{method}/best.pt")
-                if best is not None and best.is_file():
-                    ckdir.mkdir(parents=True, exist_ok=True)
-                    (ckdir / "best.pt").write_bytes(best.read_bytes())
+        # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
+        ck = resume_checkpoint(run, method, ckdir) if run.resumed else None
         ck = distributed.broadcast_object(ck, ctx)
         if ck is not None:
             trainer.load_state_dict(ck)
@@ -256,7 +263,7 @@ def _execute(
         )
         used = "last"
         if cfg.select == "best" and (ckdir / "best.pt").is_file():
-            best_ck = torch.load(ckdir / "best.pt", map_location="cpu", weights_only=False)
+            best_ck = load_checkpoint(ckdir / "best.pt")
             learner.load_state_dict(best_ck["learner"])
             used = f"best (step {state.best_step})"
         curves[method] = state.history

@@ -146,3 +146,56 @@ def test_threads_share_client_safely(tmp_store: Path) -> None:
     for t in ts:
         t.join()
     assert errors == []
+
+
+def _plant(experiment: str, tags: dict[str, str], status: str | None = "FINISHED") -> str:
+    """A run created directly with MLflow in `experiment` (as another user would), with fewscan's tags."""
+    c = tracking.client()
+    run = c.create_run(tracking.experiment_id(experiment), tags=tags)
+    if status:
+        c.set_terminated(run.info.run_id, status)
+    return str(run.info.run_id)
+
+
+def test_searches_stay_in_the_suites_own_experiments(tmp_store: Path) -> None:
+    """Runs with matching tags (stage, suite, dataset, fingerprint) in another experiment are never picked
+    by upstream lookup, reuse or --resume; runs of the suite's and the dataset's experiments are."""
+    fp = "f" * 24
+    other = "fewscan/someone-else"
+    _plant(other, {"fewscan.stage": "ingest", "fewscan.dataset": "d", "fewscan.fingerprint": fp})
+    _plant(other, {"fewscan.stage": "episodes", "fewscan.suite": "s", "fewscan.fingerprint": fp})
+    _plant(other, {"fewscan.stage": "meta-train", "fewscan.suite": "s"}, status="FAILED")
+    with pytest.raises(UpstreamError, match="no finished 'ingest' run for dataset 'd'"):
+        tracking.resolve_upstream("ingest", None, suite="s", dataset="d")
+    with pytest.raises(UpstreamError, match="no finished 'episodes' run for suite 's'"):
+        tracking.latest_run("episodes", suite="s")
+    assert tracking.find_reusable("ingest", fp, suite="s", dataset="d") is None
+    assert tracking.find_reusable("episodes", fp, suite="s", dataset="d") is None
+    assert tracking.latest_unfinished("meta-train", "s") is None
+
+    # the same runs in the suite's own experiment are found; ingest also in the dataset's experiment
+    standalone = _plant("fewscan/dataset-d", {"fewscan.stage": "ingest", "fewscan.dataset": "d"})
+    assert tracking.resolve_upstream("ingest", None, suite="s", dataset="d").run_id == standalone
+    in_suite = _plant(
+        "fewscan/s", {"fewscan.stage": "ingest", "fewscan.dataset": "d", "fewscan.fingerprint": fp}
+    )
+    assert tracking.resolve_upstream("ingest", None, suite="s", dataset="d").run_id == in_suite
+    assert tracking.find_reusable("ingest", fp, suite="s", dataset="d") == in_suite
+    assert tracking.find_reusable("ingest", fp, suite=None, dataset="d") is None  # standalone: its own only
+    mine = _plant("fewscan/s", {"fewscan.stage": "meta-train", "fewscan.suite": "s"}, status="KILLED")
+    assert tracking.latest_unfinished("meta-train", "s") == mine
+    # a run named by id is used wherever it lives
+    (planted,) = tracking.client().search_runs(
+        [tracking.experiment_id(other)], "tags.`fewscan.stage` = 'episodes'"
+    )
+    assert (
+        tracking.resolve_upstream("episodes", planted.info.run_id, suite="s", dataset="d").stage == "episodes"
+    )
+
+
+def test_no_owner_checks_on_a_local_store(tmp_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a user name set for a server elsewhere changes nothing on a local store: it has no users
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    assert tracking.server_user() is None
+    rid = _plant("fewscan/s", {"fewscan.stage": "episodes", "fewscan.suite": "s"})
+    assert tracking.latest_run("episodes", suite="s").run_id == rid

@@ -43,7 +43,7 @@ def test_workers_do_not_change_the_fingerprint(tmp_store: Path, monkeypatch: pyt
     from pipeline import stages, tracking
 
     seen: list[str] = []
-    monkeypatch.setattr(tracking, "find_reusable", lambda s, fp: seen.append(fp) or "r" * 32)
+    monkeypatch.setattr(tracking, "find_reusable", lambda s, fp, **scope: seen.append(fp) or "r" * 32)
     for w in (1, 2):
         stages.execute_stage(
             "ingest", _cfg(tmp_store, "x", workers=w), upstream={}, suite=None, dataset="t", reuse=True

@@ -50,12 +50,12 @@ def test_sigkilled_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -
     killed = _worker(world, tmp_path / "run", kill_at=6)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "run" / "out.pt").exists()
-    assert torch.load(tmp_path / "run" / "ck" / "last.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "run" / "ck" / "last.pt", weights_only=True)["step"] == 4
     resumed = _worker(world, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = torch.load(tmp_path / "ref" / "out.pt", weights_only=False)
-    b = torch.load(tmp_path / "run" / "out.pt", weights_only=False)
+    a = torch.load(tmp_path / "ref" / "out.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "out.pt", weights_only=True)
     assert a["learner"].keys() == b["learner"].keys()
     assert any(k.startswith("lr_params.") for k in a["learner"])  # learned inner rates are covered too
     for k in a["learner"]:

@@ -117,7 +117,7 @@ def test_execute_writes_loadable_models_checkpoints_curves_and_registers_the_pri
         assert (run.uploaded / "checkpoints" / method / "last.pt").is_file()
         assert (run.uploaded / "checkpoints" / method / "best.pt").is_file()
         # the saved weights are the best-by-validation checkpoint's
-        best = torch.load(run.uploaded / "checkpoints" / method / "best.pt", weights_only=False)
+        best = torch.load(run.uploaded / "checkpoints" / method / "best.pt", weights_only=True)
         saved = mm.model.state_dict()
         for k, v in saved.items():
             assert torch.equal(v, best["learner"]["model." + k]), k
@@ -170,3 +170,42 @@ def test_command_line_options_map_onto_the_section():
     cfg = validate(apply_overrides({}, over), MetaTrainConfig, "cli")
     assert cfg.methods == ["maml", "anil"] and cfg.outer.steps == 50 and cfg.inner.second_order
     assert "maml+anil" in stage.run_name(cfg)
+
+
+def test_a_planted_checkpoint_is_refused_and_its_payload_never_runs(world, tmp_path):
+    from pipeline.errors import DataError
+    from pipeline.meta.trainer import load_checkpoint
+
+    from .planted import plant_checkpoint
+
+    marker = tmp_path / "payload-ran"
+    # control: the file really is a payload (unpickled in full, it runs)
+    control = plant_checkpoint(tmp_path / "control.pt", marker)
+    torch.load(control, weights_only=False)
+    assert marker.read_text() == "payload ran"
+    marker.unlink()
+
+    run = FakeRun(tmp_path / "run")
+    plant_checkpoint(run.uploaded / "checkpoints" / "maml" / "last.pt", marker)
+    run.resumed = True
+    with pytest.raises(DataError, match=r"holds more than weights.*refuses this file") as err:
+        stage.execute(_cfg(methods=["maml"]), run, _upstream(world))  # type: ignore[arg-type]
+    assert "last.pt" in str(err.value) and "exec" in str(err.value)  # names the file and what was refused
+    assert "weights_only=False" not in str(err.value)  # never advises the unsafe load
+    assert not marker.exists()
+    assert not [d for d, _ in run.metrics if "maml.train_loss" in d]  # refused before any training
+    with pytest.raises(DataError, match="holds more than weights"):
+        load_checkpoint(control)
+    assert not marker.exists()
+
+
+def test_checkpoints_load_with_the_safe_unpickler(world, tmp_path):
+    """Everything a checkpoint holds (optimizer and scheduler state, numpy's PCG64 state, torch generator
+    states, curves) passes weights_only=True, and the trainer restores it."""
+    from pipeline.meta.trainer import load_checkpoint
+
+    run = FakeRun(tmp_path)
+    stage.execute(_cfg(methods=["maml"]), run, _upstream(world))  # type: ignore[arg-type]
+    ck = torch.load(run.uploaded / "checkpoints" / "maml" / "last.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["rng"]["numpy"]["bit_generator"] == "PCG64"
+    assert load_checkpoint(run.uploaded / "checkpoints" / "maml" / "last.pt")["step"] == 4

@@ -45,11 +45,9 @@ def test_meta_train_stage_on_two_ranks_equals_one_process(tmp_path: Path) -> Non
     assert "rank 1: trained maml, mamlpp" in job.output
     for method in ("maml", "mamlpp"):
         a = torch.load(
-            tmp_path / "single" / "uploaded" / "checkpoints" / method / "last.pt", weights_only=False
+            tmp_path / "single" / "uploaded" / "checkpoints" / method / "last.pt", weights_only=True
         )
-        b = torch.load(
-            tmp_path / "dist" / "uploaded" / "checkpoints" / method / "last.pt", weights_only=False
-        )
+        b = torch.load(tmp_path / "dist" / "uploaded" / "checkpoints" / method / "last.pt", weights_only=True)
         assert a["step"] == b["step"] == 4
         # the logged meta-batch losses and validation accuracies are the single-process ones
         for ra, rb in zip(a["history"], b["history"], strict=True):

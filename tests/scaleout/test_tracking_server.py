@@ -316,3 +316,132 @@ def test_quick_demo_chain_runs_against_the_server(
     assert "report.md" in [a.path for a in c.list_artifacts(ids["evaluate"])]
     mv = c.get_model_version_by_alias("fewscan-demo_quick-meta", "current")
     assert mv.run_id == ids["meta-train"]
+
+
+def _create_user(server: Server, name: str) -> str:
+    password = secrets.token_urlsafe(18)
+    code, text = server.request(
+        "/api/2.0/mlflow/users/create",
+        ("admin", server.admin_password),
+        {"username": name, "password": password},
+    )
+    assert code == 200, text
+    return password
+
+
+def _grant(server: Server, owner: tuple[str, str], user: str, experiment_id: str, permission: str) -> None:
+    code, text = server.request(
+        "/api/3.0/mlflow/users/permissions/grant",
+        owner,
+        {
+            "username": user,
+            "resource_type": "experiment",
+            "resource_id": experiment_id,
+            "permission": permission,
+        },
+    )
+    assert code == 200, text
+
+
+def test_another_users_planted_runs_are_never_used(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory plants runs that claim to be Alice's (forged user_id, matching tags and fingerprint, a
+    malicious checkpoint) in his own experiment and in experiments named like Alice's suite and dataset,
+    copies her owner tags, and grants her MANAGE on all of them. Alice's upstream lookup, reuse and
+    --resume never pick them; resuming his run by id is her explicit choice, and its checkpoint is refused
+    without running the payload."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.errors import DataError, TrackingError, UpstreamError
+    from pipeline.metatrain import stage as metatrain
+    from tests.metatrain.planted import plant_checkpoint
+
+    pw = {u: _create_user(server, u) for u in ("alice", "mallory")}
+    monkeypatch.chdir(tmp_path)
+
+    def become(user: str) -> MlflowClient:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pw[user])
+        monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(tmp_path / f"{user}.key"))
+        monkeypatch.setattr(tracking, "_client", None)
+        monkeypatch.setattr(tracking, "_client_uri", None)
+        return MlflowClient(tracking_uri=server.url)
+
+    fp = "e" * 24
+
+    def ingest(run_name: str) -> str:
+        with tracking.stage_run(
+            "ingest", run_name=run_name, config={}, upstream={}, fp=fp, suite="study2", dataset="lab"
+        ) as run:
+            return run.run_id
+
+    # Alice's own suite; she lets Mallory write into it
+    c = become("alice")
+    mine = ingest("alice's ingest")
+    own_exp = tracking.experiment_id("fewscan/study2")
+    assert c.get_run(mine).info.user_id == "alice"
+    _grant(server, ("alice", pw["alice"]), "mallory", own_exp, "EDIT")
+    owner_tags = {k: v for k, v in c.get_experiment(own_exp).tags.items() if k.startswith("fewscan.owner")}
+    assert owner_tags
+
+    # Mallory plants
+    c = become("mallory")
+    marker = tmp_path / "payload-ran"
+    checkpoint = plant_checkpoint(tmp_path / "plant" / "last.pt", marker)
+    ingest_tags = {"fewscan.stage": "ingest", "fewscan.dataset": "lab", "fewscan.fingerprint": fp}
+    meta_tags = {"fewscan.stage": "meta-train", "fewscan.suite": "study", "fewscan.upstream.episodes": mine}
+    planted: dict[str, tuple[str, str]] = {}
+    for name in ("mallory/own", "fewscan/study", "fewscan/dataset-lab"):
+        exp = c.create_experiment(name)
+        for k, v in owner_tags.items():  # copied from Alice's experiment: they prove nothing here
+            c.set_experiment_tag(exp, k, v)
+        ing = c.create_run(exp, tags={**ingest_tags, "mlflow.user": "alice"})
+        c.set_terminated(ing.info.run_id, "FINISHED")
+        meta = c.create_run(exp, tags={**meta_tags, "mlflow.user": "alice"})  # left RUNNING: resumable
+        c.log_artifact(meta.info.run_id, str(checkpoint), "checkpoints/maml")
+        _grant(server, ("mallory", pw["mallory"]), "alice", exp, "MANAGE")  # a non-admin may grant MANAGE
+        planted[name] = (ing.info.run_id, meta.info.run_id)
+    # the MLflow fact behind the design: the server keeps whatever user_id the client sends
+    assert c.get_run(planted["fewscan/study"][0]).info.user_id == "alice"
+    # and in Alice's experiment, where she let him write, a newer ingest run of his own
+    theirs = c.create_run(own_exp, tags={**ingest_tags, "fewscan.suite": "study2"})
+    c.set_terminated(theirs.info.run_id, "FINISHED")
+
+    # Alice never picks his runs
+    become("alice")
+    assert tracking.latest_unfinished("meta-train", "study") is None
+    with pytest.raises(UpstreamError, match="no finished 'ingest' run"):
+        tracking.latest_run("ingest", suite="study", dataset="lab")
+    assert tracking.find_reusable("ingest", fp, suite="study", dataset="lab") is None
+    assert tracking.latest_run("ingest", suite="study2", dataset="lab").run_id == mine
+    assert tracking.find_reusable("ingest", fp, suite="study2", dataset="lab") == mine
+    # and her stages refuse to write into the experiment he squatted, naming the fix
+    with (
+        pytest.raises(TrackingError, match=r"'fewscan/study' .*not created by you \(alice\).*another name"),
+        tracking.stage_run(
+            "ingest", run_name="x", config={}, upstream={}, fp=fp, suite="study", dataset="lab"
+        ),
+    ):
+        pass
+
+    # resuming his run by id is her explicit choice: allowed, and the checkpoint is still refused
+    _, meta_id = planted["mallory/own"]
+    with (
+        pytest.raises(DataError, match="holds more than weights"),
+        tracking.stage_run(
+            "meta-train",
+            run_name="resume",
+            config={},
+            upstream={},
+            fp=fp,
+            suite="study2",
+            dataset="lab",
+            resume_run_id=meta_id,
+        ) as run,
+    ):
+        metatrain.resume_checkpoint(run, "maml", tmp_path / "ck")
+    assert not marker.exists()
+    assert tracking.run_status(meta_id) == "FAILED"
