@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel
+from pipeline.names import registry_slug
 
 # MLflow's own rules for alias names (mlflow.utils.validation): word characters and '-', and not
 # a version-like 'v3'. 'latest' is reserved by MLflow for "the newest version" and resolves without
@@ -17,9 +18,9 @@ _VERSION_LIKE_RE = re.compile(r"^[vV]\d+$")
 
 
 def slugify(text: str) -> str:
-    """'Pleural Thickening' -> 'pleural-thickening' (registry names stay readable and URL-safe)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug or "condition"
+    """'Pleural Thickening' -> 'pleural-thickening' (registry names stay readable and URL-safe); the one
+    rule lives in pipeline/names.py (non-ASCII and punctuation-only names get a hash, never collide)."""
+    return registry_slug(text)
 
 
 class AdaptConfig(StrictModel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 from typing import Any
 
 import pandas as pd
@@ -17,6 +16,7 @@ from pipeline.episodes.audit import LeakageError
 from pipeline.episodes.build import build_episodes, write_outputs
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.errors import ConfigError
+from pipeline.names import key_parts, metric_key
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
 
@@ -84,33 +84,33 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+def split_metrics(
+    split: dict[str, Any], n_val: int, n_test: int, label_names: list[str] | None = None
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Params (each condition's split) and metrics (image / patient counts) that make runs comparable.
 
-
-def _metric_key(*parts: str) -> str:
-    return ".".join(_METRIC_UNSAFE.sub("_", p) for p in parts)
-
-
-def split_metrics(split: dict[str, Any], n_val: int, n_test: int) -> tuple[dict[str, str], dict[str, float]]:
-    """Params (each condition's split) and metrics (image / patient counts) that make runs comparable."""
+    Condition names enter keys through pipeline/names.py, mapped over the store's `label_names` (the set
+    ingest mapped), so a condition has the same key part in the ingest and the episodes run."""
     params: dict[str, str] = {}
     metrics: dict[str, float] = {}
+    parts = key_parts([*(label_names or []), *split["conditions"]])
+    for w in parts.collisions:
+        log(f"episodes: WARNING: {w}")
     for name, info in split["conditions"].items():
-        params[_metric_key("condition", name)] = info["split"]
-        metrics[_metric_key("images", name)] = info["images"]
-        metrics[_metric_key("patients", name)] = info["patients"]
+        c = parts[name]
+        params[metric_key("condition", c)] = info["split"]
+        metrics[metric_key("images", c)] = info["images"]
+        metrics[metric_key("patients", c)] = info["patients"]
         if "pool_patients" in info:
-            metrics[_metric_key("pool_images", name)] = info["pool_images"]
-            metrics[_metric_key("pool_patients", name)] = info["pool_patients"]
-            metrics[_metric_key("eligible_patients", name)] = info["eligible_patients"]
+            metrics[metric_key("pool_images", c)] = info["pool_images"]
+            metrics[metric_key("pool_patients", c)] = info["pool_patients"]
+            metrics[metric_key("eligible_patients", c)] = info["eligible_patients"]
     for pool, n in split["pool_patients"].items():
-        metrics[_metric_key("pool_patients", pool)] = n
-        metrics[_metric_key("pool_images", pool)] = split["pool_images"][pool]
-        metrics[_metric_key("normal_patients", pool)] = split["normal"][pool]["patients"]
+        metrics[metric_key("pool_patients", pool)] = n
+        metrics[metric_key("pool_images", pool)] = split["pool_images"][pool]
+        metrics[metric_key("normal_patients", pool)] = split["normal"][pool]["patients"]
     for s in ("train", "val", "test", "dropped"):
-        metrics[_metric_key("conditions", s)] = sum(
-            1 for i in split["conditions"].values() if i["split"] == s
-        )
+        metrics[metric_key("conditions", s)] = sum(1 for i in split["conditions"].values() if i["split"] == s)
     metrics["episodes.val"] = n_val
     metrics["episodes.test"] = n_test
     return params, metrics
@@ -145,7 +145,9 @@ def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]
     paths = write_outputs(built, run.outdir)
 
     failed = [c for c in built.audit["checks"] if not c["passed"]]
-    params, metrics = split_metrics(built.split, len(built.val), len(built.test))
+    params, metrics = split_metrics(
+        built.split, len(built.val), len(built.test), list(meta.get("label_names") or [])
+    )
     params["normal_label"] = built.split["normal_label"]
     metrics["leakage_checks_failed"] = len(failed)
     run.log_params(params)

@@ -30,6 +30,7 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.runner import Candidate, EpisodeOutcome, Group, Loader, Method, Selection
 from pipeline.meta.model_io import MetaModel
 from pipeline.meta.models import ModelSpec
+from pipeline.names import metric_key
 from pipeline.progress import log
 
 FAMILY_META = "meta-learned"
@@ -435,7 +436,7 @@ def key_metrics(results: dict[str, Any]) -> dict[str, float]:
     first = str(results["setup"]["seeds"][0])
     for gk, comp in results["comparisons"].items():
         for m, acc in comp["acc"].items():
-            base = f"test.{m}.{gk}"
+            base = metric_key("test", m, *gk.split("."))  # pipeline/names.py: MLflow-safe parts
             out[f"{base}.acc"] = acc["mean"]
             if acc["ci95"] is not None:
                 out[f"{base}.acc_ci95"] = acc["ci95"]

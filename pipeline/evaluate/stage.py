@@ -20,6 +20,7 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.ingest.store import ImageStore
 from pipeline.meta.device import pick_device
 from pipeline.meta.model_io import META_FILE, load_meta_model
+from pipeline.names import metric_key
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
 
@@ -181,7 +182,7 @@ def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]
     results = evaluation.run(inputs, cfg)
     write_outputs(results, run.outdir)
     chosen = {
-        f"chosen.{m}.{gk}": {k: v for k, v in sel["chosen"].items() if k != "val_acc"}
+        metric_key("chosen", m, *gk.split(".")): {k: v for k, v in sel["chosen"].items() if k != "val_acc"}
         for m, by_seed in results["selection"].items()
         for gk, sel in next(iter(by_seed.values())).items()
     }

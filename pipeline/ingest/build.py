@@ -28,6 +28,7 @@ from pipeline.ingest.manifest import IngestConfig
 from pipeline.ingest.preprocess import PREPROCESS_VERSION
 from pipeline.ingest.store import StoreWriter, atomic_write_json
 from pipeline.ingest.worker import Task, run_task
+from pipeline.names import key_parts
 from pipeline.progress import log, progress
 
 # below this many tasks, starting worker processes costs more than it saves
@@ -69,6 +70,8 @@ class IngestSummary:
     index: pd.DataFrame
     meta: dict[str, Any]
     report: dict[str, Any] = field(repr=False, default_factory=dict)
+    # condition name -> its part of MLflow keys (pipeline/names.py), e.g. label_images.<part>
+    label_keys: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) or "none"
@@ -335,6 +338,10 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
         label_counts: Counter[str] = Counter()
         for s in index["labels"]:
             label_counts.update(s.split("|"))
+        # MLflow key parts of the condition names, mapped once for the whole set (pipeline/names.py)
+        label_keys = key_parts(label_counts)
+        for w in label_keys.collisions:
+            log(f"ingest: WARNING: {w}")
         report: dict[str, Any] = {
             "manifest": cfg.name,
             "salt_id": salt_id(salt),
@@ -344,6 +351,9 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             "n_images": len(index),
             "reasons": dict(sorted(reasons.items())),
             "label_counts": dict(sorted(label_counts.items())),
+            # condition names whose MLflow key differs from the name (label_images.<key>)
+            "label_metric_keys": label_keys.changed(),
+            "label_key_collisions": label_keys.collisions,
             # keys hashed (join keys of hashed joins are already salted; file names are hashed here)
             "label_rows_without_file": [salted_key(salt, "label_row", k) for k in label_rows_missing],
             "files": sorted(files.values(), key=lambda f: f["file_key"]),
@@ -385,6 +395,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
         index=index,
         meta=meta,
         report=report,
+        label_keys=dict(label_keys.parts),
     )
     log(summary.line())
     return summary

@@ -109,6 +109,8 @@ class IngestConfig(StrictModel):
     workers: int = Field(default=0, ge=0)  # 0 = all cores
     # the local-only report (clear paths, next to the salt): never uploaded
     local_report_dir: Path = Path(".fewscan/reports")
+    # where a finished store is kept when recording it in MLflow fails (never uploaded)
+    kept_dir: Path = Path(".fewscan/kept")
 
 
 def load_manifest(path: str | Path, overrides: list[str] | None = None) -> IngestConfig:

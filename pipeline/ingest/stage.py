@@ -7,14 +7,19 @@ index as a dataset input, and returns the one-line summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.ingest.build import build_store
+from pipeline.errors import DataError, TrackingError
+from pipeline.ingest.build import IngestSummary, build_store
 from pipeline.ingest.manifest import IngestConfig
+from pipeline.names import metric_key
+from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
 
 CONFIG = IngestConfig
@@ -63,7 +68,7 @@ def fingerprint_inputs(cfg: IngestConfig) -> str:
 
 
 # Operational knobs that do not change what ingest produces: changing them must not force a re-ingest.
-FINGERPRINT_EXCLUDE = ("workers", "cache_dir", "local_report_dir")
+FINGERPRINT_EXCLUDE = ("workers", "cache_dir", "local_report_dir", "kept_dir")
 
 
 def public_config(cfg: IngestConfig) -> dict:
@@ -83,13 +88,68 @@ def public_config(cfg: IngestConfig) -> dict:
     data["scans"]["root"] = hide(data["scans"].get("root"))
     if data["labels"].get("path") is not None:
         data["labels"]["path"] = hide(data["labels"]["path"])
-    for key in ("salt_file", "cache_dir", "local_report_dir"):
+    for key in ("salt_file", "cache_dir", "local_report_dir", "kept_dir"):
         data[key] = hide(data.get(key))
     return data
 
 
 def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
-    s = build_store(cfg, run.outdir)
+    try:
+        s = build_store(cfg, run.outdir)
+    except DataError:
+        # nothing usable: the report says why file by file; upload it (a failed run uploads nothing else)
+        report = run.outdir / "ingest_report.json"
+        if report.is_file():
+            with contextlib.suppress(Exception):
+                run.log_artifact(report)
+        raise
+    try:
+        _log_run(cfg, run, s)
+        # Upload here rather than after the stage returns, so that a failed upload is caught below and
+        # the decoded store is kept instead of being deleted with the run's temporary folder.
+        for name in ("store", "ingest_report.json"):
+            run.log_artifact(run.outdir / name, name if name == "store" else None)
+    except BaseException as err:
+        kept = keep_outputs(cfg, run)
+        # the clear path goes to the terminal only; the error (which MLflow records) names no path
+        log(f"ingest: recording in MLflow failed; the finished store and report are kept at {kept}")
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        cache = (
+            "the decodes come from the decode cache"
+            if cfg.cache_dir
+            else "the decode cache is off (cache_dir: null), so files are decoded again"
+        )
+        raise TrackingError(
+            f"ingest '{cfg.name}' decoded {s.n_images} images, but recording them in MLflow failed "
+            f"({type(err).__name__}: {first}). Nothing decoded is lost: store/ and ingest_report.json are "
+            f"kept in kept_dir, folder {kept.name} (local only, never uploaded; the path is printed above; "
+            f"ImageStore.open reads it). Fix the cause and re-run the ingest: {cache}."
+        ) from err
+    for name in ("store", "ingest_report.json"):  # uploaded: the stage run has nothing left to upload
+        p = run.outdir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return StageResult(
+        summary=s.line(), metrics={"n_images": float(s.n_images), "n_patients": float(s.n_patients)}
+    )
+
+
+def keep_outputs(cfg: IngestConfig, run: StageRun) -> Path:
+    """Move what the ingest wrote (store/, ingest_report.json) out of the run's temporary folder, which
+    is deleted when the run fails, into `<kept_dir>/ingest-<name>-<run id>/` (docs/ingest.md)."""
+    dest = Path(cfg.kept_dir) / f"ingest-{cfg.name}-{run.run_id}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("store", "ingest_report.json"):
+        src = run.outdir / name
+        if src.exists():
+            if (dest / name).exists():
+                shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+            shutil.move(str(src), str(dest / name))
+    return dest.resolve()
+
+
+def _log_run(cfg: IngestConfig, run: StageRun, s: IngestSummary) -> None:
     prep = s.meta["preprocessing"]
     # PHI-free only: counts, choices and digests. No paths (folder names often hold patient names/ids).
     params: dict[str, Any] = {
@@ -104,6 +164,7 @@ def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         "n_label_names": len(s.meta["label_names"]),
     }
     run.log_params(params)
+    # condition names enter keys only through pipeline/names.py (the parts were mapped in build_store)
     metrics: dict[str, float] = {
         "n_files": s.n_files,
         "n_images": s.n_images,
@@ -111,8 +172,8 @@ def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         "n_rejected_files": s.n_rejected_files,
         "n_cached_decodes": s.cached,
         "decode_seconds": s.seconds,
-        **{f"rejected.{k}": v for k, v in s.reasons.items()},
-        **{f"label_images.{k.replace(' ', '_')}": v for k, v in s.label_counts.items()},
+        **{metric_key("rejected", k): v for k, v in s.reasons.items()},
+        **{metric_key("label_images", s.label_keys[k]): v for k, v in s.label_counts.items()},
     }
     run.log_metrics(metrics)
     with warnings.catch_warnings():
@@ -126,6 +187,3 @@ def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             context="ingest",
             source="store/scan_index.parquet",
         )
-    return StageResult(
-        summary=s.line(), metrics={"n_images": float(s.n_images), "n_patients": float(s.n_patients)}
-    )

@@ -34,6 +34,7 @@ from pipeline.meta.models import build_model, count_parameters
 from pipeline.meta.trainer import Episode as EpisodeTensors
 from pipeline.meta.trainer import MetaBatch, MetaTrainer, OuterConfig, load_checkpoint
 from pipeline.metatrain.config import MetaTrainConfig
+from pipeline.names import metric_key
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
 
@@ -248,7 +249,7 @@ def _execute(
             log(f"meta-train: {method}: resumed from step {trainer.state.step}/{outer.steps}")
 
         def on_metrics(row: dict[str, float], step: int, method: str = method) -> None:
-            run.log_metrics({f"{method}.{k}": v for k, v in row.items()}, step=step)
+            run.log_metrics({metric_key(method, k): v for k, v in row.items()}, step=step)
 
         def on_checkpoint(path: Path, method: str = method) -> None:
             run.log_artifact(path, f"checkpoints/{method}")

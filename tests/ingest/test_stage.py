@@ -81,3 +81,51 @@ def test_nothing_usable_fails_the_run_with_a_data_error(tmp_store: Path) -> None
 
     (run,) = tracking.client().search_runs([tracking.experiment_id("fewscan/dataset-tiny")])
     assert run.info.status == "FAILED" and "nothing usable" in run.data.tags["fewscan.error"]
+
+
+@pytest.mark.parametrize("fail_at", ["log_metrics", "log_artifact"])
+def test_a_failure_after_decoding_keeps_the_store_and_says_where(
+    tmp_store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fail_at: str
+) -> None:
+    """Issue 14: logging or uploading fails after every file was decoded -> the store is kept, not lost."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.errors import TrackingError
+
+    real = getattr(tracking.StageRun, fail_at)
+
+    def boom(self: tracking.StageRun, what: object, *a: object, **k: object) -> None:
+        if fail_at == "log_artifact" and Path(str(what)).name != "store":
+            return real(self, what, *a, **k)  # the config YAML at the start of the run uploads fine
+        raise MlflowException('Invalid value "label_images.X" for parameter \'metrics[0].name\'\nmore lines')
+
+    monkeypatch.setattr(tracking.StageRun, fail_at, boom)
+    make_study(tmp_store / "study")
+    cfg = manifest(Path("study"))
+    with pytest.raises(TrackingError) as e:
+        stages.execute_stage("ingest", cfg, upstream={}, suite=None, dataset=cfg.name)
+    msg = str(e.value)
+    assert "decoded 12 images" in msg and "MlflowException: Invalid value" in msg and "more lines" not in msg
+    (kept,) = Path(".fewscan/kept").iterdir()
+    assert kept.name in msg and str(tmp_store) not in msg  # the error (recorded by MLflow) names no path
+    assert str(kept.resolve()) in capsys.readouterr().err  # the terminal gets the clear path
+    st = ImageStore.open(kept / "store")
+    assert st.images.shape == (12, 1, 16, 16)
+    assert (kept / "ingest_report.json").is_file()
+    (run,) = tracking.client().search_runs([tracking.experiment_id("fewscan/dataset-tiny")])
+    assert run.info.status == "FAILED" and kept.name in run.data.tags["fewscan.error"]
+
+
+def test_nothing_usable_still_uploads_the_report(tmp_store: Path) -> None:
+    from pipeline import tracking
+    from pipeline.errors import DataError
+
+    (tmp_store / "e" / "dicom").mkdir(parents=True)
+    (tmp_store / "e" / "dicom" / "x.txt").write_text("no scans")
+    (tmp_store / "e" / "labels.csv").write_text("Image Index,Finding Labels,Patient ID,Patient Age,Patient Gender\n")
+    with pytest.raises(DataError):
+        stages.execute_stage("ingest", manifest(Path("e")), upstream={}, suite=None, dataset="tiny")
+    (run,) = tracking.client().search_runs([tracking.experiment_id("fewscan/dataset-tiny")])
+    names = {a.path for a in tracking.client().list_artifacts(run.info.run_id)}
+    assert "ingest_report.json" in names
