@@ -23,7 +23,7 @@ from pipeline.errors import DataError
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
 from pipeline.ingest.discover import Candidate, discover
-from pipeline.ingest.labels import LabelTable, folder_label, load_table
+from pipeline.ingest.labels import LabelTable, check_folder_labels, folder_label, load_table
 from pipeline.ingest.manifest import IngestConfig
 from pipeline.ingest.preprocess import PREPROCESS_VERSION
 from pipeline.ingest.store import StoreWriter, atomic_write_json
@@ -147,6 +147,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     table: LabelTable | None = load_table(lab, salt) if lab.source == "csv" else None
     skip = {Path(lab.path)} if lab.path else set()
     cands = discover(cfg.scans.root, cfg.scans.exclude, skip)
+    if lab.source == "folders":
+        check_folder_labels([c.rel for c in cands])
     if not cands:
         raise DataError(f"no files under scan root {cfg.scans.root} (check scans.root and scans.exclude)")
     prep = _worker_prep(cfg)
@@ -227,6 +229,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             arr = res["array"]  # (k, C, ...) float16
             keep_rows, accepted = [], 0
             notes: Counter[str] = Counter()
+            why_excluded = ""
             for j, it in enumerate(res["items"]):
                 if task.kind == "series":
                     scan_key = it["series_key"]
@@ -256,13 +259,19 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                     # a 3D series is labelled by the folder that holds its slices (its name, or its path)
                     row = table.lookup(_series_folder(task.rels) if task.kind == "series" else rel0, it)
                     labels = row.labels if row else []
+                    if row is not None and row.excluded:  # labels.uncertain / labels.blank: exclude
+                        notes[R.LABEL_EXCLUDED] += 1
+                        why_excluded = row.excluded
+                        continue
                 elif lab.source == "folders":
                     fl = folder_label(rel0)
                     labels = [fl] if fl else []
-                else:
+                elif lab.source == "npz":
                     labels = list(it.get("labels") or [])
                     labels = labels or [lab.normal_label]  # MedMNIST multi-label all-zero row = no finding
-                if not labels:
+                else:  # source none: scans without labels (docs/ingest.md, "Scans without labels")
+                    labels = []
+                if not labels and lab.source != "none":
                     notes[R.NO_LABEL] += 1
                     continue
                 seen_scans.add(scan_key)
@@ -317,6 +326,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                         if lab.source == "csv"
                         else "file lies directly under the scan root, outside any condition folder",
                         R.DUPLICATE_SOP: "same SOPInstanceUID as an earlier file",
+                        R.LABEL_EXCLUDED: f"its label row is excluded by the manifest: {why_excluded}",
                     }.get(reason, "no image")
                     reject(rel, task.fmt, reason, detail)
 
@@ -337,7 +347,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             index["store_index"] = index["store_index"].astype("int64")
         label_counts: Counter[str] = Counter()
         for s in index["labels"]:
-            label_counts.update(s.split("|"))
+            label_counts.update(x for x in s.split("|") if x)  # "" = an unlabelled scan (source none)
         # MLflow key parts of the condition names, mapped once for the whole set (pipeline/names.py)
         label_keys = key_parts(label_counts)
         for w in label_keys.collisions:

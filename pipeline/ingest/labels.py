@@ -16,6 +16,7 @@ import pandas as pd
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest.deid import age_bin, salted_key, sex_code
+from pipeline.ingest.label_cells import LabelErrors, LabelParseError, check_name, row_labels, tidy
 from pipeline.ingest.manifest import LabelsConfig
 
 SCAN_EXTS = (".nii.gz", ".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nii")
@@ -32,10 +33,7 @@ def strip_ext(name: str) -> str:
 
 def split_labels(text: str, separator: str, normal: str) -> list[str]:
     """'Effusion|Mass ' -> ['Effusion', 'Mass'] (sorted, unique); the normal label only when alone."""
-    labs = sorted({t.strip() for t in str(text).split(separator) if t.strip()})
-    if len(labs) > 1 and normal in labs:
-        labs.remove(normal)  # "No Finding|Mass" is contradictory; the finding wins
-    return labs
+    return tidy(str(text).split(separator), normal)  # "No Finding|Mass" is contradictory; the finding wins
 
 
 @dataclass
@@ -44,6 +42,8 @@ class Row:
     patient_key: str = ""
     age_bin: str = ""
     sex: str = ""
+    # why the manifest's policy excludes this row (labels.uncertain/blank: exclude), else ""
+    excluded: str = field(default="", kw_only=True)
 
 
 @dataclass
@@ -101,6 +101,11 @@ def _read_table(cfg: LabelsConfig) -> pd.DataFrame:
             raise ConfigError(
                 f"labels.{key} '{col}' is not a column of {path.name}; columns: {', '.join(map(str, cols))}"
             )
+    absent = [c for c in cfg.label_columns or [] if c not in df.columns]
+    if absent:
+        raise ConfigError(
+            f"labels.label_columns {absent} are not columns of {path.name}; columns: {', '.join(map(str, cols))}"
+        )
     return df
 
 
@@ -108,14 +113,20 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
     df = _read_table(cfg)
     rows: dict[str, Row] = {}
     kind = HASHED_JOINS.get(cfg.join)
-    for rec in df.to_dict("records"):
+    errors = LabelErrors(Path(cfg.path).name)  # type: ignore[arg-type]
+    first_row: dict[str, int] = {}  # key -> data row that first named it (for conflict messages)
+    for i, rec in enumerate(df.to_dict("records")):
         raw = str(rec[cfg.key_column]).strip()
         if not raw:
             continue
         if cfg.join == "relative_path":
             raw = PurePosixPath(raw.replace("\\", "/")).as_posix().lstrip("./")
         key = salted_key(salt, kind, raw) if kind else raw
-        labs = split_labels(rec[cfg.label_column], cfg.separator, cfg.normal_label)
+        try:
+            labs, excluded = row_labels(rec, cfg)
+        except LabelParseError as e:
+            errors.add(i + 1, str(e))
+            continue
         pk = (
             salted_key(salt, "patient", str(rec[cfg.patient_column]).strip())
             if cfg.patient_column and str(rec[cfg.patient_column]).strip()
@@ -129,11 +140,21 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
             age_bin(rec[cfg.age_column]) if cfg.age_column else "",
             sex_code(rec[cfg.sex_column]) if cfg.sex_column else "",
         )
+        row.excluded = excluded
+        first_row.setdefault(key, i + 1)
         if key in rows:  # repeated key (e.g. several rows per patient): labels are the union
             old = rows[key]
-            row.labels = split_labels(cfg.separator.join(old.labels + labs), cfg.separator, cfg.normal_label)
+            if old.patient_key and row.patient_key and old.patient_key != row.patient_key:
+                errors.add(
+                    i + 1,
+                    f"same {cfg.key_column!r} as data row {first_row[key]} but another {cfg.patient_column!r}: "
+                    "one image cannot belong to two patients (fix the patient id, or the key)",
+                )
+            row.labels = tidy(old.labels + labs, cfg.normal_label)
             row.patient_key = old.patient_key or row.patient_key
+            row.excluded = old.excluded or row.excluded
         rows[key] = row
+    errors.raise_if_any()
     table = LabelTable(cfg.join, rows)
     if cfg.join == "file_name":
         stems: dict[str, list[str]] = {}
@@ -147,3 +168,13 @@ def folder_label(rel: str) -> str | None:
     """folder-per-condition: 'Pneumonia/patient3/img.png' -> 'Pneumonia' (None for files at the root)."""
     parts = PurePosixPath(rel).parts
     return parts[0] if len(parts) > 1 else None
+
+
+def check_folder_labels(rels: list[str]) -> None:
+    """Condition folders whose names cannot be condition names ('|'): one error before any decode."""
+    bad = sorted({f for f in map(folder_label, rels) if f and "|" in f})
+    for name in bad[:1]:
+        try:
+            check_name(name)
+        except LabelParseError as e:
+            raise DataError(f"condition folder under scans.root: {e}; rename the folder") from None

@@ -33,14 +33,22 @@ class ScansConfig(StrictModel):
 
 class LabelsConfig(StrictModel):
     # csv: a CSV/TSV table; folders: the first folder under scans.root names the condition;
-    # npz: MedMNIST-style *_labels arrays inside the npz files, named by `names`
-    source: Literal["csv", "folders", "npz"] = "csv"
+    # npz: MedMNIST-style *_labels arrays inside the npz files, named by `names`;
+    # none: no labels (scans only: an inventory, scans for `predict`, or to label later)
+    source: Literal["csv", "folders", "npz", "none"] = "csv"
     path: Path | None = None
     delimiter: Literal["auto", ",", "\t", ";"] = "auto"
     join: JoinKey = "file_name"
     key_column: str | None = None  # column holding the join value; required for csv
-    label_column: str | None = None  # required for csv
+    label_column: str | None = None  # required for csv (except format one_hot)
     separator: str = "|"  # multi-label separator inside label_column
+    # csv: how a row names its conditions (docs/ingest.md, "Label layouts"): `separated` text in
+    # label_column, a JSON/Python `list` string in label_column, or `one_hot` columns (label_columns)
+    format: Literal["separated", "list", "one_hot"] = "separated"
+    label_columns: list[str] | None = None  # one_hot: one column per condition, named as the condition
+    # one_hot: what -1 (uncertain) and a blank cell mean; no default, the choice changes the labels
+    uncertain: Literal["positive", "negative", "exclude"] | None = None
+    blank: Literal["negative", "exclude"] | None = None
     patient_column: str | None = None  # hashed only, never stored in clear
     age_column: str | None = None  # kept as 5-year bins
     sex_column: str | None = None  # kept as M/F/O
@@ -51,9 +59,35 @@ class LabelsConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> LabelsConfig:
         if self.source == "csv":
-            missing = [k for k in ("path", "key_column", "label_column") if getattr(self, k) is None]
+            need = ("path", "key_column") + (
+                ("label_columns", "uncertain", "blank") if self.format == "one_hot" else ("label_column",)
+            )
+            missing = [k for k in need if not getattr(self, k)]
             if missing:
-                raise ValueError(f"labels.source=csv needs labels.{', labels.'.join(missing)}")
+                raise ValueError(
+                    f"labels.source=csv with labels.format={self.format} needs labels.{', labels.'.join(missing)}"
+                    + (
+                        " (what -1 and blank cells mean: there is no default)"
+                        if self.format == "one_hot"
+                        else ""
+                    )
+                )
+            if self.format == "one_hot" and self.label_column:
+                raise ValueError(
+                    "labels.format=one_hot reads labels.label_columns; remove labels.label_column"
+                )
+        if self.format != "one_hot" and (self.label_columns or self.uncertain or self.blank):
+            raise ValueError(
+                "labels.label_columns, labels.uncertain and labels.blank need labels.format: one_hot"
+            )
+        if self.format != "separated" and self.source != "csv":
+            raise ValueError(f"labels.format={self.format} needs labels.source=csv")
+        names = [self.normal_label, *(self.names or []), *(self.label_columns or [])]
+        if any("|" in n for n in names):
+            raise ValueError(
+                "condition names (labels.normal_label, labels.names, labels.label_columns) must not contain '|': "
+                "the scan index joins a scan's labels with it"
+            )
         if self.source == "npz" and not self.names:
             raise ValueError("labels.source=npz needs labels.names (label index -> condition name)")
         if not self.separator:

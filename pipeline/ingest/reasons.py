@@ -12,6 +12,7 @@ NO_LABEL = "no_label"
 LABEL_FOR_MISSING_FILE = "label_for_missing_file"
 WRONG_DIMENSIONALITY = "wrong_dimensionality"
 FORMAT_NOT_SELECTED = "format_not_selected"
+LABEL_EXCLUDED = "label_excluded"  # labels.uncertain / labels.blank: exclude (one-hot label tables)
 
 ALL = (
     UNREADABLE,
@@ -24,6 +25,7 @@ ALL = (
     LABEL_FOR_MISSING_FILE,
     WRONG_DIMENSIONALITY,
     FORMAT_NOT_SELECTED,
+    LABEL_EXCLUDED,
 )
 
 

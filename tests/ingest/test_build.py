@@ -122,7 +122,8 @@ def test_inconsistent_store_is_refused(tmp_path: Path) -> None:
 
 def test_nothing_usable_raises_with_reasons_and_keeps_report(tmp_path: Path) -> None:
     make_study(tmp_path / "s")
-    cfg = manifest(tmp_path / "s", labels={"key_column": "Patient Age"})  # joins on nothing
+    # joins on nothing (no patient column: two rows of one age would be two patients for one key)
+    cfg = manifest(tmp_path / "s", labels={"key_column": "Patient Age", "patient_column": None})
     with pytest.raises(DataError, match="nothing usable.*no_label 12"):
         build_store(cfg, tmp_path / "out")
     rep = json.loads((tmp_path / "out" / "ingest_report.json").read_text())

@@ -98,7 +98,7 @@ def test_a_failure_after_decoding_keeps_the_store_and_says_where(
     def boom(self: tracking.StageRun, what: object, *a: object, **k: object) -> None:
         if fail_at == "log_artifact" and Path(str(what)).name != "store":
             return real(self, what, *a, **k)  # the config YAML at the start of the run uploads fine
-        raise MlflowException('Invalid value "label_images.X" for parameter \'metrics[0].name\'\nmore lines')
+        raise MlflowException("Invalid value \"label_images.X\" for parameter 'metrics[0].name'\nmore lines")
 
     monkeypatch.setattr(tracking.StageRun, fail_at, boom)
     make_study(tmp_store / "study")
@@ -123,7 +123,9 @@ def test_nothing_usable_still_uploads_the_report(tmp_store: Path) -> None:
 
     (tmp_store / "e" / "dicom").mkdir(parents=True)
     (tmp_store / "e" / "dicom" / "x.txt").write_text("no scans")
-    (tmp_store / "e" / "labels.csv").write_text("Image Index,Finding Labels,Patient ID,Patient Age,Patient Gender\n")
+    (tmp_store / "e" / "labels.csv").write_text(
+        "Image Index,Finding Labels,Patient ID,Patient Age,Patient Gender\n"
+    )
     with pytest.raises(DataError):
         stages.execute_stage("ingest", manifest(Path("e")), upstream={}, suite=None, dataset="tiny")
     (run,) = tracking.client().search_runs([tracking.experiment_id("fewscan/dataset-tiny")])
