@@ -20,6 +20,12 @@ import numpy as np  # noqa: E402
 PCT = 100.0
 
 
+def _seed_of(per_seed: dict[str, Any], seed: str) -> Any:
+    """That seed's numbers, else the method's first seed's (meta-learned methods are keyed by their
+    meta-training seeds, which need not include the first evaluation seed)."""
+    return per_seed.get(seed) or next(iter(per_seed.values()))
+
+
 def _title(gkey: str) -> str:
     kind, _, k = gkey.partition(".k")
     return f"{'binary' if kind == 'binary' else 'n-way'}, {k}-shot"
@@ -89,7 +95,7 @@ def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.4 * len(groups)), squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
         methods = _ordered(results, g)
-        per = {m: results["results"][m][g]["per_seed"][seed]["per_condition"] for m in methods}
+        per = {m: _seed_of(results["results"][m][g]["per_seed"], seed)["per_condition"] for m in methods}
         conds = sorted({c for m in methods for c in per[m]})
         # patient-level intervals where the results have them (episodes reuse patients), else episode CIs
         pcp = results["comparisons"][g].get("per_condition_patient")
@@ -140,7 +146,7 @@ def plot_reliability(results: dict[str, Any], g: str, path: Path, seed: str) -> 
     for ax in axes.ravel()[len(methods) :]:
         ax.axis("off")
     for ax, m in zip(axes.ravel(), methods):
-        s = results["results"][m][g]["per_seed"][seed]
+        s = _seed_of(results["results"][m][g]["per_seed"], seed)
         rel = s.get("reliability")
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
         if rel:
@@ -165,7 +171,7 @@ def plot_confusion(results: dict[str, Any], g: str, path: Path, seed: str) -> bo
     for ax in axes.ravel()[len(methods) :]:
         ax.axis("off")
     for ax, m in zip(axes.ravel(), methods):
-        conf = results["results"][m][g]["per_seed"][seed]["confusion"]
+        conf = _seed_of(results["results"][m][g]["per_seed"], seed)["confusion"]
         mat = np.array(conf["matrix"], dtype=float)
         norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")

@@ -164,6 +164,7 @@ def _gradient_adapt(
             lr=method.lr,
             trainable=method.trainable,
             trajectory=trajectory,
+            clip_grad=method.clip_grad,
         )
 
 

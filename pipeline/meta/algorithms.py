@@ -63,6 +63,12 @@ class InnerConfig(StrictModel):
     checkpoint: bool = Field(
         default=False, description="memory-bounded second order: recompute inner steps in backward"
     )
+    clip_grad: float | None = Field(
+        default=None,
+        gt=0,
+        description="clip each inner step's gradient to this norm (meta-training AND adaptation); null = off. "
+        "Bounds the step when a large inner lr meets a few support scans (docs/tasks.md, 'Stable MAML settings')",
+    )
     tasks: Literal["auto", "vmap", "loop", "threads"] = Field(
         default="auto",
         description="how the tasks of a meta-batch run: auto (vmap on CUDA, CPU worker threads when torch has "
@@ -248,6 +254,7 @@ class MetaLearner(nn.Module):
                 trainable=trainable,
                 checkpoint=ck,
                 trajectory=True,
+                clip_grad=self.inner.clip_grad,
             )
             assert isinstance(traj, list)
             logits = forward(net, traj[-1], xq)  # (n_q, n_way)
@@ -332,4 +339,11 @@ class MetaLearner(nn.Module):
             if steps is not None
             else (self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps)
         )
-        return GradientMethod(self.model, steps=n, lr=lr, trainable=self.algo.trainable, name=self.algo.name)
+        return GradientMethod(
+            self.model,
+            steps=n,
+            lr=lr,
+            trainable=self.algo.trainable,
+            name=self.algo.name,
+            clip_grad=self.inner.clip_grad,
+        )

@@ -70,6 +70,7 @@ def adapt(
     buffers: Mapping[str, Tensor] | None = None,
     checkpoint: bool = False,
     trajectory: bool = False,
+    clip_grad: float | None = None,
 ) -> Params | list[Params]:
     """Adapt `params` to the support set (x, y) with `steps` steps of gradient descent.
 
@@ -87,6 +88,10 @@ def adapt(
         buffers: extra non-parameter tensors for `functional_call` (none for our models).
         checkpoint: recompute each inner step in backward (memory-bounded second order).
         trajectory: return the list [params after step 0, ..., after step `steps`] (MAML++ multi-step loss).
+        clip_grad: scale each step's gradient (over the trainable tensors together) to at most this norm.
+            A large inner lr with per-sample normalization can overshoot on a few support scans and diverge
+            within 2-3 steps; clipping bounds each step (docs/tasks.md, "Stable MAML settings"). No branch on
+            data: the scale min(1, c/‖g‖) is computed in-graph, so it composes with vmap and second order.
 
     Returns:
         The adapted parameter dict (all of `params`' keys), or the trajectory list when `trajectory=True`.
@@ -140,8 +145,14 @@ def adapt(
             g = grad_fn(
                 {k: v.detach() for k, v in fast.items()}, {k: v.detach() for k, v in fixed_.items()}, x, y
             )
+        if clip_grad is not None:
+            norm = torch.sqrt(sum((g[k] * g[k]).sum() for k in names))
+            scale = torch.clamp(clip_grad / (norm + 1e-12), max=1.0)
+            g = {k: g[k] * scale for k in names}
         return {k: fast[k] - lrs[k] * g[k] for k in names}
 
+    if clip_grad is not None and clip_grad <= 0:
+        raise ValueError(f"clip_grad must be > 0 (or None), got {clip_grad}")
     fast: Params = {k: params[k] for k in names}
     out = [dict(params)]
     for i in range(steps):

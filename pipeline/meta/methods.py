@@ -82,8 +82,10 @@ class GradientMethod:
         trainable: str | Collection[str] = "all",
         name: str = "maml",
         batch_size: int = 64,
+        clip_grad: float | None = None,
     ):
         self.model = model
+        self.clip_grad = clip_grad
         self.params = {k: v.detach() for k, v in (params or model.meta_parameters()).items()}
         self.steps, self.lr, self.name, self.batch_size = steps, lr, name, batch_size
         if trainable == "all":
@@ -109,6 +111,7 @@ class GradientMethod:
                 lr=self.lr,
                 second_order=False,
                 trainable=self.trainable,
+                clip_grad=self.clip_grad,
             )
         with torch.no_grad():
             before = float(torch.nn.functional.cross_entropy(forward(self.model, p0, x_s), y_s))
@@ -138,6 +141,7 @@ class GradientMethod:
                 second_order=False,
                 trainable=self.trainable,
                 trajectory=True,
+                clip_grad=self.clip_grad,
             )
         assert isinstance(traj, list)
         return [Adapted(n_way=n_way, params={k: v.detach() for k, v in p.items()}) for p in traj]

@@ -150,6 +150,7 @@ class MetaModel:
             trainable=inner.get("trainable", "all"),
             name=self.name,
             batch_size=batch_size,
+            clip_grad=inner.get("clip_grad"),
         )
 
 

@@ -55,13 +55,37 @@ class MetaTrainConfig(StrictModel):
     select: Literal["best", "last"] = Field(
         default="best", description="save the best-by-val or the last weights"
     )
-    seed: int = Field(default=0, ge=0)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="meta-training seeds: every method is trained once per seed (the first seed's model is "
+        "the one registered and adapted); evaluate states every verdict across them, since one meta-training "
+        "run can move a result as much as the difference between methods (docs/tasks.md, 'Seeds')",
+    )
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU)")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = torch's default")
     register_as: str | None = Field(
         default=None, description="registered model name; default fewscan-<suite>-meta"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: object) -> object:
+        # `seed: N` (the key before several seeds existed) still means a single meta-training seed
+        if isinstance(data, dict) and "seed" in data:
+            if "seeds" in data:
+                raise ValueError("give `seeds: [..]` or the older `seed: N`, not both")
+            data = {**data, "seeds": [data["seed"]]}
+            del data["seed"]
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
 
     @field_validator("methods")
     @classmethod

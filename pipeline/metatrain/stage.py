@@ -2,9 +2,12 @@
 fewscan.stage=meta-train). Thin: reads the split, the fixed validation episodes and the image store,
 then trains each configured method with `pipeline.meta.trainer.MetaTrainer` and logs what it produces.
 
-Artifacts: `models/<method>/{state_dict.pth, meta_model.json}` (uploaded as soon as a method finishes),
-`checkpoints/<method>/{last.pt, best.pt}` (uploaded when written; `--resume` continues from `last.pt`),
-`curves.json` (every logged row of every method). The first method is registered as
+Every method is trained once per seed of `meta_train.seeds`. Artifacts: `models/<method>/{state_dict.pth,
+meta_model.json}` for the first seed (uploaded as soon as it finishes; the model adapt uses),
+`seeds/<method>/<seed>/` the same for every further seed (evaluate states its verdicts across all seeds),
+`checkpoints/<method>/{last.pt, best.pt}` and `checkpoints/<method>/seed-<seed>/` (uploaded when written;
+`--resume` continues from `last.pt`), `curves.json` (every logged row of every method and seed, keyed
+`<method>` and `<method>.seed<seed>`). The first method's first-seed model is registered as
 `fewscan-<suite>-meta` (alias `latest` → the tracking module's default alias).
 """
 
@@ -69,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="full second-order meta-gradient",
     )
     g.add_argument("--device", dest="mt_device", metavar="DEV", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", dest="mt_seed", type=int, metavar="SEED", help="meta-training seed")
+    g.add_argument(
+        "--seeds",
+        dest="mt_seeds",
+        metavar="S[,S...]",
+        help="meta-training seeds, e.g. 0,1,2 (first = registered)",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -81,13 +89,20 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         ("mt_inner_steps", "inner.steps"),
         ("mt_meta_batch", "meta_batch"),
         ("mt_device", "device"),
-        ("mt_seed", "seed"),
     ):
         v = getattr(args, dest, None)
         if v is not None:
             out.append(f"{key}={v}")
     if getattr(args, "mt_second_order", None):
         out.append("inner.second_order=true")
+    if getattr(args, "mt_seeds", None):
+        try:
+            seeds = [int(x) for x in args.mt_seeds.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ConfigError(
+                f"--seeds takes integers separated by commas, e.g. 0,1,2 (got '{args.mt_seeds}')"
+            ) from None
+        out.append(f"seeds={seeds}")
     return out
 
 
@@ -219,11 +234,18 @@ def _execute(
         + (f", CPU kernels {native.status()}" if device.type == "cpu" else "")
     )
 
+    # What guessing scores on these validation episodes (mean over episodes of 1/n_way): a kept model no
+    # better than this learned nothing measurable, and the summary says so.
+    val_chance = float(np.mean([1.0 / t[4] for t in val_tensors]))
+    at_chance: list[str] = []
     scratch = Path(tempfile.mkdtemp(prefix="fewscan-metatrain-"))
     curves: dict[str, list[dict[str, float]]] = {}
     results: dict[str, dict[str, float]] = {}
-    for i, method in enumerate(cfg.methods):
-        seed = method_seed(cfg.seed, i)
+    seed_vals: dict[str, list[float]] = {}
+
+    def _train_one(method: str, i: int, base_seed: int, unit: str, model_dest: str) -> float:
+        """Meta-train `method` (position i) with one seed; returns its best validation accuracy."""
+        seed = method_seed(base_seed, i)
         torch.manual_seed(seed)  # the initialization is part of the seeded run
         model = build_model(cfg.model, image_shape[0], image_shape[1:])
         learner = MetaLearner(model, make_algorithm(method, cfg.inner, cfg.mamlpp), cfg.inner)
@@ -240,19 +262,19 @@ def _execute(
         trainer = MetaTrainer(
             learner, outer, seed=seed, device=device, amp_bf16=cfg.amp, dist=ctx, meta_batch=cfg.meta_batch
         )
-        ckdir = scratch / "checkpoints" / method
+        ckdir = scratch / "checkpoints" / unit
         # rank 0 only: the other ranks' FollowerRun never resumes; they get rank 0's checkpoint
-        ck = resume_checkpoint(run, method, ckdir) if run.resumed else None
+        ck = resume_checkpoint(run, unit.replace(".seed", "/seed-"), ckdir) if run.resumed else None
         ck = distributed.broadcast_object(ck, ctx)
         if ck is not None:
             trainer.load_state_dict(ck)
-            log(f"meta-train: {method}: resumed from step {trainer.state.step}/{outer.steps}")
+            log(f"meta-train: {unit}: resumed from step {trainer.state.step}/{outer.steps}")
 
-        def on_metrics(row: dict[str, float], step: int, method: str = method) -> None:
-            run.log_metrics({metric_key(method, k): v for k, v in row.items()}, step=step)
+        def on_metrics(row: dict[str, float], step: int) -> None:
+            run.log_metrics({metric_key(*unit.split("."), k): v for k, v in row.items()}, step=step)
 
-        def on_checkpoint(path: Path, method: str = method) -> None:
-            run.log_artifact(path, f"checkpoints/{method}")
+        def on_checkpoint(path: Path) -> None:
+            run.log_artifact(path, f"checkpoints/{unit.replace('.seed', '/seed-')}")
 
         state = trainer.fit(
             _sampler_fn(sampler, store, cfg.meta_batch, ctx),
@@ -260,15 +282,15 @@ def _execute(
             ckpt_dir=ckdir,
             on_metrics=on_metrics,
             on_checkpoint=on_checkpoint,
-            desc=f"meta-train {method}",
+            desc=f"meta-train {unit}",
         )
         used = "last"
         if cfg.select == "best" and (ckdir / "best.pt").is_file():
             best_ck = load_checkpoint(ckdir / "best.pt")
             learner.load_state_dict(best_ck["learner"])
             used = f"best (step {state.best_step})"
-        curves[method] = state.history
-        folder = scratch / "models" / method
+        curves[unit] = state.history
+        folder = scratch / model_dest
         inner = {
             "steps": cfg.inner.steps,
             "eval_steps": cfg.inner.eval_steps if cfg.inner.eval_steps is not None else cfg.inner.steps,
@@ -276,6 +298,7 @@ def _execute(
             "learned_lr": learner.algo.learned_lr,
             "trainable": learner.algo.trainable,
             "second_order": learner.algo.second_order,
+            "clip_grad": cfg.inner.clip_grad,
         }
         save_meta_model(
             folder,
@@ -297,26 +320,50 @@ def _execute(
                 "best_val_acc": state.best_val if state.best_step >= 0 else None,
                 "outer_steps": state.step,
                 "seed": seed,
+                "meta_train_seed": base_seed,
             },
         )
-        run.log_artifact(folder, f"models/{method}")
-        results[method] = {
-            "best_val_acc": state.best_val if state.best_step >= 0 else float("nan"),
-            "final_train_loss": state.history[-1]["train_loss"] if state.history else float("nan"),
-        }
-        log(
-            f"meta-train: {method}: {state.step} steps, kept {used}, val acc {results[method]['best_val_acc']:.3f}"
-        )
+        run.log_artifact(folder, model_dest)
+        best_val = state.best_val if state.best_step >= 0 else float("nan")
+        if unit == method:
+            results[method] = {
+                "best_val_acc": best_val,
+                "final_train_loss": state.history[-1]["train_loss"] if state.history else float("nan"),
+            }
+        log(f"meta-train: {unit}: {state.step} steps, kept {used}, val acc {best_val:.3f}")
+        if best_val < val_chance + 0.02:
+            at_chance.append(unit)
+            log(
+                f"meta-train: WARNING {unit}: validation accuracy {best_val:.3f} never left chance ({val_chance:.3f}); "
+                "the kept weights are the last of the tied steps and show no measurable learning: raise "
+                "outer.steps, check inner.lr (docs/tasks.md, 'Stable MAML settings') or the data"
+            )
+        return best_val
+
+    for i, method in enumerate(cfg.methods):
+        for j, base_seed in enumerate(cfg.seeds):
+            # The first seed's model is THE model of the method (models/<method>, registered, adapted);
+            # the other seeds' models only serve evaluate's verdicts across seeds (seeds/<method>/<seed>).
+            unit = method if j == 0 else f"{method}.seed{base_seed}"
+            model_dest = f"models/{method}" if j == 0 else f"seeds/{method}/{base_seed}"
+            seed_vals.setdefault(method, []).append(_train_one(method, i, base_seed, unit, model_dest))
 
     write_json_atomic(run.outdir / "curves.json", curves)
     primary = cfg.methods[0]
     version = run.register_model(f"models/{primary}", reg_name, "latest")
     n_params = count_parameters(build_model(cfg.model, image_shape[0], image_shape[1:]))
+
+    def _val(m: str) -> str:
+        v = seed_vals[m]
+        return f"{m} {v[0]:.3f}" + (f" (seeds {min(v):.3f}-{max(v):.3f})" if len(v) > 1 else "")
+
     summary = (
-        f"trained {', '.join(cfg.methods)} ({cfg.outer.steps} steps x {cfg.meta_batch} tasks, {cfg.model.backbone} "
-        f"{n_params} params, {cfg.model.norm} norm, {device}); val acc "
-        + ", ".join(f"{m} {r['best_val_acc']:.3f}" for m, r in results.items())
-        + f"; registered {reg_name} v{version} ({primary})"
+        f"trained {', '.join(cfg.methods)} x {len(cfg.seeds)} seed(s) ({cfg.outer.steps} steps x {cfg.meta_batch} "
+        f"tasks, {cfg.model.backbone} {n_params} params, {cfg.model.norm} norm, {device}); val acc "
+        + ", ".join(_val(m) for m in results)
+        + f"; registered {reg_name} v{version} ({primary}, seed {cfg.seeds[0]})"
+        + (f"; AT CHANCE on validation: {', '.join(at_chance)}" if at_chance else "")
     )
     metrics = {f"{m}.best_val_acc": r["best_val_acc"] for m, r in results.items()}
+    metrics.update({f"{m}.best_val_acc_seed_mean": float(np.nanmean(v)) for m, v in seed_vals.items()})
     return StageResult(summary=summary, metrics=metrics)

@@ -364,3 +364,19 @@ def test_meta_learned_methods_are_evaluated_once_per_meta_training_seed(world: W
     text = report.render(copy.deepcopy(res))
     assert "meta-trained once per seed (maml: 0; protonet: 0, 3, 4)" in text
     assert "Against training from scratch" in text
+
+
+def test_an_evaluation_seed_that_no_meta_training_seed_matches_still_reports(
+    world: World, tmp_path: Path
+) -> None:
+    """Baselines keyed by evaluation seed 1, meta-learned methods by meta-training seed 0: the report, the
+    plots and the MLflow metrics read each method's own first seed (a rerun with evaluate.seeds=[1])."""
+    cfg = EvaluateConfig.model_validate(
+        {**CFG, "seeds": [1], "curve_episodes": 0, "finetune": {"enabled": False}}
+    )
+    res = evaluation.run(_inputs(world), cfg)
+    assert set(res["results"]["scratch"]["binary.k2"]["per_seed"]) == {"1"}
+    assert set(res["results"]["maml"]["binary.k2"]["per_seed"]) == {"0"}
+    write_outputs(res, tmp_path)
+    assert (tmp_path / "report.md").read_text().count("| maml |") >= 1
+    assert "test.maml.binary.k2.acc" in evaluation.key_metrics(res)

@@ -189,3 +189,34 @@ def test_learning_rate_forms_and_errors():
         adapt(net, dict(net.named_parameters()), x_s, y_s, steps=1, lr=0.1, trainable=["nope"])
     traj = adapt(net, dict(net.named_parameters()), x_s, y_s, steps=2, lr=0.1, trajectory=True)
     assert isinstance(traj, list) and len(traj) == 3
+
+
+def test_inner_gradient_clipping_bounds_every_step_and_is_off_by_default() -> None:
+    """clip_grad scales each step's gradient (all trainable tensors together) to at most that norm: the
+    parameter change of one step is then at most lr * clip; with a clip above the gradient norm, or none,
+    the step is the plain gradient step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    params = dict(net.named_parameters())
+    x, y = torch.randn(6, 3, 2, 2) * 10, torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = adapt(net, params, x, y, steps=1, lr=0.5)
+    big = adapt(net, params, x, y, steps=1, lr=0.5, clip_grad=1e6)
+    for k in params:
+        assert torch.equal(plain[k], big[k])
+    clipped = adapt(net, params, x, y, steps=1, lr=0.5, clip_grad=0.1)
+    step = torch.sqrt(sum(((clipped[k] - params[k]) ** 2).sum() for k in params))
+    full = torch.sqrt(sum(((plain[k] - params[k]) ** 2).sum() for k in params))
+    assert full > 0.5 * 0.1 * 1.5  # the unclipped step really was larger
+    assert step.item() == pytest.approx(0.5 * 0.1, rel=1e-4)
+    # the direction is the gradient's
+    for k in params:
+        a, b = (clipped[k] - params[k]).flatten(), (plain[k] - params[k]).flatten()
+        if b.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+    # second order flows through the scale
+    so = adapt(net, params, x, y, steps=2, lr=0.5, clip_grad=0.1, second_order=True)
+    loss = sum(v.sum() for v in so.values())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="clip_grad"):
+        adapt(net, params, x, y, steps=1, lr=0.5, clip_grad=0.0)

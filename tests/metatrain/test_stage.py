@@ -86,6 +86,7 @@ def _cfg(**over: Any) -> MetaTrainConfig:
         "val_every": 2,
         "checkpoint_every": 2,
         "threads": 1,
+        "seeds": [0],
     }
     base.update(over)
     return validate(base, MetaTrainConfig, "test")
@@ -136,6 +137,41 @@ def test_execute_writes_loadable_models_checkpoints_curves_and_registers_the_pri
     assert all(0.0 <= d["maml.val_acc"] <= 1.0 for d, _ in run.metrics if "maml.val_acc" in d)
     assert run.params["derived"]["train_conditions"] == ["Alpha", "Beta", "Gamma"]
     assert "maml.best_val_acc" in res.metrics and "registered fewscan-tiny-meta" in res.summary
+
+
+def test_every_method_is_trained_once_per_seed_and_the_first_seed_is_registered(world, tmp_path):
+    run = FakeRun(tmp_path)
+    res = stage.execute(_cfg(seeds=[0, 5], methods=["protonet"]), run, _upstream(world))  # type: ignore[arg-type]
+    first = load_meta_model(run.uploaded / "models" / "protonet")
+    other = load_meta_model(run.uploaded / "seeds" / "protonet" / "5")
+    assert first.meta["meta_train_seed"] == 0 and other.meta["meta_train_seed"] == 5
+    assert first.meta["seed"] != other.meta["seed"]
+    w = "backbone.features.0.weight"
+    assert not torch.equal(first.model.state_dict()[w], other.model.state_dict()[w])  # another run
+    assert (run.uploaded / "checkpoints" / "protonet" / "seed-5" / "last.pt").is_file()
+    curves = json.loads((run.outdir / "curves.json").read_text())
+    assert set(curves) == {"protonet", "protonet.seed5"}
+    assert any("protonet.seed5.train_loss" in d for d, _ in run.metrics)
+    assert run.registered == [("models/protonet", "fewscan-tiny-meta", "latest")]
+    assert "x 2 seed(s)" in res.summary and "protonet.best_val_acc_seed_mean" in res.metrics
+    # the first seed's model is the one a single-seed run with that seed trains: same weights
+    run1 = FakeRun(tmp_path / "single")
+    stage.execute(_cfg(seeds=[0], methods=["protonet"]), run1, _upstream(world))  # type: ignore[arg-type]
+    single = load_meta_model(run1.uploaded / "models" / "protonet")
+    assert torch.equal(single.model.state_dict()[w], first.model.state_dict()[w])
+
+
+def test_the_older_single_seed_key_still_works_and_seeds_must_be_distinct():
+    assert validate({"seed": 3}, MetaTrainConfig, "test").seeds == [3]
+    assert validate({}, MetaTrainConfig, "test").seeds == [0, 1, 2]
+    with pytest.raises(ConfigError, match="not both"):
+        validate({"seed": 3, "seeds": [1]}, MetaTrainConfig, "test")
+    with pytest.raises(ConfigError, match="distinct"):
+        validate({"seeds": [1, 1]}, MetaTrainConfig, "test")
+    args = argparse.Namespace(mt_seeds="4, 7")
+    assert "seeds=[4, 7]" in stage.overrides_from_args(args)
+    with pytest.raises(ConfigError, match="--seeds"):
+        stage.overrides_from_args(argparse.Namespace(mt_seeds="a,b"))
 
 
 def test_resume_skips_a_finished_method_and_continues_from_last(world, tmp_path):
