@@ -146,7 +146,7 @@ def adapt(
                 {k: v.detach() for k, v in fast.items()}, {k: v.detach() for k, v in fixed_.items()}, x, y
             )
         if clip_grad is not None:
-            norm = torch.sqrt(sum((g[k] * g[k]).sum() for k in names))
+            norm = torch.sqrt(torch.stack([(g[k] * g[k]).sum() for k in names]).sum())
             scale = torch.clamp(clip_grad / (norm + 1e-12), max=1.0)
             g = {k: g[k] * scale for k in names}
         return {k: fast[k] - lrs[k] * g[k] for k in names}
