@@ -166,9 +166,18 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             "detail": detail,
         }
 
+    # warning codes per file (worker.warning_codes: pydicom's messages never reach the terminal)
+    warns: dict[str, Counter[str]] = {}
+
+    def add_warnings(rel: str, codes: dict[str, int] | None) -> None:
+        if codes:
+            warns.setdefault(rel, Counter()).update(codes)
+
     usable: list[Candidate] = []
     for c in cands:
-        if c.fmt == "unknown":
+        if c.reason:  # found while walking the folders (a broken symbolic link)
+            reject(c.rel, c.fmt, c.reason, c.detail)
+        elif c.fmt == "unknown":
             reject(c.rel, c.fmt, R.UNREADABLE, "not a DICOM, NIfTI, PNG, JPEG or npz file")
         elif c.fmt not in cfg.scans.formats:
             reject(
@@ -187,6 +196,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
         heads = list(_pool_map([mk("header", [c]) for c in dcm], nproc, "ingest: reading DICOM headers"))
         series: dict[str, list[tuple[Candidate, dict[str, Any]]]] = {}
         for c, res in zip(dcm, heads):
+            add_warnings(c.rel, res.get("warnings"))
             if not res["ok"]:
                 reject(c.rel, c.fmt, res["reason"], res["detail"])
                 continue
@@ -221,6 +231,9 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     try:
         for task, res in zip(tasks, _pool_map(tasks, nproc, f"ingest {cfg.name}: decoding")):
             rel0 = task.rels[0]
+            add_warnings(
+                rel0, res.get("warnings") or (res["items"][0].get("warnings") if res["ok"] else None)
+            )
             if not res["ok"]:
                 for rel in task.rels:
                     reject(rel, task.fmt, res["reason"], res["detail"])
@@ -304,6 +317,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                     }
                 )
                 accepted += 1
+            if res["items"] and res["items"][0].get("constant_frames"):  # multi-frame: blank frames dropped
+                notes[R.CONSTANT_IMAGE] += int(res["items"][0]["constant_frames"])
             if keep_rows:
                 rng = writer.append(arr[keep_rows])
                 for r, si in zip(rows[-len(keep_rows) :], rng):
@@ -338,6 +353,12 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                     if dims == 3 and "/" in rel:  # a rejected slice: its series folder has the row
                         table.lookup(str(PurePosixPath(rel).parent), {})
         label_rows_missing = table.unused() if table is not None else []
+        for rel, codes in warns.items():
+            if rel in files:
+                files[rel]["warnings"] = dict(sorted(codes.items()))
+        warning_totals: Counter[str] = Counter()
+        for codes in warns.values():
+            warning_totals.update(codes)
         reasons = Counter(f["reason"] for f in files.values() if f["status"] == "rejected")
         if label_rows_missing:
             reasons[R.LABEL_FOR_MISSING_FILE] = len(label_rows_missing)
@@ -360,6 +381,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             "n_rejected_files": len(files) - n_acc_files,
             "n_images": len(index),
             "reasons": dict(sorted(reasons.items())),
+            # what pydicom and the readers warned about, by code (docs/ingest.md, "Warnings"); per file too
+            "warnings": dict(sorted(warning_totals.items())),
             "label_counts": dict(sorted(label_counts.items())),
             # condition names whose MLflow key differs from the name (label_images.<key>)
             "label_metric_keys": label_keys.changed(),

@@ -9,19 +9,29 @@ inverted for MONOCHROME1 so that "bright = dense" holds for every image in the s
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
 from pipeline.ingest import reasons as R
-from pipeline.ingest.reasons import Rejected
+from pipeline.ingest.reasons import NOTE, Rejected
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+# Image storage SOP classes whose name lacks "Image Storage" (see sop_class_kind)
+EXTRA_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.6.2"}  # Enhanced US Volume Storage
 
 
 @dataclass
@@ -74,10 +84,51 @@ def _shared_or_per_frame(ds: Dataset, seq: str, attr: str) -> Any:
 
 
 def read_dataset(data: bytes, header_only: bool = False) -> Dataset:
+    """Read like `dcmread(force=True)`: files without preamble or file-meta header (ACR-NEMA style) too.
+    Without a Transfer Syntax UID the syntax pydicom detected while reading (implicit/explicit VR, byte
+    order) is written into the file meta, so the pixel data can be decoded (noted as
+    `transfer_syntax_inferred`)."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=header_only)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=header_only)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, AttributeError) as e:
         raise Rejected(R.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})") from None
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is not None:
+            meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian
+                if implicit
+                else (ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian)
+            )
+            warnings.warn(NOTE + "transfer_syntax_inferred", stacklevel=2)
+    return ds
+
+
+def sop_class_kind(ds: Dataset) -> tuple[str, str, str]:
+    """(kind, uid, name) of a dataset's SOP Class: kind "image", "not_image", "dicomdir" or "unknown"
+    (no SOP Class UID, or one pydicom does not know, e.g. a private class).
+
+    Decided by the SOP Class UID alone (docs/ingest.md, "Which DICOM objects are images"): segmentations,
+    RT Dose/Structure Set/Plan, SR, presentation states, key object notes, raw data, waveforms and other
+    non-image storage classes never enter the store, whether or not they carry Pixel Data.
+    """
+    meta = getattr(ds, "file_meta", None)
+    uid = str(
+        ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or ""
+    )
+    uid = uid.strip().rstrip("\x00").strip()
+    if uid == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        return "dicomdir", uid or MediaStorageDirectoryStorage, "Media Storage Directory Storage"
+    known = UID(uid) if uid else None
+    if known is None or not known.keyword:  # not in pydicom's UID dictionary
+        return "unknown", uid, ""
+    name = str(known.name)
+    if "Image Storage" in name or uid in EXTRA_IMAGE_CLASSES:
+        return "image", uid, name
+    return "not_image", uid, name
 
 
 def header_info(ds: Dataset) -> DicomInfo:
@@ -119,17 +170,24 @@ def header_info(ds: Dataset) -> DicomInfo:
     )
 
 
-def check_image_object(ds: Dataset) -> None:
-    """Reject SR, presentation states, DICOMDIR, ... (not images) and image objects without pixels."""
-    has_pixels = any(t in ds for t in PIXEL_TAGS)
-    sop_class = ds.get("SOPClassUID")
-    class_name = getattr(sop_class, "name", "") if sop_class else ""
-    if not has_pixels:
-        if sop_class and "Image" not in class_name:
-            raise Rejected(R.NOT_IMAGE_OBJECT, f"SOP class '{class_name or sop_class}' is not an image")
-        if "DirectoryRecordSequence" in ds:
-            raise Rejected(R.NOT_IMAGE_OBJECT, "DICOMDIR (media directory), not an image")
-        raise Rejected(R.NO_PIXEL_DATA, f"'{class_name or 'image'}' object has no pixel data")
+def check_sop_class(ds: Dataset) -> str:
+    """Reject a DICOMDIR or a non-image SOP class (by its UID); returns the class name ("" if unknown)."""
+    kind, uid, name = sop_class_kind(ds)
+    if kind == "dicomdir":
+        raise Rejected(
+            R.DICOMDIR, "a DICOMDIR (media directory index), not an image; its images are read as files"
+        )
+    if kind == "not_image":
+        raise Rejected(R.NOT_IMAGE_OBJECT, f"SOP Class UID {uid} ({name}) is not an image storage class")
+    return name
+
+
+def check_image_object(ds: Dataset, header_only: bool = False) -> None:
+    """Reject non-image objects by SOP Class UID, and image objects without pixel data. A dataset read
+    without its pixels (`header_only`) is judged on its SOP class only."""
+    name = check_sop_class(ds)
+    if not header_only and not any(t in ds for t in PIXEL_TAGS):
+        raise Rejected(R.NO_PIXEL_DATA, f"'{name or 'image'}' object has no pixel data")
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -293,12 +351,22 @@ def modality_frames(ds: Dataset) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), False
 
 
+def presentation_inverse(ds: Dataset) -> bool:
+    """Whether the grey output is inverted for display: MONOCHROME1 (minimum = white), or a Presentation
+    LUT Shape of INVERSE (PS3.3 C.11.6). For MONOCHROME1 the standard's INVERSE shape (DX, MG) states the
+    same inversion, so it is applied once, never twice; IDENTITY leaves MONOCHROME1's own inversion."""
+    mono1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return mono1 or shape == "INVERSE"
+
+
 def to_unit(
     x: np.ndarray, ds: Dataset, voi: str = "header", window: dict[str, float] | None = None
 ) -> tuple[np.ndarray, str]:
-    """Grey modality values (any shape) -> [0, 1] by VOI LUT / window / min-max, MONOCHROME1 inverted."""
+    """Grey modality values (any shape) -> [0, 1] by VOI LUT / window / min-max, then inverted for
+    MONOCHROME1 or Presentation LUT Shape INVERSE (`presentation_inverse`), so bright = dense."""
     y, rule = _voi(x, ds, voi, window)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if presentation_inverse(ds):
         y = 1.0 - y
         rule += "+inverted"
     return y, rule

@@ -7,12 +7,14 @@ its format. A file nothing recognises is still listed (as "unknown") so that the
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.ingest import reasons as R
 
 HEAD_BYTES = 352  # enough for the DICOM preamble (132) and the NIfTI-1 magic at 344
 
@@ -21,7 +23,9 @@ HEAD_BYTES = 352  # enough for the DICOM preamble (132) and the NIfTI-1 magic at
 class Candidate:
     path: Path  # absolute
     rel: str  # POSIX path relative to the scan root (may hold PHI: never leaves the machine in clear)
-    fmt: str  # dicom | nifti | png | jpeg | npz | unknown
+    fmt: str  # dicom | nifti | png | jpeg | npz | unknown | symlink
+    reason: str = ""  # set when the walk itself rejects the path (a broken symbolic link)
+    detail: str = ""
 
 
 def sniff(path: Path, head: bytes | None = None) -> str:
@@ -54,11 +58,17 @@ def sniff(path: Path, head: bytes | None = None) -> str:
     return "unknown"
 
 
-def discover(root: Path, exclude: list[str] | None = None, skip: set[Path] | None = None) -> list[Candidate]:
+def discover(
+    root: Path, exclude: list[str] | None = None, skip: set[Path] | None = None, sniff_files: bool = True
+) -> list[Candidate]:
     """All regular files under `root` (recursively, sorted by relative path), with their sniffed format.
 
     Hidden files and folders (".DS_Store", ".git") are not scans and are skipped silently; `skip` holds
     absolute paths to leave out (e.g. the label table when it lives inside the scan root).
+    Symbolic links are followed, files and folders alike, each real folder walked once. A link whose
+    target is missing (`dangling_symlink`) or that leads back into itself or a folder that holds it
+    (`symlink_loop`) is returned with that reason, so the report accounts for it. `sniff_files=False`
+    only lists the files (format "").
     """
     root = Path(root)
     if not root.is_dir():
@@ -67,17 +77,59 @@ def discover(root: Path, exclude: list[str] | None = None, skip: set[Path] | Non
         )
     skip = {p.resolve() for p in (skip or set())}
     out: list[Candidate] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if fn.startswith("."):
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def broken(p: Path, rel: str) -> Candidate | None:
+        """A link that cannot be followed, as a rejected candidate; None if it resolves."""
+        try:
+            os.stat(p)
+        except FileNotFoundError:
+            return Candidate(
+                p, rel, "symlink", R.DANGLING_SYMLINK, "symbolic link to a path that does not exist"
+            )
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return Candidate(p, rel, "symlink", R.SYMLINK_LOOP, "symbolic link that leads back to itself")
+            return Candidate(
+                p, rel, "symlink", R.UNREADABLE, f"symbolic link cannot be followed ({e.strerror})"
+            )
+        return None
+
+    def walk(d: Path, ancestors: tuple[tuple[int, int], ...]) -> None:
+        st = os.stat(d)
+        ident = (st.st_dev, st.st_ino)
+        seen_dirs.add(ident)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            p = Path(dirpath) / fn
+            p = Path(e.path)
             rel = p.relative_to(root).as_posix()
             if exclude and any(fnmatch.fnmatch(rel, pat) for pat in exclude):
                 continue
-            if not p.is_file() or p.resolve() in skip:
+            if e.is_symlink():
+                bad = broken(p, rel)
+                if bad is not None:
+                    out.append(bad)
+                    continue
+            if e.is_dir():  # follows a link to a folder
+                t = os.stat(p)
+                tid = (t.st_dev, t.st_ino)
+                if tid in ancestors or tid == ident:
+                    out.append(
+                        Candidate(p, rel, "symlink", R.SYMLINK_LOOP,
+                                  "symbolic link to a folder that holds it: its files are read once, there")
+                    )  # fmt: skip
+                elif tid not in seen_dirs:  # a second link to a folder already walked adds nothing
+                    walk(p, (*ancestors, ident))
                 continue
-            out.append(Candidate(p, rel, sniff(p)))
+            if not e.is_file() or p.resolve() in skip:
+                continue
+            out.append(Candidate(p, rel, sniff(p) if sniff_files else ""))
+
+    walk(root, ())
     out.sort(key=lambda c: c.rel)
     return out

@@ -119,12 +119,13 @@ def parse_one_hot(rec: dict[str, Any], cfg: LabelsConfig) -> tuple[list[str], st
 def row_labels(rec: dict[str, Any], cfg: LabelsConfig) -> tuple[list[str], str]:
     """The conditions of one table row and, when the manifest's policy excludes the row, why."""
     excluded = ""
+    col = cfg.label_column or ""  # set for these formats (LabelsConfig checks it)
     if cfg.format == "one_hot":
         labs, excluded = parse_one_hot(rec, cfg)
     elif cfg.format == "list":
-        labs = tidy(parse_list(rec[cfg.label_column]), cfg.normal_label)
+        labs = tidy(parse_list(rec[col]), cfg.normal_label)
     else:
-        labs = tidy(str(rec[cfg.label_column]).split(cfg.separator), cfg.normal_label)
+        labs = tidy(str(rec[col]).split(cfg.separator), cfg.normal_label)
     for name in labs:
         check_name(name, cfg)
     return labs, excluded

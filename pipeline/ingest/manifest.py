@@ -115,6 +115,8 @@ class PreprocessConfig(StrictModel):
     # 3D series: slice gaps that deviate more than this fraction from the median are "uneven"
     gap_tolerance: float = Field(default=0.1, gt=0)
     uneven_series: Literal["interpolate", "reject"] = "interpolate"
+    # images with fewer rows or columns than this are rejected as too_small (a 1x1 "image" shows nothing)
+    min_size: int = Field(default=8, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from pipeline.errors import DataError, ScanRejectedError
 
-PREPROCESS_VERSION = 1  # bump when a change alters stored pixels: invalidates the decode cache
+PREPROCESS_VERSION = 2  # bump when a change alters stored pixels: invalidates the decode cache
+# 2: Presentation LUT Shape INVERSE applied; constant and too small images rejected
 
 
 def prep_digest(prep: dict[str, Any]) -> str:
@@ -142,12 +144,19 @@ def load_for_model(path: Path, preprocessing: dict[str, Any]) -> np.ndarray:
     Raises DataError naming the reason when the file is unreadable or holds more than one image
     (ScanRejectedError, carrying ingest's reason code, when ingest itself would reject it).
     """
+    p = Path(path)
+    prep = dict(preprocessing)
+    # pydicom's warnings quote header values (UIDs, ids): never printed, as in ingest (docs/ingest.md)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _load_for_model(p, prep)
+
+
+def _load_for_model(p: Path, prep: dict[str, Any]) -> np.ndarray:
     from pipeline.ingest.discover import sniff
     from pipeline.ingest.reasons import Rejected
     from pipeline.ingest.worker import decode_file, decode_series_paths
 
-    p = Path(path)
-    prep = dict(preprocessing)
     try:
         if p.is_dir():
             if int(prep["spatial_dims"]) != 3:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.errors import DataError, TrackingError
 from pipeline.ingest.build import IngestSummary, build_store
+from pipeline.ingest.discover import discover
 from pipeline.ingest.manifest import IngestConfig
 from pipeline.names import metric_key
 from pipeline.progress import log
@@ -53,15 +54,14 @@ def fingerprint_inputs(cfg: IngestConfig) -> str:
     h = hashlib.sha256()
     root = Path(cfg.scans.root)
     if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                try:
-                    st = os.stat(os.path.join(dirpath, fn))
-                except OSError:
-                    continue
-                rel = os.path.relpath(os.path.join(dirpath, fn), root)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # the files ingest would walk (symbolic links followed, loops cut: discover.py)
+        for c in discover(root, sniff_files=False):
+            try:
+                st = os.stat(c.path)
+            except OSError:
+                h.update(f"{c.rel}\0{c.reason}\n".encode())
+                continue
+            h.update(f"{c.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     if cfg.labels.path is not None and Path(cfg.labels.path).is_file():
         h.update(hashlib.sha256(Path(cfg.labels.path).read_bytes()).digest())
     return h.hexdigest()[:16]

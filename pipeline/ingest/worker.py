@@ -12,6 +12,9 @@ import hashlib
 import io
 import json
 import os
+import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,19 @@ from pipeline.ingest.preprocess import finish_2d, finish_3d, prep_digest
 from pipeline.ingest.reasons import Rejected
 
 Item = tuple[np.ndarray, dict[str, Any]]  # (stored array float16, facts)
+
+
+def check_size(rows: int, cols: int, prep: dict[str, Any]) -> None:
+    """Reject an image whose rows or columns are below `preprocess.min_size` (a 1x1 "image" is none)."""
+    low = int(prep.get("min_size") or 1)
+    if min(rows, cols) < low:
+        raise Rejected(R.TOO_SMALL, f"{rows}x{cols} pixels, below preprocess.min_size {low}")
+
+
+def is_constant(x: np.ndarray) -> bool:
+    """Every value equal after the intensity window: nothing to learn from (e.g. a CT slice entirely
+    outside the window, or a blank frame)."""
+    return x.size == 0 or float(np.max(x)) - float(np.min(x)) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -63,10 +79,18 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
     window = prep.get("window")
     voi = prep["voi"]
     if fmt == "dicom":
-        from pipeline.ingest.dicom_read import decode_frames, read_dataset
+        from pipeline.ingest.dicom_read import (
+            check_image_object,
+            check_sop_class,
+            decode_frames,
+            read_dataset,
+        )
 
         ds = read_dataset(data)
+        check_sop_class(ds)  # a DICOMDIR or a non-image object, before asking it for image attributes
         facts = _dicom_facts(ds)
+        check_image_object(ds)
+        check_size(int(facts["rows"]), int(facts["cols"]), prep)
         frames, rule = decode_frames(ds, voi, window)  # (F, C, H, W) in [0, 1]
         f = frames.shape[0]
         shape = [f] if f > 1 else []
@@ -79,10 +103,16 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
                 )
             if f > 1 and prep["multiframe"] == "first":
                 frames = frames[:1]
+            flat = [i for i in range(frames.shape[0]) if is_constant(frames[i])]
+            if len(flat) == frames.shape[0]:
+                raise Rejected(R.CONSTANT_IMAGE, _constant_detail(frames, rule))
             out = []
             for i in range(frames.shape[0]):
+                if i in flat:  # a constant frame of a multi-frame file: dropped, counted in the report
+                    continue
                 fi = dict(facts, frame=i if f > 1 and prep["multiframe"] == "split" else -1)
                 out.append((finish_2d(frames[i], prep), fi))
+            out[0][1]["constant_frames"] = len(flat)
             return out
         if f == 1:
             raise Rejected(
@@ -90,11 +120,16 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
                 "a single-frame slice; 3D ingest groups slices by series (pass the folder)",
             )
         vol = frames.transpose(1, 0, 2, 3)  # (C, D, H, W)
+        if is_constant(vol):
+            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(vol, rule))
         sp = facts["spacing"] or (1.0, 1.0)
         dz = facts["_ds_spacing_between"] or facts["slice_thickness"] or 1.0
         return [(finish_3d(vol, (float(dz), float(sp[0]), float(sp[1])), prep), dict(facts, frame=-1))]
     if fmt == "nifti":
         vol, zyx, raw_shape = readers.read_nifti(path, voi, window)  # (1, D, H, W)
+        check_size(int(vol.shape[-2]), int(vol.shape[-1]), prep)
+        if is_constant(vol):
+            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(vol, "minmax"))
         facts = {
             "source_format": "nifti",
             "orig_shape": list(raw_shape),
@@ -116,6 +151,9 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
         if dims == 3:
             raise Rejected(R.WRONG_DIMENSIONALITY, f"{fmt.upper()} images are 2D; this ingest is 3D")
         img, mode, raw_shape = readers.read_raster(data)
+        check_size(int(img.shape[-2]), int(img.shape[-1]), prep)
+        if is_constant(img):
+            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(img, "bitdepth"))
         facts = {
             "source_format": fmt,
             "orig_shape": list(raw_shape),
@@ -139,10 +177,17 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
                 "modality": "",
                 "voi_rule": "bitdepth",
             }
+            if i == 0:
+                check_size(int(x.shape[-2]), int(x.shape[-1]), prep)
             arr = finish_2d(x, prep) if dims == 2 else finish_3d(x, (1.0, 1.0, 1.0), prep)
             out.append((arr, facts))
         return out
     raise Rejected(R.UNREADABLE, "not a DICOM, NIfTI, PNG, JPEG or npz file")
+
+
+def _constant_detail(x: np.ndarray, rule: str) -> str:
+    v = float(np.min(x)) if x.size else 0.0
+    return f"every pixel is {v:.3g} after the intensity window ({rule}): the image shows nothing"
 
 
 def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item:
@@ -165,6 +210,7 @@ def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item
     if len(slices) < 2:
         raise Rejected(R.INCONSISTENT_SERIES, "a series needs at least 2 slices for a 3D volume")
     f0 = slices[0][1]
+    check_size(int(f0["rows"]), int(f0["cols"]), prep)
     ori = f0["_orientation"]
     if ori is None or any(s[1]["_position"] is None for s in slices):
         raise Rejected(R.INCONSISTENT_SERIES, "slices lack ImagePositionPatient/ImageOrientationPatient")
@@ -205,6 +251,8 @@ def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item
     y, rule = to_unit(
         stack, slices[order[0]][0], prep["voi"], prep.get("window")
     )  # window over the whole volume
+    if is_constant(y):
+        raise Rejected(R.CONSTANT_IMAGE, _constant_detail(y, rule))
     sp = f0["spacing"] or (1.0, 1.0)
     arr = finish_3d(y[None], (med, float(sp[0]), float(sp[1])), prep)
     facts = dict(
@@ -305,22 +353,62 @@ def _cache_save(p: Path | None, x: np.ndarray | None, meta: list[dict[str, Any]]
     os.replace(tmp, p)
 
 
+# pydicom's warnings quote the offending value (a UID, a patient id): they never reach the terminal, only
+# their code does, in the report (docs/ingest.md, "Warnings"). First match wins; {0} = the VR.
+_WARNING_CODES = [
+    (re.compile(r"^" + re.escape(R.NOTE) + r"(\w+)"), "{0}"),
+    (re.compile(r"^Invalid value for VR (\w+)"), "invalid_value_{0}"),
+    (re.compile(r"exceeds the maximum length of \d+ allowed for VR (\w+)"), "value_too_long_{0}"),
+    (re.compile(r"[Ee]xpected (explicit|implicit) VR, but found"), "vr_mismatch"),
+    (re.compile(r"Unknown DICOM tag"), "unknown_tag"),
+    (re.compile(r"Number of Frames"), "invalid_number_of_frames"),
+    (re.compile(r"[Pp]ixel [Dd]ata|excess padding|bytes long"), "pixel_data_length"),
+]
+
+
+def warning_codes(caught: list[warnings.WarningMessage]) -> dict[str, int]:
+    """Captured warnings -> {code: count}; the messages themselves (which may hold PHI) are dropped."""
+    out: Counter[str] = Counter()
+    for w in caught:
+        text = str(w.message)
+        for pattern, code in _WARNING_CODES:
+            m = pattern.search(text)
+            if m:
+                out[code.format(*m.groups()) if m.groups() else code] += 1
+                break
+        else:
+            origin = "pydicom" if "pydicom" in str(w.filename) else "other"
+            out[f"{origin}_warning"] += 1
+    return dict(sorted(out.items()))
+
+
 def run_task(task: Task) -> dict[str, Any]:
-    """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead."""
+    """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead. Warnings raised
+    while decoding are returned as codes (`warnings`), never printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _run_task(task, caught)
+    if not res["ok"] or task.kind == "header":
+        codes = warning_codes(caught)
+        if codes:
+            res["warnings"] = codes
+    return res
+
+
+def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     try:
         datas = [Path(p).read_bytes() for p in task.paths] if task.kind != "header" else []
     except OSError as e:
         return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
     try:
         if task.kind == "header":
-            from pipeline.ingest.dicom_read import read_dataset
+            from pipeline.ingest.dicom_read import check_image_object, read_dataset
 
             p = Path(task.paths[0])
             with open(p, "rb") as fh:
                 ds = read_dataset(fh.read(), header_only=True)
+            check_image_object(ds, header_only=True)  # pixels are not read yet: the SOP class decides
             facts = _dicom_facts(ds)
-            if int(facts["frames"]) == 1:
-                check_image_object_header(ds)
             pub = _public(facts, task.salt, task.rels[0])
             pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
             return {"ok": True, "items": [pub], "array": None, "cached": False}
@@ -339,6 +427,9 @@ def run_task(task: Task) -> dict[str, Any]:
             x = np.stack([a for a, _ in decoded]) if decoded else None
         if x is None:
             raise Rejected(R.NO_PIXEL_DATA, "the file holds no images")
+        codes = warning_codes(caught)
+        if codes:  # kept with the decode, so that a cache hit reports them too
+            items[0]["warnings"] = codes
         _cache_save(cp, x, items)
         return {"ok": True, "items": items, "array": x, "cached": False}
     except Rejected as r:
@@ -351,12 +442,3 @@ def run_task(task: Task) -> dict[str, Any]:
             "reason": R.UNREADABLE,
             "detail": f"unexpected {type(e).__name__} while decoding",
         }
-
-
-def check_image_object_header(ds: Any) -> None:
-    # header-only reads stop before PixelData, so "no pixel data" cannot be judged yet: only reject
-    # non-image SOP classes here; the series decode catches missing pixels.
-    sop_class = ds.get("SOPClassUID")
-    name = getattr(sop_class, "name", "") if sop_class else ""
-    if sop_class and "Image" not in name:
-        raise Rejected(R.NOT_IMAGE_OBJECT, f"SOP class '{name or sop_class}' is not an image")

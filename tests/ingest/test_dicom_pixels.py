@@ -70,7 +70,7 @@ def test_voi_lut_sequence_is_applied(tmp_path: Path, prep2d: dict) -> None:
     values = [0, 10, 20, 40, 80, 160, 200, 255]
     lut.add_new(0x00283006, "OW", np.array(values, "<u2").tobytes())
     p = make_dicom(tmp_path / "lut", px, VOILUTSequence=[lut], WindowCenter=3, WindowWidth=2)
-    (got,) = _decode(p, _same_size(prep2d, 2, 4))
+    (got,) = _decode(p, dict(_same_size(prep2d, 2, 4), min_size=1))  # a 2x4 test image
     np.testing.assert_allclose(got[0], np.array(values).reshape(2, 4) / 255.0, atol=1e-3)
 
 

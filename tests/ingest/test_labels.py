@@ -15,6 +15,8 @@ from pipeline.ingest.labels import split_labels
 from pipeline.ingest.manifest import IngestConfig
 from tests.ingest.conftest import make_dicom
 
+RAMP8 = np.arange(64, dtype=np.uint8).reshape(8, 8)  # a non-constant 8x8 image (constant ones are rejected)
+
 
 def _cfg(root: Path, labels: dict, **kw) -> IngestConfig:
     return IngestConfig.model_validate(
@@ -33,7 +35,7 @@ def _dicoms(root: Path) -> list[dict]:
     out = []
     for i in range(4):
         uid, study = f"1.2.3.4.{i}", f"1.2.3.9.{i // 2}"
-        p = make_dicom(root / f"pat{i // 2}" / f"img{i}.dcm", np.full((8, 8), i * 10, np.uint16), sop_uid=uid,
+        p = make_dicom(root / f"pat{i // 2}" / f"img{i}.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) + i * 10, sop_uid=uid,
                        study_uid=study, patient_id=f"FAKEP{i // 2}")  # fmt: skip
         out.append(
             {"path": p, "sop": uid, "study": study, "pid": f"FAKEP{i // 2}", "rel": f"pat{i // 2}/img{i}.dcm"}
@@ -95,8 +97,8 @@ def test_folder_per_condition(tmp_path: Path) -> None:
         for i in range(n):
             p = tmp_path / "png" / cls / f"sub{i}" / f"x{i}.png"
             p.parent.mkdir(parents=True)
-            Image.fromarray(np.full((8, 8), 100, np.uint8)).save(p)
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "png" / "stray.png")
+            Image.fromarray(RAMP8).save(p)
+    Image.fromarray(RAMP8).save(tmp_path / "png" / "stray.png")
     cfg = _cfg(tmp_path / "png", {"source": "folders", "normal_label": "Normal"})
     s = build_store(cfg, tmp_path / "o")
     assert s.label_counts == {"Normal": 3, "Pneumonia": 2} and s.reasons == {"no_label": 1}
@@ -138,7 +140,7 @@ def _pngs(root: Path, n: int) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(n):
-        Image.fromarray(np.full((8, 8), 20 * i + 10, np.uint8)).save(root / f"im{i}.png")
+        Image.fromarray(RAMP8 + 20 * i).save(root / f"im{i}.png")
         names.append(f"im{i}.png")
     return names
 
