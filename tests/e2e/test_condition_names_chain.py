@@ -2,7 +2,8 @@
 punctuation, spaces, unicode and case-only differences (issue 14): every stage finishes, every metric
 and param key is one MLflow accepts, and colliding names keep distinct keys with a clear warning.
 
-Tiny on purpose (8x8 PNGs, a few meta-training steps): about half a minute on 2 CPU cores.
+Tiny on purpose (8x8 PNGs, a few meta-training steps): about 20 s on 2 CPU cores, so it is not marked
+`e2e` and runs with the fast tests.
 """
 
 from __future__ import annotations
