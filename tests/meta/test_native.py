@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,11 +175,15 @@ def test_fixed_input_conv_equals_conv2d_to_second_order(cin, bias):
     for a, b in zip(hvp(fast), hvp(ref)):
         assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
     names = [n for n, _ in fast.named_parameters()]
+    ps = tuple(p.detach().clone().requires_grad_(True) for p in fast.parameters())
+    # Full (slow-mode) Jacobians on a 2x5x4 corner of the images: what they check does not depend on the
+    # size (the im2col path for cin 1 and 3, F.conv2d for cin 4, padding, a non-square image), their cost
+    # grows with the number of outputs (the full 4x9x8 batch: 20 to 300 s per case)
+    xs = x[:2, :, :5, :4]
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
-        return functional_call(fast, dict(zip(names, ps)), (x,))
+        return functional_call(fast, dict(zip(names, ps)), (xs,))
 
-    ps = tuple(p.detach().clone().requires_grad_(True) for p in fast.parameters())
     assert torch.autograd.gradcheck(f, ps)
     assert torch.autograd.gradgradcheck(f, ps)
     # an input that needs a gradient takes the stock op, with its input gradient
@@ -257,7 +263,8 @@ _CHILD = textwrap.dedent(
 
 
 def _child(env_extra: dict[str, str], tmp_path: Path) -> dict:
-    env = {**os.environ, "FEWSCAN_NATIVE_CACHE": str(tmp_path / "cache"), **env_extra}
+    inherited = {k: v for k, v in os.environ.items() if k != "FEWSCAN_NATIVE"}  # the CI lane without kernels
+    env = {**inherited, "FEWSCAN_NATIVE_CACHE": str(tmp_path / "cache"), **env_extra}
     out = subprocess.run(
         [sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -285,8 +292,9 @@ def test_without_a_compiler_the_pure_torch_paths_give_the_same_meta_gradient(tmp
 
 @needs_kernels
 def test_portable_kernels_without_avx512(tmp_path):
-    """Built for a baseline x86-64 (no AVX-512), the portable C pool kernels are exact too; float32 then
-    keeps the torch pool (faster than the portable kernel on short rows)."""
+    """Built for a baseline x86-64 (no AVX-512), the kernels pass the self-check ("loaded") and the portable
+    C pool kernels are exact too; float32 then keeps the torch pool and GroupNorm block (faster than the
+    portable kernel on short rows). The whole file passes with FEWSCAN_NATIVE_ARCH=-march=x86-64 too."""
     if os.uname().machine != "x86_64":
         pytest.skip("x86-64 only")
     code = textwrap.dedent(
@@ -304,6 +312,8 @@ def test_portable_kernels_without_avx512(tmp_path):
                 assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(yr, xr, gy)[0])
         x = torch.randn(2, 3, 8, 8)
         assert fastops.pool2_relu(x.requires_grad_()).grad_fn.name() != "_PoolReLUBackward"
+        y = fastops.group_norm_pool_relu(x, fastops.GroupNorm2(1, 3))
+        assert y.grad_fn.name() != "_GNPoolReLUBackward"
         print("ok")
         """
     )
@@ -318,18 +328,24 @@ def test_portable_kernels_without_avx512(tmp_path):
     "shape,groups", [((3, 8, 8, 8), 2), ((2, 6, 7, 7), 3), ((2, 4, 5, 6), 4), ((75, 16, 28, 28), 8)]
 )
 def test_fused_group_norm_pool_relu_equals_the_stock_block(shape, groups, dtype, tol):
-    """group_norm_pool_relu (the fused kernels) against nn.GroupNorm -> ReLU -> max_pool2d: values, the
-    first-order gradients (fused backward kernel) and Hessian-vector products (the create_graph path)."""
+    """The fused kernels (_GNPoolReLU) against nn.GroupNorm -> ReLU -> max_pool2d: values, the first-order
+    gradients (fused backward kernel) and Hessian-vector products (the create_graph path); and
+    group_norm_pool_relu takes them exactly where fastops says (float64, or float32 with the AVX-512 pool)."""
     fast, ref = _gn_pair(groups, shape[1], dtype)
     x0 = torch.randn(*shape, dtype=dtype) * 3 + 1
 
     def block(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return fastops.group_norm_pool_relu(x, mod) if mod is fast else _reference_pool_relu(mod(x))
+        if mod is fast:  # the kernels themselves, whatever the float32 gating of group_norm_pool_relu
+            return fastops._apply_GNPoolReLU(x, mod.weight, mod.bias, mod.num_groups, mod.eps)[0]
+        return _reference_pool_relu(mod(x))
 
     x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
     y, yr = block(fast, x), block(ref, xr)
-    assert y.grad_fn.name() == "_GNPoolReLUBackward"
     torch.testing.assert_close(y, yr, rtol=tol, atol=tol)
+    chosen = fastops.group_norm_pool_relu(x0, fast)
+    fused = dtype == torch.float64 or native.pool_simd()
+    assert (chosen.grad_fn.name() == "_GNPoolReLUBackward") == fused, chosen.grad_fn.name()
+    torch.testing.assert_close(chosen, yr, rtol=tol, atol=tol)
     gy = torch.randn_like(y)
     for a, b in zip(
         torch.autograd.grad(y, (x, fast.weight, fast.bias), gy),
@@ -375,3 +391,189 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     lib.write_bytes(lib.read_bytes()[:100])
     assert status() == "loaded"
     assert lib.stat().st_size > 1000 and not list(tmp_path.glob(".build-*"))
+
+
+_KERNELS = [
+    f"{name}_{suf}"
+    for suf in ("f32", "f64")
+    for name in (
+        "pool2_relu_fwd",
+        "pool2_relu_bwd",
+        "pool2_relu_gather",
+        "gn_pool_relu_fwd",
+        "gn_pool_relu_bwd",
+        "gn_double_backward",
+    )
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", _KERNELS)
+def test_a_kernel_that_disagrees_with_the_stock_op_is_not_used(kernel, monkeypatch):
+    """The self-check sees each kernel's result (here one is made wrong by 1e-3 relative in float32, 1e-9
+    in float64: rounding-sized for neither): the kernels are then not used at all, with one warning line
+    naming the kernel; status and build_id say so, and the fast paths take the pure-torch ops."""
+
+    def corrupt(name: str, outputs: dict[str, torch.Tensor]) -> None:
+        if name == kernel:
+            for t in outputs.values():
+                t.mul_(1 + (1e-3 if name.endswith("f32") else 1e-9))
+
+    monkeypatch.setattr(native, "_state", {})  # a fresh process, as far as native is concerned
+    monkeypatch.setattr(native, "_self_check_hook", corrupt)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert native.lib() is None
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and kernel in message and "pure-torch" in message, message
+    assert native.status().startswith(f"failed self-check: {kernel} "), native.status()
+    assert native.build_id() == "torch"
+    fast, ref = _gn_pair(2, 4, torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert not native.usable(x)
+    y = fastops.group_norm_pool_relu(x, fast)
+    assert y.grad_fn.name() != "_GNPoolReLUBackward"
+    torch.testing.assert_close(y, _reference_pool_relu(ref(x)))
+
+
+@needs_kernels
+def test_the_self_check_passes_whatever_the_callers_autograd_state(monkeypatch):
+    """The kernels may first be needed inside inference mode, no_grad, a torch.func transform or a backward
+    pass: the check runs in its own thread, so it passes there as well, and leaves the global RNG alone."""
+    for context in (torch.inference_mode, torch.no_grad):
+        monkeypatch.setattr(native, "_state", {})
+        state = torch.get_rng_state()
+        with context():
+            assert native.lib() is not None, native.status()
+        assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(native, "_state", {})
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        assert native.lib() is not None, native.status()
+        return (x**2).sum()
+
+    grad(f)(torch.randn(3))
+    assert native.status() == "loaded"
+
+    class Twice(torch.autograd.Function):  # GroupNorm2's double backward is a first use inside a backward
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, gy):
+            assert native.lib() is not None, native.status()
+            return gy * 2
+
+    monkeypatch.setattr(native, "_state", {})
+    x = torch.randn(3, requires_grad=True)
+    (gx,) = torch.autograd.grad(Twice.apply(x).sum(), x)
+    assert torch.equal(gx, torch.full((3,), 2.0)) and native.status() == "loaded"
+
+
+_RACER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from pipeline.meta import native
+    sync = Path(sys.argv[1])
+    (sync / f"ready-{sys.argv[2]}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.01)
+    print(json.dumps([native.status(), native.build_id()]))
+    """
+)
+
+
+@needs_kernels
+def test_concurrent_first_builds_compile_once(tmp_path):
+    """Processes that start together on an empty cache (torchrun ranks, CI workers): the file lock lets
+    one compile (a compiler wrapper counts the calls and takes 2 s more, so that every process would
+    otherwise find no library and build its own), the others wait; all load the kernels, and the cache
+    holds exactly one library and no temporary file."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    log, sync, cache = tmp_path / "cc.log", tmp_path / "sync", tmp_path / "cache"
+    sync.mkdir()
+    wrapper = tmp_path / "slow-cc"
+    wrapper.write_text(f'#!/bin/sh\necho call >> "{log}"\nsleep 2\nexec "{cc}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "FEWSCAN_NATIVE_CACHE": str(cache), "CC": str(wrapper)}
+    n = 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(sync), str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(sync.glob("ready-*"))) < n and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        (sync / "go").touch()  # all at once
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert all(status == "loaded" for status, _ in reports), reports
+    assert len({key for _, key in reports}) == 1 and reports[0][1].startswith("native-")
+    assert log.read_text().splitlines() == ["call"]  # one compile
+    assert len(list(cache.glob("libfewscan_fastops-*.so"))) == 1
+    assert not list(cache.glob(".build-*"))
+
+
+_FAST_MATH_CHILD = textwrap.dedent(
+    """
+    import json, warnings
+    import torch
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        from pipeline.meta import fastops, native
+        status = native.status()
+    nan_kept = None
+    if native.lib() is not None:
+        x = torch.tensor([[[[float("nan"), 1.0], [0.5, 2.0]]]], dtype=torch.float64)
+        nan_kept = bool(fastops._apply_PoolReLU(x)[0].isnan().all())
+    print(json.dumps({"status": status, "build": native.build_id(), "nan_kept": nan_kept,
+                      "warnings": [str(w.message) for w in caught]}))
+    """
+)
+
+
+@needs_kernels
+def test_a_fast_math_build_is_refused(tmp_path):
+    """A real miscompile: with -ffast-math (the default of some compilers) GCC drops the pool kernels' NaN
+    tests, so a NaN no longer wins its window as in ATen. The self-check refuses that build (one warning
+    line, status and build_id say so). A compiler that keeps the NaN rule may pass, but must then be exact."""
+    env = {
+        **os.environ,
+        "FEWSCAN_NATIVE_CACHE": str(tmp_path),
+        "FEWSCAN_NATIVE_ARCH": f"{os.environ.get('FEWSCAN_NATIVE_ARCH', '-march=native')} -ffast-math",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _FAST_MATH_CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    if child["status"] == "loaded":
+        assert child["nan_kept"], "a fast-math build passed the self-check but drops NaN"
+        return
+    assert child["status"].startswith("failed self-check: pool2_relu_fwd_"), child["status"]
+    assert child["build"] == "torch"
+    assert len(child["warnings"]) == 1 and "\n" not in child["warnings"][0], child["warnings"]
