@@ -17,7 +17,8 @@ of its time outside the convolutions, and the first convolution itself ran far f
   the CPU has it; ATen's NCHW max-pool forward is scalar here: 8.2 vs 0.9 ms for a 75x64x28x28 query
   batch, ReLU included). Without the kernel: ATen's channels-last max-pool (`max_pool2`) and a ReLU.
 - The Functions are applied through `_fast_apply`, which skips `Function.apply`'s per-call Python
-  overhead outside torch.func transforms.
+  overhead outside torch.func transforms (through torch's private C entry point, checked at import; the
+  public `Function.apply` where that is missing or behaves otherwise).
 
 All are CPU-only fast paths: on other devices, under `torch.func.vmap` (batched tensors), under
 forward-mode AD, or for shapes and options they do not cover they defer to the stock PyTorch ops, so a
@@ -26,6 +27,8 @@ model never depends on them for correctness. State dicts are unchanged (`GroupNo
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +56,58 @@ def _is_plain_cpu(x: Tensor) -> bool:
     return True
 
 
-def _fast_apply(fn: type[torch.autograd.Function]):
+class _Probe(torch.autograd.Function):
+    """x -> 3·x, written like the Functions below (no ctx in forward, a `setup_context`)."""
+
+    @staticmethod
+    def forward(x: Tensor, k: float):  # type: ignore[override]
+        return x * k
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.k = inputs[1]
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        return gy * ctx.k, None
+
+
+def _checked_c_apply(candidate):
+    """`candidate` (the private `torch._C._FunctionBase.apply`) if it applies a `setup_context` Function as
+    the public `Function.apply` does (same output, a graph node of that Function, its backward), else None.
+
+    The private entry point is not a documented API: a torch release may drop it or change what it does;
+    then the Functions keep the public path, only slower. The probe runs in a fresh thread, so that grad
+    mode and transforms of whoever imports this module do not enter it."""
+    if candidate is None:
+        return None
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            x = torch.arange(3.0, requires_grad=True)
+            y = candidate.__get__(None, _Probe)(x, 3.0)
+            (gx,) = torch.autograd.grad(y.sum(), x)
+            ok.append(
+                isinstance(y, Tensor)
+                and y.grad_fn is not None
+                and type(y.grad_fn).__name__ == "_ProbeBackward"
+                and torch.equal(y.detach(), x.detach() * 3)
+                and torch.equal(gx, torch.full((3,), 3.0))
+            )
+        except Exception:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, name="fewscan-apply-probe")
+    t.start()
+    t.join()
+    return candidate if ok and ok[0] else None
+
+
+_C_APPLY = _checked_c_apply(torch._C._FunctionBase.__dict__.get("apply"))
+
+
+def _fast_apply(fn: type[torch.autograd.Function], c_apply=_C_APPLY):
     """`fn.apply`, minus the Python wrapper's per-call overhead where that is safe.
 
     `Function.apply` binds default arguments with `inspect.signature` on every call of a Function that
@@ -61,9 +115,10 @@ def _fast_apply(fn: type[torch.autograd.Function]):
     per Conv-4 meta-batch, holding the GIL the task threads share). The C entry point it ends in,
     `torch._C._FunctionBase.apply`, handles `setup_context` Functions itself; the wrapper only adds work
     for functorch transforms, so they keep it: under an active transform, or with a functorch-wrapped
-    argument, this calls `fn.apply`. None of these Functions has default arguments to bind."""
-    c_apply = torch._C._FunctionBase.__dict__.get("apply")
-    if c_apply is None:  # a torch without the C entry point: the public path
+    argument, this calls `fn.apply`. None of these Functions has default arguments to bind. The C entry
+    point is private: it is used only if `_checked_c_apply` found it present and behaving as the public
+    path (`c_apply`); otherwise this is the public `fn.apply`."""
+    if c_apply is None:  # missing, or not behaving as the public path: the public path
         return fn.apply
     bound = c_apply.__get__(None, fn)
     active = torch._C._are_functorch_transforms_active

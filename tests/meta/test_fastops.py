@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from pipeline.meta import fastops
 from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2, max_pool2
 
 
@@ -135,3 +136,30 @@ def test_maml_meta_gradient_through_the_fast_network_equals_the_stock_network():
 
     for ga, gb in zip(meta_grad(a), meta_grad(b)):
         assert torch.allclose(ga, gb, atol=1e-11), (ga - gb).abs().max()
+
+
+def test_the_private_apply_entry_point_is_used_only_when_it_behaves_as_the_public_one():
+    """fastops applies its Functions through torch's private C entry point only if an import-time probe
+    found it present and equal in effect to the public Function.apply; a missing one (None), one that
+    raises, or one that skips autograd leaves every Function on the public path, which gives the same
+    values and gradients."""
+
+    def raises(*args):
+        raise TypeError("changed signature")
+
+    no_graph = classmethod(lambda cls, *args: cls.forward(*args))  # runs forward, records nothing
+    assert fastops._checked_c_apply(None) is None
+    assert fastops._checked_c_apply(raises) is None
+    assert fastops._checked_c_apply(no_graph) is None
+    assert fastops._fast_apply(fastops._GroupNorm, None) == fastops._GroupNorm.apply
+
+    torch.manual_seed(0)
+    fast, _ = _pair(2, 4)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for c_apply in (fastops._C_APPLY, None):  # the checked fast path (where torch has it), the public one
+        y = fastops._fast_apply(fastops._GroupNorm, c_apply)(x, fast.weight, fast.bias, 2, fast.eps)[0]
+        assert type(y.grad_fn).__name__ == "_GroupNormBackward"
+        results.append([y, *torch.autograd.grad((y**2).sum(), (x, fast.weight))])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
