@@ -10,8 +10,13 @@
 All per-episode adaptation goes through the one inner loop `pipeline.meta.inner.adapt` (plain gradient
 descent on the support cross-entropy). Pretraining is ordinary minibatch Adam training, not adaptation.
 
-Why a zero head: the label order of an episode is arbitrary, so no class may start favoured; a zero
-head gives exactly uniform predictions before the first step (the "zeroing trick", Kao et al. 2022).
+The head each support set starts from (`evaluate.finetune.head_init`, `evaluate.scratch.head_init`): the
+label order of an episode is arbitrary, so no class may start favoured. `proto` (default) starts from the
+prototypical classifier of the support set's features (row c = 2·μ_c, bias −‖μ_c‖², the same start the
+meta-learned `head: proto` uses; docs/evaluation.md, "Stable MAML settings"); `zero` starts at zero (the
+"zeroing trick", Kao et al. 2022), whose first steps on features with a large shared component favour
+one class for every query unless many steps are taken. Giving every method the same start keeps the
+comparison about features and adaptation, not about a bias term.
 Head-only fine-tuning computes the frozen features once and runs the inner loop on the linear head alone:
 mathematically the same as `adapt(..., trainable=head)` on the whole network (no batch statistics are
 kept by any of our normalization policies), at a fraction of the cost.
@@ -111,7 +116,9 @@ def _stratified_cap(y: np.ndarray, cap: int, rng: np.random.Generator) -> np.nda
 
 
 # --------------------------------------------------------------------------------------------- pretrain
-def _seeded_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:
+def _seeded_model(
+    spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int, head: str = "zero"
+) -> FewShotNet:
     """Build the network with its default initialization drawn from torch's RNG seeded with `seed`.
 
     Module constructors draw from the global torch generator; `fork_rng` scopes the seed so nothing
@@ -119,12 +126,12 @@ def _seeded_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...]
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(spec.model_copy(update={"head": "zero"}), in_channels, image_size)
+        return build_model(spec.model_copy(update={"head": head}), in_channels, image_size)
 
 
 @dataclass
 class Pretrained:
-    """The traditional classifier: a FewShotNet (zero head) whose backbone was pretrained."""
+    """The traditional classifier: a FewShotNet (zero or proto head) whose backbone was pretrained."""
 
     model: FewShotNet
     report: dict[str, Any]
@@ -171,8 +178,10 @@ def pretrain_classifier(
     cfg: PretrainConfig,
     seed: int,
     device: torch.device | None = None,
+    head: str = "zero",
 ) -> Pretrained:
-    """Train backbone + a (n_classes) linear head with cross-entropy to convergence; keep the backbone.
+    """Train backbone + a (n_classes) linear head with cross-entropy to convergence; keep the backbone
+    (in a FewShotNet whose per-episode head starts as `head`: zero or proto).
 
     Class-balanced sampling (each class drawn equally often) so that the abundant normal scans do not
     dominate the representation. Held-out train-pool PATIENTS decide when to stop (early stopping on their
@@ -186,7 +195,7 @@ def pretrain_classifier(
         idx = _stratified_cap(data.y, cfg.max_images, rng)
     tr, stop, rep, n_stop_p, n_rep_p = _split_holdout(data.patients, idx, cfg.holdout_fraction, rng)
 
-    model = _seeded_model(spec, in_channels, image_size, seed).to(device)
+    model = _seeded_model(spec, in_channels, image_size, seed, head).to(device)
     n_cls = len(data.classes)
     gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(model.feat_dim, n_cls)
@@ -290,7 +299,7 @@ def pretrain_classifier(
 
 
 # A classifier whose held-out macro AUC stays below this learned (almost) nothing: evaluate marks every
-# verdict that rests on it (docs/tasks.md, "evaluate").
+# verdict that rests on it (docs/evaluation.md, "The positive control").
 NEAR_CHANCE_AUC = 0.6
 
 
@@ -302,16 +311,20 @@ def near_chance(report: dict[str, Any]) -> bool | None:
     return bool(auc < NEAR_CHANCE_AUC)
 
 
-def scratch_model(spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int) -> FewShotNet:
+def scratch_model(
+    spec: ModelSpec, in_channels: int, image_size: tuple[int, ...], seed: int, head: str = "zero"
+) -> FewShotNet:
     """The same architecture at a seeded random initialization (one draw per evaluation seed)."""
-    return _seeded_model(spec, in_channels, image_size, seed + 1_000_003)
+    return _seeded_model(spec, in_channels, image_size, seed + 1_000_003, head)
 
 
 # --------------------------------------------------------------------------------------------- methods
 def whole_network_method(name: str, model: FewShotNet, lr: float, steps: int) -> GradientMethod:
     """Every parameter of `model` (zero n-way head) trained on the support set by the engine's method."""
-    if model.head_policy != "zero":
-        raise ValueError(f"{name}: baselines start from a zero head, got head policy '{model.head_policy}'")
+    if model.head_policy not in ("zero", "proto"):
+        raise ValueError(
+            f"{name}: baselines start from a zero or proto head (never a learned one), got '{model.head_policy}'"
+        )
     # all named parameters: the zero head is not a meta-parameter but task_params needs its shape
     return GradientMethod(
         model, dict(model.named_parameters()), steps=steps, lr=float(lr), trainable="all", name=name
@@ -324,16 +337,25 @@ class HeadOnlyMethod:
     `Adapted.params` holds the head only: {"weight": (n_way, F), "bias": (n_way,)}.
     """
 
-    def __init__(self, name: str, model: FewShotNet, lr: float, steps: int):
+    def __init__(self, name: str, model: FewShotNet, lr: float, steps: int, head_init: str = "zero"):
+        if head_init not in ("zero", "proto"):
+            raise ValueError(f"{name}: head_init must be 'zero' or 'proto', got '{head_init}'")
         self.name = name
+        self.head_init = head_init
         self.model = model
         self.lr = float(lr)
         self.steps = int(steps)
         self._head = nn.Linear(model.feat_dim, 1)  # structure only; the n-way weights come in params
 
-    def _start(self, x_s: Tensor, n_way: int) -> tuple[Tensor, Params]:
+    def _start(self, x_s: Tensor, y_s: Tensor, n_way: int) -> tuple[Tensor, Params]:
         with torch.no_grad():
             feats = self.model.features(x_s)  # (n_support, F)
+        if (
+            self.head_init == "proto"
+        ):  # the prototypical classifier in linear form, as FewShotNet's proto head
+            onehot = F.one_hot(y_s, n_way).to(feats.dtype)
+            mu = (onehot.T @ feats) / onehot.sum(0).clamp_min(1.0)[:, None]
+            return feats, {"weight": 2.0 * mu, "bias": -(mu * mu).sum(-1)}
         z = {"weight": feats.new_zeros(n_way, feats.shape[1]), "bias": feats.new_zeros(n_way)}
         return feats, z
 
@@ -342,7 +364,7 @@ class HeadOnlyMethod:
 
     def fit_trajectory(self, x_s: Tensor, y_s: Tensor, n_way: int, steps: int) -> list[Adapted]:
         """The head after 0..steps inner steps of one run (steps + 1 states)."""
-        feats, z = self._start(x_s, n_way)
+        feats, z = self._start(x_s, y_s, n_way)
         with torch.no_grad():  # no outer graph; torch.func.grad differentiates inside regardless
             out = inner.adapt(self._head, z, feats, y_s, steps=steps, lr=self.lr, trajectory=True)
         assert isinstance(out, list)

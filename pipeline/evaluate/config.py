@@ -54,10 +54,17 @@ class PretrainConfig(StrictModel):
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=0.6)
 
 
+HEAD_INIT_DOC = (
+    "the head each support set starts from: proto = the prototypical classifier of the support features "
+    "(the start meta-learned head: proto uses), zero = zeros (docs/evaluation.md, 'Stable MAML settings')"
+)
+
+
 class FinetuneConfig(StrictModel):
-    """Fine-tuning the pretrained classifier on each episode's support set (a fresh zero head)."""
+    """Fine-tuning the pretrained classifier on each episode's support set (a fresh per-episode head)."""
 
     enabled: bool = True
+    head_init: Literal["proto", "zero"] = Field(default="proto", description=HEAD_INIT_DOC)
     modes: list[Literal["head", "whole"]] = ["head", "whole"]
     steps: list[int] = [10, 25]
     lrs: list[float] = [0.01, 0.1]
@@ -76,6 +83,7 @@ class ScratchConfig(StrictModel):
     """Training the same backbone from a random initialization on each support set alone."""
 
     enabled: bool = True
+    head_init: Literal["proto", "zero"] = Field(default="proto", description=HEAD_INIT_DOC)
     steps: list[int] = [25, 50]
     lrs: list[float] = [0.01, 0.1]
 

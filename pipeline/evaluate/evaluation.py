@@ -118,7 +118,9 @@ def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig) -> MethodPlan
 
             def build(mode: str = mode, lr: float = lr) -> Method:
                 if mode == "head":
-                    return baselines.HeadOnlyMethod("finetune", pre.model, lr, max(cfg.finetune.steps))
+                    return baselines.HeadOnlyMethod(
+                        "finetune", pre.model, lr, max(cfg.finetune.steps), cfg.finetune.head_init
+                    )
                 return baselines.whole_network_method("finetune", pre.model, lr, max(cfg.finetune.steps))
 
             cands.append(Candidate({"mode": mode, "lr": lr}, build))
@@ -126,7 +128,8 @@ def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig) -> MethodPlan
         "finetune",
         FAMILY_TRAD,
         "the same architecture trained as an ordinary classifier on every single-label scan of the meta-train "
-        "pool (common conditions + normal), then fine-tuned on each support set with a fresh zero head by "
+        f"pool (common conditions + normal), then fine-tuned on each support set with a fresh {cfg.finetune.head_init} "
+        "head by "
         f"gradient descent: head only or whole network, lr in {cfg.finetune.lrs}, steps in {cfg.finetune.steps} "
         "(the better chosen on validation)",
         cands,
@@ -138,7 +141,7 @@ def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig) -> MethodPlan
 def _scratch_plan(
     spec: ModelSpec, in_ch: int, size: tuple[int, ...], cfg: EvaluateConfig, seed: int, device: torch.device
 ) -> MethodPlan:
-    model = baselines.scratch_model(spec, in_ch, size, seed).to(device)
+    model = baselines.scratch_model(spec, in_ch, size, seed, cfg.scratch.head_init).to(device)
     cands = []
     for lr in cfg.scratch.lrs:
 
@@ -150,7 +153,8 @@ def _scratch_plan(
         "scratch",
         FAMILY_SCRATCH,
         "the same architecture from a random initialization (one draw per seed), trained on the support set "
-        f"alone by gradient descent, lr in {cfg.scratch.lrs}, steps in {cfg.scratch.steps}",
+        f"alone by gradient descent from a {cfg.scratch.head_init} head, lr in {cfg.scratch.lrs}, steps in "
+        f"{cfg.scratch.steps}",
         cands,
         list(sorted(cfg.scratch.steps)),
         False,
@@ -232,7 +236,15 @@ def run(
                 data = baselines.pretrain_data(inputs.split, inputs.store.index, inputs.store.rows_for)
             t0 = time.monotonic()
             pre = baselines.pretrain_classifier(
-                spec, in_ch, size, inputs.store.images, data, cfg.finetune.pretrain, seed, inputs.device
+                spec,
+                in_ch,
+                size,
+                inputs.store.images,
+                data,
+                cfg.finetune.pretrain,
+                seed,
+                inputs.device,
+                head=cfg.finetune.head_init,
             )
             timing["pretrain"] = timing.get("pretrain", 0.0) + time.monotonic() - t0
             pretrain[str(seed)] = pre.report

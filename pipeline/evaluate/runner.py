@@ -154,7 +154,7 @@ def _gradient_adapt(
     device = next(iter(method.params.values())).device
     x_s, y_s = x_s.to(device), y_s.to(device)
     with torch.no_grad():
-        p0 = method.model.task_params(n_way, method.params)
+        p0 = method.model.task_params(n_way, method.params, support=(x_s, y_s))
         return inner.adapt(
             method.model,
             p0,

@@ -67,7 +67,7 @@ class InnerConfig(StrictModel):
         default=None,
         gt=0,
         description="clip each inner step's gradient to this norm (meta-training AND adaptation); null = off. "
-        "Bounds the step when a large inner lr meets a few support scans (docs/tasks.md, 'Stable MAML settings')",
+        "Bounds the step when a large inner lr meets a few support scans (docs/evaluation.md, 'Stable MAML settings')",
     )
     tasks: Literal["auto", "vmap", "loop", "threads"] = Field(
         default="auto",
@@ -242,7 +242,7 @@ class MetaLearner(nn.Module):
         ck = self.inner.checkpoint and so
 
         def fn(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-            p0 = net.task_params(n_way, meta)
+            p0 = net.task_params(n_way, meta, support=(xs, ys))
             traj = adapt(
                 net,
                 p0,

@@ -90,7 +90,7 @@ def adapt(
         trajectory: return the list [params after step 0, ..., after step `steps`] (MAML++ multi-step loss).
         clip_grad: scale each step's gradient (over the trainable tensors together) to at most this norm.
             A large inner lr with per-sample normalization can overshoot on a few support scans and diverge
-            within 2-3 steps; clipping bounds each step (docs/tasks.md, "Stable MAML settings"). No branch on
+            within 2-3 steps; clipping bounds each step (docs/evaluation.md, "Stable MAML settings"). No branch on
             data: the scale min(1, c/‖g‖) is computed in-graph, so it composes with vmap and second order.
 
     Returns:

@@ -101,7 +101,7 @@ class GradientMethod:
         device = next(iter(self.params.values())).device
         x_s, y_s = x_s.to(device), y_s.to(device)
         with torch.enable_grad():
-            p0 = self.model.task_params(n_way, self.params)
+            p0 = self.model.task_params(n_way, self.params, support=(x_s, y_s))
             p = adapt_params(
                 self.model,
                 p0,
@@ -130,7 +130,7 @@ class GradientMethod:
         device = next(iter(self.params.values())).device
         x_s, y_s = x_s.to(device), y_s.to(device)
         with torch.enable_grad():
-            p0 = self.model.task_params(n_way, self.params)
+            p0 = self.model.task_params(n_way, self.params, support=(x_s, y_s))
             traj = adapt(
                 self.model,
                 p0,

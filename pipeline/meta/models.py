@@ -3,7 +3,7 @@
 Every model is a `FewShotNet`: a backbone that maps images to a feature vector, plus a linear head.
 
 Head policy (why): meta-training sees binary and n-way episodes, and a rare condition may be tested with
-another n_way again, so the head cannot have a fixed number of rows. Two choices, both independent of n_way:
+another n_way again, so the head cannot have a fixed number of rows. Three choices, all independent of n_way:
 
 - `shared` (default, UnicornMAML, Ye & Chao, ICLR 2022): the meta-learned head is ONE row `w` (1, F) and
   one bias `b` (1,). For an n-way task the initial head is `w` replicated n times, so the initial logits are
@@ -11,6 +11,15 @@ another n_way again, so the head cannot have a fixed number of rows. Two choices
   loop moves each row apart. The gradient of the replicated rows flows back into `w` (summed over rows).
 - `zero` (the "zeroing trick" of Kao et al., ICLR 2022): the head starts at zero for every task and is
   not meta-learned; only the backbone is.
+- `proto` (Proto-MAML, Triantafillou et al., ICLR 2020): the head starts, for every task, at the linear
+  form of the prototypical classifier on the support set: row c = 2·μ_c, bias c = −‖μ_c‖² (μ_c the mean
+  support feature of class c), i.e. −‖f − μ_c‖² up to a term shared by all classes. Why: with a zero or
+  shared head, features that share a large common component (post-ReLU features of images that are mostly
+  the same anatomy) make a few small inner steps predict one class for every query, and first-order MAML
+  then gets almost no signal for the backbone (its gradient scales with the tiny adapted head). The proto
+  start is label-order invariant, is informative from step 0, and the inner loop fine-tunes it; the
+  outer gradient flows through the prototypes even in first order. Needs the support set: `task_params`
+  takes it. Not meta-learned (like `zero`).
 
 Normalization policy (why): a single scan must be predictable alone (DESIGN.md principle 7). Policies:
 
@@ -39,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
 from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2, group_norm_pool_relu
 
 NormPolicy = Literal["group", "instance", "layer", "batch_transductive", "none"]
-HeadPolicy = Literal["shared", "zero"]
+HeadPolicy = Literal["shared", "zero", "proto"]
 NORM_POLICIES: tuple[str, ...] = ("group", "instance", "layer", "batch_transductive", "none")
 
 
@@ -229,13 +239,13 @@ class FewShotNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, head: str = "shared"):
         super().__init__()
-        if head not in ("shared", "zero"):
-            raise ConfigError(f"unknown head policy '{head}'; valid: shared, zero")
+        if head not in ("shared", "zero", "proto"):
+            raise ConfigError(f"unknown head policy '{head}'; valid: shared, zero, proto")
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.head_policy = head
         self.head = nn.Linear(feat_dim, 1)
-        if head == "zero":
+        if head in ("zero", "proto"):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
             self.head.requires_grad_(False)
@@ -250,8 +260,14 @@ class FewShotNet(nn.Module):
         """The meta-learned tensors (what the outer optimizer updates), by name."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
 
-    def task_params(self, n_way: int, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The parameters one n-way task starts from, head replicated (shared) or zeroed (zero).
+    def task_params(
+        self,
+        n_way: int,
+        params: Mapping[str, Tensor] | None = None,
+        support: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The parameters one n-way task starts from: head replicated (shared), zeroed (zero), or the
+        prototypes of the `support` set (x_s, y_s) in linear form (proto; see the module docstring).
 
         Differentiable w.r.t. `params` (default: this module's parameters). Keys match `named_parameters`.
         """
@@ -259,7 +275,20 @@ class FewShotNet(nn.Module):
             raise ValueError(f"n_way must be >= 1, got {n_way}")
         src = dict(params) if params is not None else dict(self.named_parameters())
         out = {k: v for k, v in src.items() if not k.startswith("head.")}
-        if self.head_policy == "shared":
+        if self.head_policy == "proto":
+            if support is None:
+                raise ValueError(
+                    "head policy 'proto' starts each task from the support set: pass support=(x, y)"
+                )
+            x_s, y_s = support
+            bb = {k[len("backbone.") :]: v for k, v in out.items() if k.startswith("backbone.")}
+            feats = functional_call(self.backbone, bb, (x_s,))  # (n, F)
+            onehot = F.one_hot(y_s, n_way).to(feats.dtype)  # (n, n_way)
+            counts = onehot.sum(0).clamp_min(1.0)
+            mu = (onehot.transpose(0, 1) @ feats) / counts[:, None]  # (n_way, F)
+            out["head.weight"] = 2.0 * mu
+            out["head.bias"] = -(mu * mu).sum(-1)
+        elif self.head_policy == "shared":
             w, b = src["head.weight"], src["head.bias"]
             out["head.weight"] = w.expand(n_way, w.shape[-1])  # (n_way, F), all rows equal
             out["head.bias"] = b.expand(n_way)

@@ -93,12 +93,38 @@ def test_whole_network_and_scratch_fit_the_support_set(world: World) -> None:
     assert not torch.equal(scratch.state_dict()[w], other.state_dict()[w])
 
 
-def test_baselines_refuse_a_non_zero_head(world: World) -> None:
+def test_baselines_refuse_a_learned_head(world: World) -> None:
     from pipeline.meta.models import build_model
 
-    m = build_model(SPEC, 1, (SIZE, SIZE))  # shared head
-    with pytest.raises(ValueError, match="zero head"):
+    m = build_model(SPEC, 1, (SIZE, SIZE))  # shared head: meta-learned, not a baseline's
+    with pytest.raises(ValueError, match="zero or proto head"):
         baselines.whole_network_method("x", m, 0.1, 2)
+    with pytest.raises(ValueError, match="head_init"):
+        baselines.HeadOnlyMethod("x", m, 0.1, 2, head_init="shared")
+
+
+def test_a_proto_head_starts_as_nearest_prototype_and_fine_tuning_moves_it(world: World) -> None:
+    """head_init=proto: before any step the head-only baseline is the nearest-prototype classifier on the
+    pretrained features (so it cannot favour one class for every query), and the inner loop moves it."""
+    pre = _pretrain(world, 0)
+    x_s, y_s, x_q, _ = world.load(world.test[0])
+    m = baselines.HeadOnlyMethod("finetune", pre.model, lr=0.05, steps=3, head_init="proto")
+    traj = m.fit_trajectory(x_s, y_s, 2, 3)
+    p0 = m.predict_proba(traj[0], x_q)
+    f_s, f_q = pre.model.features(x_s).detach(), pre.model.features(x_q).detach()
+    mu = torch.stack([f_s[y_s == c].mean(0) for c in range(2)])
+    assert torch.equal(p0.argmax(1), torch.cdist(f_q, mu).argmin(1))
+    # the start is exactly the linear form of the nearest-prototype rule: rows 2·mu_c, biases -||mu_c||^2
+    assert traj[0].params is not None
+    torch.testing.assert_close(traj[0].params["weight"], 2 * mu)
+    torch.testing.assert_close(traj[0].params["bias"], -(mu * mu).sum(1))
+    # the same start on the whole network (the FewShotNet proto head), scratch included
+    scratch = baselines.scratch_model(SPEC, 1, (SIZE, SIZE), seed=0, head="proto")
+    whole = baselines.whole_network_method("scratch", scratch, lr=0.01, steps=0)
+    p_whole = whole.predict_proba(whole.fit(x_s, y_s, 2), x_q)
+    f_s, f_q = scratch.features(x_s).detach(), scratch.features(x_q).detach()
+    mu = torch.stack([f_s[y_s == c].mean(0) for c in range(2)])
+    assert torch.equal(p_whole.argmax(1), torch.cdist(f_q, mu).argmin(1))
 
 
 def test_pretraining_stops_on_held_out_patients_and_reports_the_positive_control(world: World) -> None:

@@ -44,6 +44,32 @@ def test_zero_head_is_not_meta_learned_and_starts_at_zero():
     assert p["head.weight"].shape == (3, m.feat_dim) and not p["head.weight"].any()
 
 
+def test_proto_head_starts_as_the_prototypical_classifier_and_carries_the_outer_gradient():
+    m = _model(head="proto")
+    assert "head.weight" not in m.meta_parameters()
+    x_s, y_s = torch.randn(6, 1, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2])
+    x_q = torch.randn(5, 1, 16, 16)
+    with pytest.raises(ValueError, match="support"):
+        m.task_params(3)
+    p = m.task_params(3, m.meta_parameters(), support=(x_s, y_s))
+    logits = torch.func.functional_call(m, p, (x_q,))
+    f_s, f_q = m.features(x_s), m.features(x_q)
+    mu = torch.stack([f_s[y_s == c].mean(0) for c in range(3)])
+    # logits = -||f - mu_c||^2 + ||f||^2: the ProtoNet scores up to a term every class shares
+    ref = -(torch.cdist(f_q, mu) ** 2) + (f_q * f_q).sum(1, keepdim=True)
+    assert torch.allclose(logits, ref, rtol=1e-4, atol=1e-3)
+    assert torch.equal(logits.argmax(1), torch.cdist(f_q, mu).argmin(1))
+    # invariant to the label order of the episode: permuting labels permutes the logit columns
+    perm = torch.tensor([2, 0, 1])
+    p2 = m.task_params(3, m.meta_parameters(), support=(x_s, perm[y_s]))
+    logits2 = torch.func.functional_call(m, p2, (x_q,))
+    assert torch.allclose(logits2[:, perm], logits, rtol=1e-5, atol=1e-4)
+    # the query loss reaches the backbone through the prototypes
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1]))
+    g = torch.autograd.grad(loss, [m.backbone.features[0].weight])[0]
+    assert g.abs().sum() > 0
+
+
 @pytest.mark.parametrize("norm", ["group", "instance", "layer", "none"])
 def test_a_single_scan_is_predicted_the_same_alone_or_in_a_batch(norm):
     m = _model(norm=norm)
