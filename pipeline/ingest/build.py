@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
 from pipeline.ingest.discover import Candidate, discover
@@ -144,6 +144,12 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     salt = load_or_create_salt(cfg.salt_file)
     nproc = workers if workers is not None else (cfg.workers or os.cpu_count() or 1)
     lab = cfg.labels
+    clash = [c for c in lab.group_columns if c in INDEX_COLUMNS]
+    if clash:
+        raise ConfigError(
+            f"labels.group_columns {clash} would replace column(s) of the scan index; rename them in the label "
+            f"file (the index has {', '.join(INDEX_COLUMNS)})"
+        )
     table: LabelTable | None = load_table(lab, salt) if lab.source == "csv" else None
     skip = {Path(lab.path)} if lab.path else set()
     cands = discover(cfg.scans.root, cfg.scans.exclude, skip)
@@ -314,6 +320,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                         "sex": (row.sex if row and row.sex else it.get("sex", "")),
                         "file_key": it["file_key"],
                         "npz_split": it.get("npz_split", ""),
+                        # labels.group_columns, verbatim (docs/ingest.md): what episodes.group_by reads
+                        **{c: (row.groups.get(c, "") if row else "") for c in lab.group_columns},
                     }
                 )
                 accepted += 1
@@ -363,7 +371,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
         if label_rows_missing:
             reasons[R.LABEL_FOR_MISSING_FILE] = len(label_rows_missing)
         n_acc_files = sum(1 for f in files.values() if f["status"] == "accepted")
-        index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+        index = pd.DataFrame(rows, columns=INDEX_COLUMNS + list(lab.group_columns))
         if len(index):
             index["store_index"] = index["store_index"].astype("int64")
         label_counts: Counter[str] = Counter()

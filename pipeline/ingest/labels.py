@@ -44,6 +44,7 @@ class Row:
     sex: str = ""
     # why the manifest's policy excludes this row (labels.uncertain/blank: exclude), else ""
     excluded: str = field(default="", kw_only=True)
+    groups: dict[str, str] = field(default_factory=dict)  # labels.group_columns: column -> value
 
 
 @dataclass
@@ -106,6 +107,11 @@ def _read_table(cfg: LabelsConfig) -> pd.DataFrame:
         raise ConfigError(
             f"labels.label_columns {absent} are not columns of {path.name}; columns: {', '.join(map(str, cols))}"
         )
+    for col in cfg.group_columns:
+        if col not in df.columns:
+            raise ConfigError(
+                f"labels.group_columns '{col}' is not a column of {path.name}; columns: {', '.join(map(str, cols))}"
+            )
     return df
 
 
@@ -139,6 +145,7 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
             pk,
             age_bin(rec[cfg.age_column]) if cfg.age_column else "",
             sex_code(rec[cfg.sex_column]) if cfg.sex_column else "",
+            {c: str(rec[c]).strip() for c in cfg.group_columns},
         )
         row.excluded = excluded
         first_row.setdefault(key, i + 1)
@@ -153,6 +160,7 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
             row.labels = tidy(old.labels + labs, cfg.normal_label)
             row.patient_key = old.patient_key or row.patient_key
             row.excluded = old.excluded or row.excluded
+            row.groups = {c: old.groups.get(c) or v for c, v in row.groups.items()}
         rows[key] = row
     errors.raise_if_any()
     table = LabelTable(cfg.join, rows)

@@ -54,6 +54,9 @@ class LabelsConfig(StrictModel):
     sex_column: str | None = None  # kept as M/F/O
     normal_label: str = "No Finding"
     names: list[str] | None = None  # npz: label index -> name
+    # csv only: columns copied verbatim into the scan index, to group episodes by (episodes.group_by):
+    # e.g. body part, or an alphabet. Kept in clear, so never a patient attribute (docs/ingest.md).
+    group_columns: list[str] = Field(default_factory=list)
     npz_splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
 
     @model_validator(mode="after")
@@ -92,6 +95,23 @@ class LabelsConfig(StrictModel):
             raise ValueError("labels.source=npz needs labels.names (label index -> condition name)")
         if not self.separator:
             raise ValueError("labels.separator must not be empty")
+        if self.group_columns:
+            if self.source != "csv":
+                raise ValueError(
+                    "labels.group_columns needs labels.source=csv (the columns of the label table)"
+                )
+            taken = {
+                getattr(self, k): k
+                for k in ("key_column", "label_column", "patient_column", "age_column", "sex_column")
+                if getattr(self, k)
+            }
+            clash = [f"'{c}' (labels.{taken[c]})" for c in self.group_columns if c in taken]
+            if clash or len(set(self.group_columns)) != len(self.group_columns):
+                raise ValueError(
+                    f"labels.group_columns {self.group_columns} must be distinct columns other than the key, "
+                    f"label, patient, age and sex columns (those are hashed, binned or parsed){': ' if clash else ''}"
+                    + ", ".join(clash)
+                )
         return self
 
 
