@@ -6,8 +6,9 @@ Checks: scan keys unique; pools patient-disjoint; no scan of a held-out (validat
 in an earlier pool (train < val < test); pool lists hold only their split's conditions and scans that
 carry them; every fixed episode draws only from its own pool, has the configured shape, has support
 and query from different patients, at most one scan per patient per class in the support (and at most
-one per patient in the whole episode), no repeated scan, and every scan's labels fit its class under
-the multi-label rule; the fixed-episode counts match the suite.
+one per patient in the whole episode), no repeated scan, every scan's labels fit its class under
+the multi-label rule, and (with episodes.group_by) all its scans share one group value; the
+fixed-episode counts match the suite.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def audit(
 ) -> dict[str, Any]:
     """Run every check; returns `{"checks": [...], "passed": bool}` (never raises on a failed check)."""
     normal = str(split["normal_label"])
-    t = table if table is not None else LabelTable.from_index(index, normal)
+    t = table if table is not None else LabelTable.from_index(index, normal, group_by=cfg.group_by)
     checks: list[dict[str, Any]] = []
     n_scans = len(t.scan_keys)
     lookup = t.lookup
@@ -193,6 +194,18 @@ def _episode_checks(
     out.append(
         _check(f"{pool}_episode_shapes", bad_shape == 0, f"{bad_shape}/{n} episodes with a wrong shape")
     )
+
+    if cfg.group_by is not None:
+        # episodes within a group (docs/tasks.md): every scan of an episode has the same group value
+        n_groups = pd.Series(t.group_codes[df["row"].to_numpy()]).groupby(df["ep"].to_numpy()).nunique()
+        mixed = int((n_groups > 1).sum())
+        out.append(
+            _check(
+                f"{pool}_episodes_within_one_group",
+                mixed == 0,
+                f"{mixed}/{n} episodes mix values of {cfg.group_by}",
+            )
+        )
 
     dup = int(df.duplicated(["ep", "row"]).sum())
     out.append(_check(f"{pool}_no_repeated_scan", dup == 0, f"{dup} repeated scans within episodes"))

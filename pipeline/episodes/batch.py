@@ -64,13 +64,33 @@ def row_map(store: StoreLike) -> _RowMap:
         return hit[1]
 
 
-def _keys_and_labels(ep: Episode, part: dict[str, list[str]]) -> tuple[list[str], np.ndarray]:
+def _keys_and_labels(ep: Episode, part: dict[str, list[str]]) -> tuple[list[str], np.ndarray, list[int]]:
+    """Scan keys, labels and quarter turns (rotation / 90) of one part, class by class."""
     keys: list[str] = []
     labels: list[int] = []
+    turns: list[int] = []
     for i, c in enumerate(ep.classes):  # class by class: support is ordered [class 0 x k, class 1 x k, ...]
         keys.extend(part[c])
         labels.extend([i] * len(part[c]))
-    return keys, np.asarray(labels, dtype=np.int64)
+        turns.extend([ep.rotations.get(c, 0) // 90] * len(part[c]))
+    return keys, np.asarray(labels, dtype=np.int64), turns
+
+
+def _rotate(x: torch.Tensor, turns: np.ndarray) -> torch.Tensor:
+    """Rotate row i of x (n, C, ..., H, W) by turns[i] quarter turns counterclockwise, in the image
+    plane (the last two axes), for rotated classes (docs/tasks.md "Rotated classes")."""
+    if not turns.any():
+        return x
+    if (turns % 2).any() and x.shape[-1] != x.shape[-2]:
+        raise DataError(
+            f"rotations by 90 or 270 degrees need square images, the store holds {tuple(x.shape[-2:])}: "
+            "use meta_train.train_episodes.rotations [0, 180] or a square preprocess.image_size"
+        )
+    for t in (1, 2, 3):  # x is this call's own tensor (gathered fresh): rotate in place
+        idx = torch.from_numpy(np.flatnonzero(turns == t)).to(x.device)
+        if len(idx):
+            x[idx] = torch.rot90(x[idx], t, dims=(-2, -1))
+    return x
 
 
 def _gather(store: StoreLike, rows: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
@@ -103,11 +123,15 @@ def stack_episodes(
     rmap = row_map(store)
     keys_s: list[str] = []
     keys_q: list[str] = []
+    turns_s: list[int] = []
+    turns_q: list[int] = []
     ys, yq = [], []
     shape: tuple[int, int] | None = None
     for ep in episodes:
-        ks, ls = _keys_and_labels(ep, ep.support)
-        kq, lq = _keys_and_labels(ep, ep.query)
+        ks, ls, ts = _keys_and_labels(ep, ep.support)
+        kq, lq, tq = _keys_and_labels(ep, ep.query)
+        turns_s.extend(ts)
+        turns_q.extend(tq)
         if shape is None:
             shape = (len(ks), len(kq))
         elif shape != (len(ks), len(kq)):
@@ -124,6 +148,7 @@ def stack_episodes(
     t = len(episodes)
     # All supports, then all queries: both halves are contiguous views of one gathered tensor.
     x = _gather(store, rmap(keys_s + keys_q), device)  # (T*n_s + T*n_q, C, H, W)
+    x = _rotate(x, np.asarray(turns_s + turns_q, dtype=np.int64))
     x_s = x[: t * n_s].reshape(t, n_s, *x.shape[1:])
     x_q = x[t * n_s :].reshape(t, n_q, *x.shape[1:])
     y_s = torch.from_numpy(np.stack(ys)).to(x.device)

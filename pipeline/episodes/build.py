@@ -44,7 +44,7 @@ def normal_label_of(meta: dict[str, Any]) -> str:
 
 def build_episodes(index: pd.DataFrame, meta: dict[str, Any], cfg: EpisodesConfig) -> Built:
     """Split, fixed val/test episodes and the leakage audit for one scan index (reads no image)."""
-    table = LabelTable.from_index(index, normal_label_of(meta), meta.get("label_names"))
+    table = LabelTable.from_index(index, normal_label_of(meta), meta.get("label_names"), cfg.group_by)
     split, warnings = build_split(table, cfg)
     val: list[Episode] = []
     if cfg.val_episodes > 0:

@@ -17,6 +17,11 @@ Kind = Literal["binary", "n_way"]
 Multilabel = Literal["exclusive_in_episode", "single_finding"]
 
 
+# Scan-index columns that cannot define a group: keys are per scan/patient (an episode within one
+# patient could hold one scan), labels are the classes themselves, store_index is a row number.
+UNGROUPABLE = ("scan_key", "patient_key", "study_key", "series_key", "file_key", "labels", "store_index")
+
+
 def _both_kinds() -> list[Kind]:
     return ["binary", "n_way"]
 
@@ -96,6 +101,20 @@ class EpisodesConfig(StrictModel):
     # A condition with too few patients in its pool: fail with a table, or drop it with a warning.
     on_insufficient: Literal["fail", "drop"] = "fail"
     normal_fraction: NormalFraction = Field(default_factory=NormalFraction)
+    # Episodes within a group (docs/tasks.md, "Episodes within a group"): a column of the scan index
+    # (e.g. `alphabet` or `body_part` carried by the manifest's labels.group_columns, or `modality`);
+    # every scan of an episode, normal scans included, then shares one value of it. null = no grouping.
+    group_by: str | None = None
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_column(cls, v: str | None) -> str | None:
+        if v is not None and v in UNGROUPABLE:
+            raise ValueError(
+                f"group_by '{v}' is a key or label column of the scan index; group by a column every "
+                "episode's scans should share, e.g. modality or a labels.group_columns column of the manifest"
+            )
+        return v
 
     @field_validator("kinds")
     @classmethod

@@ -27,6 +27,9 @@ class Episode:
     classes: list[str]
     support: dict[str, list[str]] = field(default_factory=dict)
     query: dict[str, list[str]] = field(default_factory=dict)
+    # class -> degrees (counterclockwise) its images are rotated by when assembled into tensors; only
+    # meta-training episodes with meta_train.train_episodes.rotations have any (docs/tasks.md).
+    rotations: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_way(self) -> int:
@@ -39,7 +42,7 @@ class Episode:
 
     def to_dict(self) -> dict[str, Any]:
         # Classes in `classes` order so that the file reads in label order.
-        return {
+        out: dict[str, Any] = {
             "id": int(self.id),
             "kind": self.kind,
             "k_shot": int(self.k_shot),
@@ -47,6 +50,9 @@ class Episode:
             "support": {c: list(self.support[c]) for c in self.classes},
             "query": {c: list(self.query[c]) for c in self.classes},
         }
+        if self.rotations:  # absent otherwise: fixed val/test files keep their exact format
+            out["rotations"] = {c: int(self.rotations[c]) for c in self.classes if c in self.rotations}
+        return out
 
     def to_json(self) -> str:
         """One JSON line (no newline)."""
@@ -72,6 +78,7 @@ class Episode:
             classes=classes,
             support={c: [str(k) for k in d["support"][c]] for c in classes},
             query={c: [str(k) for k in d["query"][c]] for c in classes},
+            rotations={str(c): int(v) for c, v in (d.get("rotations") or {}).items()},
         )
 
 

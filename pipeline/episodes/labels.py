@@ -7,7 +7,7 @@ touches every scan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -28,6 +28,11 @@ class LabelTable:
     findings: np.ndarray  # (N, L) bool, findings[i, j] = scan i carries names[j]
     is_normal: np.ndarray  # (N,) bool, labels exactly == normal_label
     normal_label: str
+    # Episodes within a group (EpisodesConfig.group_by): the column, its sorted distinct values and
+    # each scan's code into them; None / [] / empty when the table was built without grouping.
+    group_by: str | None = None
+    group_names: list[str] = field(default_factory=list)
+    group_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_findings(self) -> np.ndarray:
@@ -47,7 +52,11 @@ class LabelTable:
 
     @classmethod
     def from_index(
-        cls, index: pd.DataFrame, normal_label: str, label_names: list[str] | None = None
+        cls,
+        index: pd.DataFrame,
+        normal_label: str,
+        label_names: list[str] | None = None,
+        group_by: str | None = None,
     ) -> LabelTable:
         missing = [c for c in REQUIRED_COLUMNS if c not in index.columns]
         if missing:
@@ -55,6 +64,10 @@ class LabelTable:
                 f"scan index lacks column(s) {missing}; it has {list(index.columns)} "
                 "(is it the store/scan_index.parquet of an ingest run?)"
             )
+        group_names: list[str] = []
+        group_codes = np.zeros(0, dtype=np.int64)
+        if group_by is not None:
+            group_names, group_codes = _groups(index, group_by)
         # Fixed-width unicode arrays sort in C (object arrays compare Python strings one pair at a time).
         scan_keys = np.asarray(index["scan_key"].astype(str).to_numpy(), dtype=str)
         order = np.argsort(scan_keys, kind="stable")
@@ -89,6 +102,9 @@ class LabelTable:
             findings=findings,
             is_normal=is_normal,
             normal_label=normal_label,
+            group_by=group_by,
+            group_names=group_names,
+            group_codes=group_codes,
         )
 
     def condition_counts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +117,25 @@ class LabelTable:
             has[self.patient_codes[self.findings[:, j]]] = True
             patients[j] = int(has.sum())
         return images, patients
+
+
+def _groups(index: pd.DataFrame, column: str) -> tuple[list[str], np.ndarray]:
+    """Sorted distinct values of `column` and each scan's code into them; every scan needs a value."""
+    if column not in index.columns:
+        raise DataError(
+            f"episodes.group_by '{column}' is not a column of the scan index (columns: "
+            f"{', '.join(map(str, index.columns))}). A label-table column reaches the index through the "
+            "data manifest's labels.group_columns (docs/ingest.md); re-run ingest after adding it"
+        )
+    values = index[column].fillna("").astype(str).str.strip().to_numpy()
+    empty = int((values == "").sum())
+    if empty:
+        raise DataError(
+            f"episodes.group_by '{column}': {empty} of {len(values)} scans have no value, so they belong to "
+            "no group. Fill the column in the label file (or drop those rows) and re-run ingest"
+        )
+    names, codes = np.unique(np.asarray(values, dtype=str), return_inverse=True)
+    return [str(n) for n in names], np.asarray(codes, dtype=np.int64).reshape(-1)
 
 
 def eligible(table: LabelTable, rows: np.ndarray, cls: int, others: list[int], policy: str) -> np.ndarray:

@@ -15,6 +15,7 @@ once per (class, other classes) and cached.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,14 @@ __all__ = ["EpisodeSampler", "TrainSampler", "fixed_episodes", "load_episodes", 
 STREAMS = {"split": 0, "val": 1, "test": 2}
 KIND_ID = {"binary": 0, "n_way": 1}
 _MAX_TRIES = 50  # redraws of an n_way class set whose classes share too many patients
+# Class augmentation by rotation (meta-training only, docs/tasks.md "Rotated classes"): the class of
+# condition C rotated by 90 degrees is named "C@rot90"; rotation 0 keeps the plain name.
+ROTATION_TAG = "@rot"
+ROTATIONS = (0, 90, 180, 270)
+
+
+def rotated_name(condition: str, degrees: int) -> str:
+    return condition if degrees == 0 else f"{condition}{ROTATION_TAG}{degrees}"
 
 
 class _PatientGroups:
@@ -81,14 +90,46 @@ class EpisodeSampler:
         cfg: EpisodesConfig,
         pool: str = "train",
         table: LabelTable | None = None,
+        rotations: Sequence[int] = (0,),
     ):
         if pool not in split.get("pools", {}):
             raise DataError(f"split has no pool '{pool}' (pools: {sorted(split.get('pools', {}))})")
         self.cfg, self.pool = cfg, pool
         self.normal = str(split["normal_label"])
-        self.table = table if table is not None else LabelTable.from_index(index, self.normal)
+        if table is None:
+            table = LabelTable.from_index(index, self.normal, group_by=cfg.group_by)
+        elif cfg.group_by is not None and table.group_by != cfg.group_by:
+            raise DataError(
+                f"the label table is grouped by {table.group_by!r}, the episodes by {cfg.group_by!r}"
+            )
+        self.table = table
         pool_lists: dict[str, list[str]] = split["pools"][pool]
         self.conditions = sorted(c for c in pool_lists if c != self.normal)
+        # Episodes within a group (docs/tasks.md): per group value, the conditions that can fill a class
+        # inside it (split.json "groups", written by the episodes stage with the same group_by).
+        self.by_group: dict[str, list[str]] = {}
+        if cfg.group_by is not None:
+            if split.get("group_by") != cfg.group_by or "groups" not in split:
+                raise DataError(
+                    f"episodes grouped by '{cfg.group_by}' need a split built with episodes.group_by: "
+                    f"{cfg.group_by} (this split.json has group_by {split.get('group_by')!r}); re-run episodes"
+                )
+            self.by_group = {g: list(c) for g, c in split["groups"][pool].items() if c}
+        rots = tuple(sorted(set(int(r) for r in rotations)))
+        if not rots or any(r not in ROTATIONS for r in rots):
+            raise DataError(
+                f"rotations must be a non-empty subset of {list(ROTATIONS)}, got {list(rotations)}"
+            )
+        self.rotations = rots
+        self._base: dict[str, tuple[str, int]] = {}  # class name -> (condition, degrees)
+        if rots != (0,):
+            clash = [c for c in self.conditions if ROTATION_TAG in c]
+            if clash:
+                raise DataError(
+                    f"conditions {clash[:3]} contain '{ROTATION_TAG}', which names rotated classes: rename them "
+                    "or leave meta_train.train_episodes.rotations off"
+                )
+            self._base = {rotated_name(c, r): (c, r) for c in self.conditions for r in rots}
         names = list(pool_lists)
         sizes = [len(pool_lists[n]) for n in names]
         # one lookup for every list of the pool: (sum of list sizes,) rows
@@ -107,14 +148,15 @@ class EpisodeSampler:
                     f"split pool '{pool}' has condition '{name}' that the scan index does not know"
                 )
             self._rows[name] = rows.astype(np.int64)
-        self._groups: dict[tuple[str, frozenset[str]], _PatientGroups] = {}
+        self._groups: dict[tuple[str, frozenset[str], str | None], _PatientGroups] = {}
         self._used = np.zeros(
             len(self.table.patient_keys), dtype=bool
         )  # patients taken by the current episode
 
-    def groups(self, cls: str, others: frozenset[str]) -> _PatientGroups:
-        """Eligible scans of `cls` in an episode whose other condition classes are `others` (cached)."""
-        key = (cls, others if self.cfg.multilabel == "exclusive_in_episode" else frozenset())
+    def groups(self, cls: str, others: frozenset[str], group: str | None = None) -> _PatientGroups:
+        """Eligible scans of `cls` in an episode whose other condition classes are `others`, inside
+        `group` (a value of cfg.group_by; None = the whole pool) (cached)."""
+        key = (cls, others if self.cfg.multilabel == "exclusive_in_episode" else frozenset(), group)
         g = self._groups.get(key)
         if g is None:
             rows = self._rows.get(cls)
@@ -123,21 +165,60 @@ class EpisodeSampler:
             if cls != self.normal:
                 codes = [self.table.code(o) for o in key[1]]
                 rows = rows[eligible(self.table, rows, self.table.code(cls), codes, self.cfg.multilabel)]
+            if group is not None:
+                rows = rows[self.table.group_codes[rows] == self.table.group_names.index(group)]
             g = _PatientGroups(rows, self.table.patient_codes, self.table.scan_rank)
             self._groups[key] = g
         return g
 
-    def _pick_classes(self, rng: np.random.Generator, kind: str) -> list[str]:
+    def base(self, name: str) -> tuple[str, int]:
+        """(condition, rotation in degrees) of a class name (rotation 0 unless rotations are on)."""
+        return self._base.get(name, (name, 0))
+
+    def _n_way_groups(self) -> list[str]:
+        return sorted(g for g, c in self.by_group.items() if len(c) * len(self.rotations) >= self.cfg.n_way)
+
+    def _pick_classes(self, rng: np.random.Generator, kind: str) -> tuple[list[str], str | None]:
+        group = None
+        conditions = self.conditions
+        if self.cfg.group_by is not None:
+            # a group first (each usable group equally likely), then the classes inside it
+            usable = self._n_way_groups() if kind == "n_way" else sorted(self.by_group)
+            if not usable:
+                raise DataError(
+                    f"no {self.cfg.group_by} of the {self.pool} pool holds enough conditions for a {kind} "
+                    f"episode (usable conditions per {self.cfg.group_by}: "
+                    f"{ {g: len(c) for g, c in self.by_group.items()} }); lower the episodes' n_way"
+                )
+            group = usable[int(rng.integers(len(usable)))]
+            conditions = self.by_group[group]
         if kind == "binary":
-            return [self.conditions[int(rng.integers(len(self.conditions)))], self.normal]
-        if len(self.conditions) < self.cfg.n_way:
+            return [conditions[int(rng.integers(len(conditions)))], self.normal], group
+        n_rot = len(self.rotations)
+        if len(conditions) * n_rot < self.cfg.n_way:
             raise DataError(
-                f"the {self.pool} pool has {len(self.conditions)} conditions {self.conditions}; "
-                f"n_way episodes need {self.cfg.n_way}: lower episodes.n_way"
+                f"the {self.pool} pool has {len(conditions)} conditions {conditions[:10]}"
+                + (f" x {n_rot} rotations" if n_rot > 1 else "")
+                + f"; n_way episodes need {self.cfg.n_way}: lower episodes.n_way"
+                + (" (or meta_train.train_episodes.n_way)" if self.pool == "train" else "")
             )
         # Random class order: label positions carry no class identity across episodes.
-        idx = rng.choice(len(self.conditions), size=self.cfg.n_way, replace=False)
-        return [self.conditions[int(i)] for i in idx]
+        idx = rng.choice(len(conditions) * n_rot, size=self.cfg.n_way, replace=False)
+        if n_rot == 1:
+            return [conditions[int(i)] for i in idx], group
+        return [rotated_name(conditions[int(i) // n_rot], self.rotations[int(i) % n_rot]) for i in idx], group
+
+    def _group_for(self, rng: np.random.Generator, classes: list[str]) -> str | None:
+        """A group for given classes: one, drawn at random, in which all their conditions are usable."""
+        if self.cfg.group_by is None:
+            return None
+        conds = {self.base(c)[0] for c in classes if c != self.normal}
+        fits = sorted(g for g, c in self.by_group.items() if conds <= set(c))
+        if not fits:
+            raise DataError(
+                f"no {self.cfg.group_by} of the {self.pool} pool holds enough patients of all of {sorted(conds)}"
+            )
+        return fits[int(rng.integers(len(fits)))]
 
     def sample(
         self,
@@ -157,9 +238,13 @@ class EpisodeSampler:
         if not self.conditions:
             raise DataError(f"the {self.pool} pool has no condition to sample episodes from")
         for _ in range(_MAX_TRIES):
-            cls = list(classes) if classes is not None else self._pick_classes(rng, kind)
-            conds = frozenset(c for c in cls if c != self.normal)
-            groups = [self.groups(c, conds - {c}) for c in cls]
+            if classes is not None:
+                cls, group = list(classes), self._group_for(rng, list(classes))
+            else:
+                cls, group = self._pick_classes(rng, kind)
+            base = [self.base(c)[0] for c in cls]
+            conds = frozenset(b for b in base if b != self.normal)
+            groups = [self.groups(b, conds - {b}, group) for b in base]
             # Scarcest class first, so that patients shared between classes go where they are needed.
             order = sorted(range(len(cls)), key=lambda i: (len(groups[i]), i))
             used, n_used = self._used, 0  # (P,) scratch mask, cleared below whatever happens
@@ -186,10 +271,12 @@ class EpisodeSampler:
                     classes=cls,
                     support={cls[i]: keys[picked[i][:k]].tolist() for i in range(len(cls))},
                     query={cls[i]: keys[picked[i][k:]].tolist() for i in range(len(cls))},
+                    rotations={c: self.base(c)[1] for c in cls if self.base(c)[1]},
                 )
-        sizes = {c: len(self.groups(c, frozenset(x for x in cls if x not in (c, self.normal)))) for c in cls}
+        sizes = {c: len(groups[i]) for i, c in enumerate(cls)}
+        where = f" ({self.cfg.group_by} {group})" if group is not None else ""
         raise DataError(
-            f"cannot sample a {kind} episode ({k}-shot, {q} query) from the {self.pool} pool for classes {cls}: "
+            f"cannot sample a {kind} episode ({k}-shot, {q} query) from the {self.pool} pool{where} for classes {cls}: "
             f"eligible patients per class {sizes}, each class needs {k + q} patients not shared with the other "
             "classes. Lower k_shot/q_query or set episodes.on_insufficient: drop"
         )
@@ -204,12 +291,21 @@ class EpisodeSampler:
 
 
 class TrainSampler(EpisodeSampler):
-    """Meta-training episodes, sampled on the fly from the train pool with the caller's generator."""
+    """Meta-training episodes, sampled on the fly from the train pool with the caller's generator.
+
+    `rotations` (degrees, e.g. [0, 90, 180, 270]): class augmentation for benchmark reproduction (Omniglot,
+    docs/tasks.md "Rotated classes"): each rotation of a condition is a class of its own in n_way
+    episodes, its images rotated by `batch.stack_episodes`. Off ([0]) by default."""
 
     def __init__(
-        self, split: dict[str, Any], index: pd.DataFrame, cfg: EpisodesConfig, table: LabelTable | None = None
+        self,
+        split: dict[str, Any],
+        index: pd.DataFrame,
+        cfg: EpisodesConfig,
+        table: LabelTable | None = None,
+        rotations: Sequence[int] = (0,),
     ):
-        super().__init__(split, index, cfg, pool="train", table=table)
+        super().__init__(split, index, cfg, pool="train", table=table, rotations=rotations)
 
 
 def fixed_episodes(sampler: EpisodeSampler, n_per_setting: int, seed: int) -> list[Episode]:
