@@ -22,13 +22,33 @@ class OuterSection(StrictModel):
     clip_grad: float | None = Field(default=10.0, gt=0, description="max gradient norm; null = no clipping")
 
 
-class TrainEpisodes(StrictModel):
-    """Overrides of the episodes run's shapes for the meta-training episodes only (null = as the suite).
-    Fewer query scans per class make each meta-batch cheaper; validation always uses the fixed episodes."""
+class TrainEpisodeShape(StrictModel):
+    """Shapes of the meta-training episodes (null = as the suite's episodes section)."""
 
     kinds: list[Literal["binary", "n_way"]] | None = None
     k_shot: list[int] | None = None
     q_query: int | None = Field(default=None, ge=1)
+    # Training n_way may differ from the test n_way, as in the literature (docs/tasks.md, "Training
+    # episodes"); the fixed val/test episodes keep the suite's n_way.
+    n_way: int | None = Field(default=None, ge=2)
+    # Class augmentation for benchmark reproduction (docs/tasks.md, "Rotated classes"): each listed
+    # rotation of a training condition is a class of its own in n_way episodes. Not for medical images.
+    rotations: list[Literal[0, 90, 180, 270]] | None = None
+
+    @field_validator("rotations")
+    @classmethod
+    def _rotations(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"rotations must list distinct angles among 0, 90, 180, 270, got {v}")
+        return v
+
+
+class TrainEpisodes(TrainEpisodeShape):
+    """Overrides of the episodes run's shapes for the meta-training episodes only (null = as the suite).
+    Fewer query scans per class make each meta-batch cheaper; validation always uses the fixed episodes.
+    `per_method` overrides these again for one method (e.g. ProtoNet trained with more ways)."""
+
+    per_method: dict[str, TrainEpisodeShape] = Field(default_factory=dict)
 
 
 class MetaTrainConfig(StrictModel):
@@ -99,6 +119,11 @@ class MetaTrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MetaTrainConfig:
+        stray = sorted(set(self.train_episodes.per_method) - set(self.methods))
+        if stray:
+            raise ValueError(
+                f"train_episodes.per_method names {stray}, which are not in methods {self.methods}"
+            )
         if self.inner.checkpoint and not self.inner.second_order:
             raise ValueError(
                 "inner.checkpoint only applies to second order: set inner.second_order: true or drop it"

@@ -107,19 +107,47 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def train_episodes_config(split: dict[str, Any], cfg: MetaTrainConfig) -> EpisodesConfig:
-    """The episode shapes of the episodes run (recorded in split.json), with meta_train.train_episodes overrides."""
+def train_episodes_config(
+    split: dict[str, Any], cfg: MetaTrainConfig, method: str | None = None
+) -> EpisodesConfig:
+    """The episode shapes of the episodes run (recorded in split.json), with meta_train.train_episodes
+    overrides, then its per_method overrides for `method`. Episodes within a group (split.json
+    `group_by`) stay within a group in meta-training too (docs/tasks.md)."""
     missing = [k for k in ("kinds", "k_shots", "q_query") if k not in split]
     if missing:
         raise DataError(f"split.json of the episodes run lacks {missing}; re-run the episodes stage")
     te = cfg.train_episodes
+    pm = te.per_method.get(method or "")
+
+    def pick(key: str) -> Any:
+        return next((v for v in (getattr(pm, key, None), getattr(te, key)) if v is not None), None)
+
     return EpisodesConfig(
-        kinds=te.kinds or list(split["kinds"]),
-        k_shot=te.k_shot or list(split["k_shots"]),
-        q_query=te.q_query or int(split["q_query"]),
-        n_way=int(split.get("n_way", 3)),
+        kinds=pick("kinds") or list(split["kinds"]),
+        k_shot=pick("k_shot") or list(split["k_shots"]),
+        q_query=pick("q_query") or int(split["q_query"]),
+        n_way=pick("n_way") or int(split.get("n_way", 3)),
         multilabel=split.get("multilabel", "exclusive_in_episode"),
+        group_by=split.get("group_by"),
     )
+
+
+def train_samplers(split: dict[str, Any], index: Any, cfg: MetaTrainConfig) -> dict[str, TrainSampler]:
+    """One meta-training sampler per method (methods with the same episode settings share one), with
+    meta_train.train_episodes.rotations (docs/tasks.md, "Rotated classes")."""
+    out: dict[str, TrainSampler] = {}
+    shared: dict[str, TrainSampler] = {}
+    table = None
+    for m in cfg.methods:
+        ep_cfg = train_episodes_config(split, cfg, m)
+        pm = cfg.train_episodes.per_method.get(m)
+        rot = (pm.rotations if pm is not None else None) or cfg.train_episodes.rotations or [0]
+        key = f"{ep_cfg.model_dump_json()}|{sorted(rot)}"
+        if key not in shared:
+            shared[key] = TrainSampler(split, index, ep_cfg, table=table, rotations=rot)
+            table = shared[key].table  # one parse of the scan index for every method
+        out[m] = shared[key]
+    return out
 
 
 def pick_val_episodes(episodes: list[Episode], limit: int | None) -> list[Episode]:
@@ -196,7 +224,8 @@ def _execute(
 
     image_shape = tuple(int(s) for s in store.images.shape[1:])  # (C, H, W) or (C, D, H, W)
     ep_cfg = train_episodes_config(split, cfg)
-    sampler = TrainSampler(split, store.index, ep_cfg)
+    samplers = train_samplers(split, store.index, cfg)  # per method (train_episodes.per_method)
+    sampler = samplers[cfg.methods[0]]
     val_eps = pick_val_episodes(val_all, cfg.val_episodes)
     if not val_eps:
         log("meta-train: WARNING: the episodes run has no validation episodes; keeping the last weights")
@@ -218,6 +247,9 @@ def _execute(
                 "train_kinds": ep_cfg.kinds,
                 "train_k_shots": ep_cfg.k_shots,
                 "train_q_query": ep_cfg.q_query,
+                "train_n_way": {m: s.cfg.n_way for m, s in samplers.items()},
+                "train_rotations": {m: list(s.rotations) for m, s in samplers.items()},
+                "group_by": ep_cfg.group_by,
                 "val_episodes_used": len(val_eps),
                 "ingest_run_id": ingest_up.run_id,
                 "torch_threads": torch.get_num_threads(),
@@ -277,7 +309,7 @@ def _execute(
             run.log_artifact(path, f"checkpoints/{unit.replace('.seed', '/seed-')}")
 
         state = trainer.fit(
-            _sampler_fn(sampler, store, cfg.meta_batch, ctx),
+            _sampler_fn(samplers[method], store, cfg.meta_batch, ctx),
             val_episodes=val_tensors,
             ckpt_dir=ckdir,
             on_metrics=on_metrics,
