@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.meta.inner import LRSpec, adapt, adapt_params, forward
+from pipeline.meta.inner import LossFn, LRSpec, adapt, adapt_params, forward
 from pipeline.meta.models import FewShotNet
 
 
@@ -51,6 +52,16 @@ def _check_support(x_s: Tensor, y_s: Tensor, n_way: int) -> None:
         raise ValueError(f"support labels must lie in [0, {n_way}), got [{int(y_s.min())}, {int(y_s.max())}]")
 
 
+def class_balanced_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy in which every class present in `y` weighs the same, however many scans it has: the
+    mean over classes of each class's mean loss (weights 1/count). On a balanced support set it equals
+    `F.cross_entropy`; on 5 condition scans and 20 normal ones the plain loss is minimised by leaning towards
+    "normal", which is what collapses an adapted model onto the majority class (docs/adapt.md)."""
+    counts = torch.bincount(y, minlength=logits.shape[-1]).to(logits.dtype)
+    weight = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    return F.cross_entropy(logits, y, weight=weight)
+
+
 def _batched_proba(fn, x: Tensor, batch_size: int) -> Tensor:
     outs = [
         torch.softmax(fn(x[i : i + batch_size]).float(), dim=-1) for i in range(0, x.shape[0], batch_size)
@@ -70,6 +81,8 @@ class GradientMethod:
         trainable: "all" (every parameter), "head" (head only: ANIL, linear probing), or a set of names.
         name: reported name, e.g. "maml", "finetune-head".
         batch_size: prediction batch size (memory bound for large query sets / 3D volumes).
+        loss_fn: the inner loop's support loss (logits, y) -> scalar; default plain cross-entropy. The adapt
+            stage passes `class_balanced_cross_entropy` (docs/adapt.md).
     """
 
     def __init__(
@@ -83,9 +96,11 @@ class GradientMethod:
         name: str = "maml",
         batch_size: int = 64,
         clip_grad: float | None = None,
+        loss_fn: LossFn | None = None,
     ):
         self.model = model
         self.clip_grad = clip_grad
+        self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.params = {k: v.detach() for k, v in (params or model.meta_parameters()).items()}
         self.steps, self.lr, self.name, self.batch_size = steps, lr, name, batch_size
         if trainable == "all":
@@ -112,10 +127,11 @@ class GradientMethod:
                 second_order=False,
                 trainable=self.trainable,
                 clip_grad=self.clip_grad,
+                loss_fn=self.loss_fn,
             )
         with torch.no_grad():
-            before = float(torch.nn.functional.cross_entropy(forward(self.model, p0, x_s), y_s))
-            after = float(torch.nn.functional.cross_entropy(forward(self.model, p, x_s), y_s))
+            before = float(self.loss_fn(forward(self.model, p0, x_s), y_s))
+            after = float(self.loss_fn(forward(self.model, p, x_s), y_s))
         return Adapted(
             n_way=n_way,
             params={k: v.detach() for k, v in p.items()},
@@ -142,6 +158,7 @@ class GradientMethod:
                 trainable=self.trainable,
                 trajectory=True,
                 clip_grad=self.clip_grad,
+                loss_fn=self.loss_fn,
             )
         assert isinstance(traj, list)
         return [Adapted(n_way=n_way, params={k: v.detach() for k, v in p.items()}) for p in traj]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import DataError
-from pipeline.meta.inner import LRSpec
+from pipeline.meta.inner import LossFn, LRSpec
 from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
 from pipeline.meta.models import FewShotNet, ModelSpec, build_model
 
@@ -135,10 +135,15 @@ class MetaModel:
         return tuple(self.meta["image_shape"])
 
     def method(
-        self, steps: int | None = None, lr: float | None = None, batch_size: int = 64
+        self,
+        steps: int | None = None,
+        lr: float | None = None,
+        batch_size: int = 64,
+        loss_fn: LossFn | None = None,
     ) -> FewShotMethod:
         """The method to adapt with: learned inner rates unless `lr` overrides them; `steps` defaults to the
-        recorded `inner.eval_steps` (else `inner.steps`)."""
+        recorded `inner.eval_steps` (else `inner.steps`); `loss_fn` replaces the inner loop's cross-entropy
+        (gradient methods; ProtoNet has no inner loop)."""
         if self.meta["method"] == "protonet":
             return ProtoNetMethod(self.model, name="protonet", batch_size=batch_size)
         inner = self.meta["inner"]
@@ -151,6 +156,7 @@ class MetaModel:
             name=self.name,
             batch_size=batch_size,
             clip_grad=inner.get("clip_grad"),
+            loss_fn=loss_fn,
         )
 
 
