@@ -437,9 +437,37 @@ def assemble(
         "comparisons": comparisons,
         "curves": curves,
         "pretrain": pretrain,
+        "warnings": training_warnings(inputs, pretrain),
         "definitions": summary.DEFINITIONS,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
+
+
+def training_warnings(inputs: Inputs, pretrain: dict[str, Any]) -> list[str]:
+    """Every method whose training ended near chance: a verdict resting on it compares with nothing learned.
+
+    Meta-learned models: best validation accuracy within 2 points of guessing (mean 1/n_way over the
+    validation episodes; meta_model.json `best_val_acc`). Traditional classifier: held-out macro AUC below
+    baselines.NEAR_CHANCE_AUC (docs/evaluation.md, "The positive control")."""
+    out = []
+    chance = float(np.mean([1.0 / len(e.classes) for e in inputs.val])) if inputs.val else None
+    models = [(n, mm) for n, mm in inputs.meta_models.items()] + [
+        (n, mm) for n, by in inputs.meta_seed_models.items() for mm in by.values()
+    ]
+    for name, mm in models:
+        acc = mm.meta.get("best_val_acc")
+        if chance is not None and acc is not None and acc < chance + 0.02:
+            out.append(
+                f"{name} (meta-training seed {meta_seed(mm)}) ended at validation accuracy {acc:.3f}, chance "
+                f"{chance:.3f}: it learned nothing measurable"
+            )
+    for seed, rep in pretrain.items():
+        if rep.get("near_chance"):
+            out.append(
+                f"the traditional classifier (seed {seed}) reached held-out macro AUC "
+                f"{rep['holdout_macro_auc']:.3f} (chance 0.5): fine-tuning rests on features that learned little"
+            )
+    return out
 
 
 def key_metrics(results: dict[str, Any]) -> dict[str, float]:

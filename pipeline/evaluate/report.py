@@ -247,6 +247,12 @@ def render(results: dict[str, Any]) -> str:
     out: list[str] = ["# Evaluation: meta-learning vs traditional training on the rare conditions", ""]
 
     out += ["## Verdict", ""]
+    for w in results.get("warnings") or []:
+        out.append(
+            f"- **WARNING — training ended near chance:** {w}. Verdicts involving it say nothing about the method."
+        )
+    if results.get("warnings"):
+        out.append("")
     for gkey, comp in results["comparisons"].items():
         out.append("- " + " ".join(verdict(gkey, comp, methods)))
     boots = {

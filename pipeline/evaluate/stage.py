@@ -180,6 +180,8 @@ def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]
         f"evaluate: {len(inputs.test)} test / {len(inputs.val)} validation episodes, methods {sorted(inputs.meta_models)}"
     )
     results = evaluation.run(inputs, cfg)
+    for w in results.get("warnings") or []:
+        log(f"evaluate: WARNING: {w}")
     write_outputs(results, run.outdir)
     chosen = {
         metric_key("chosen", m, *gk.split(".")): {k: v for k, v in sel["chosen"].items() if k != "val_acc"}

@@ -382,3 +382,23 @@ def test_an_evaluation_seed_that_no_meta_training_seed_matches_still_reports(
     write_outputs(res, tmp_path)
     assert (tmp_path / "report.md").read_text().count("| maml |") >= 1
     assert "test.maml.binary.k2.acc" in evaluation.key_metrics(res)
+
+
+def test_a_method_that_trained_to_chance_marks_the_verdict(world: World) -> None:
+    """The world's meta-models are untrained; one that records a validation accuracy at chance, and a
+    traditional classifier at chance, both put a WARNING at the top of the verdict."""
+    inputs = _inputs(world)
+    inputs.meta_models = dict(inputs.meta_models)
+    mm = copy.copy(inputs.meta_models["maml"])
+    mm.meta = {**mm.meta, "best_val_acc": 0.41}  # the world's val episodes mix 2- and 3-way: chance ~0.42
+    inputs.meta_models["maml"] = mm
+    warnings = evaluation.training_warnings(inputs, {"0": {"near_chance": True, "holdout_macro_auc": 0.52}})
+    assert len(warnings) == 2 and "maml" in warnings[0] and "macro AUC 0.520" in warnings[1]
+    cfg = EvaluateConfig.model_validate(
+        {**CFG, "seeds": [0], "curve_episodes": 0, "finetune": {"enabled": False}}
+    )
+    res = evaluation.run(inputs, cfg)
+    assert any("maml" in w for w in res["warnings"])
+    text = report.render(copy.deepcopy(res))
+    verdict = text.split("## Verdict", 1)[1].split("##", 1)[0]
+    assert "WARNING" in verdict and "maml" in verdict
