@@ -1,7 +1,7 @@
 """Typed, strict configuration: one pydantic model per stage and per YAML file.
 
 Unknown keys and impossible values fail up front with a message that names the key, the bad value and
-the valid choices (principle 3 of DESIGN.md), instead of surfacing as a KeyError deep in a stage.
+the valid choices (docs/ARCHITECTURE.md, principle 3), instead of surfacing as a KeyError deep in a stage.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """THE inner loop: `adapt(model, params, x, y, ...) -> params`, pure and functional.
 
 One function serves meta-training (MAML, FO-MAML, ANIL, Meta-SGD, MAML++), adaptation to a new
-condition, the fine-tuning / from-scratch baselines and evaluation (DESIGN.md principle 1). It never
+condition, the fine-tuning / from-scratch baselines and evaluation (docs/ARCHITECTURE.md, principle 1). It never
 touches the module's own parameters: it takes a dict of tensors, runs `steps` steps of gradient descent on
 the support loss with `torch.func.functional_call` + `torch.func.grad`, and returns the new dict. (On plain
 tensors, outside any torch.func transform, the same gradient is taken with `torch.autograd.grad`: equal

@@ -21,7 +21,7 @@ another n_way again, so the head cannot have a fixed number of rows. Three choic
   outer gradient flows through the prototypes even in first order. Needs the support set: `task_params`
   takes it. Not meta-learned (like `zero`).
 
-Normalization policy (why): a single scan must be predictable alone (DESIGN.md principle 7). Policies:
+Normalization policy (why): a single scan must be predictable alone (docs/ARCHITECTURE.md, principle 7). Policies:
 
 - `group` (default): GroupNorm, no batch statistics at all; per-sample, so train == test behaviour.
 - `instance`: GroupNorm with one group per channel (instance norm with affine parameters).
