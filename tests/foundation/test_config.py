@@ -46,3 +46,19 @@ def test_overrides_parse_yaml_values() -> None:
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_line(tmp_path: Path) -> None:
+    from pipeline.config import read_yaml
+
+    p = tmp_path / "suite.yaml"
+    p.write_text("name: x\nepisodes:\n  k_shot: [1]\n  n_way: 2\n  k_shot: [5]\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'k_shot' on line 5 \(first given on line 3\)"):
+        read_yaml(p)
+    top = tmp_path / "manifest.yaml"
+    top.write_text("name: a\nname: b\n")
+    with pytest.raises(ConfigError, match="duplicate key 'name' on line 2"):
+        read_yaml(top)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("a: {x: 1}\nb: {x: 2}\nc: [1, 1]\n")
+    assert read_yaml(ok) == {"a": {"x": 1}, "b": {"x": 2}, "c": [1, 1]}
