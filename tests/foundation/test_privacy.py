@@ -1,0 +1,48 @@
+"""Nothing leaves the machine by default: MLflow telemetry is off unless the user opts in (README)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROBE = (
+    "import os, pipeline.cli, pipeline.tracking\n"
+    "from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY\n"
+    "print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'), MLFLOW_DISABLE_TELEMETRY.get())\n"
+)
+
+
+def _probe(tmp_path: Path, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, env={**base, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_telemetry_off_by_default_before_mlflow_is_imported(tmp_path: Path) -> None:
+    assert _probe(tmp_path) == "true True"
+
+
+def test_telemetry_explicit_opt_in_is_respected(tmp_path: Path) -> None:
+    assert _probe(tmp_path, MLFLOW_DISABLE_TELEMETRY="false") == "false False"
+
+
+def test_ui_server_inherits_telemetry_off(tmp_path: Path, monkeypatch) -> None:
+    from pipeline import cli
+
+    seen: dict[str, str | None] = {}
+
+    def fake_call(cmd: list[str], **kw: object) -> int:
+        env = kw.get("env") or os.environ
+        seen["v"] = env.get("MLFLOW_DISABLE_TELEMETRY")  # type: ignore[union-attr]
+        return 0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    assert cli.main(["ui"]) == 0
+    assert seen["v"] == "true"
