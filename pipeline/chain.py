@@ -50,7 +50,12 @@ def run_chain(suite_ref: str, overrides: list[str] | None = None, force: bool = 
     dataset = dataset_name(cfgs["ingest"], manifest_path)
     t0 = time.monotonic()
     outcomes: dict[str, stages.Outcome] = {}
-    with tracking.chain_run(suite.name, dataset, suite.raw) as parent:
+    # The parent logs what the stages log, never the raw suite: its paths (the manifest's, adapt's
+    # support/query sets, salt files) might name a patient and are logged only as the stages' salted hashes.
+    public: dict[str, Any] = {"name": suite.name, "description": suite.cfg.description, "dataset": dataset}
+    for stage, cfg in cfgs.items():
+        public[stages.SECTIONS.get(stage, stage)] = stages.public_config(stage, cfg)
+    with tracking.chain_run(suite.name, dataset, public) as parent:
         log(f"chain '{suite.name}' (parent run {parent.run_id}): {' -> '.join(cfgs)}")
         for stage, cfg in cfgs.items():
             upstream = {u: UpstreamRun.from_id(outcomes[u].run_id, u) for u in stages.UPSTREAM[stage]}

@@ -44,6 +44,16 @@ def module(stage: str) -> ModuleType:
     return importlib.import_module(MODULES[stage])
 
 
+def public_config(stage: str, cfg: Any) -> dict[str, Any]:
+    """The stage's config as it may be logged to MLflow: through the stage's `public_config` when it has
+    one (paths that might name a patient become salted hashes, docs/ARCHITECTURE.md principle 10), else as
+    it is."""
+    mod = module(stage)
+    if hasattr(mod, "public_config"):
+        return dict(mod.public_config(cfg))
+    return dict(cfg.model_dump(mode="json"))
+
+
 @dataclass
 class Outcome:
     stage: str
@@ -75,7 +85,7 @@ def execute_stage(
     # What is logged (params + config YAML) may differ from what is hashed: a stage can hide paths that
     # might name a patient (`public_config`) and leave out knobs that do not change its result
     # (`FINGERPRINT_EXCLUDE`, e.g. the number of worker processes).
-    cfg_dict = mod.public_config(cfg) if hasattr(mod, "public_config") else cfg.model_dump(mode="json")
+    cfg_dict = public_config(stage, cfg)
     fp_cfg = cfg.model_dump(mode="json")
     for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
         fp_cfg.pop(key, None)

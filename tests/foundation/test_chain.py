@@ -125,3 +125,23 @@ def test_single_stage_resolves_latest_upstream(fake_suite: Path) -> None:
     assert runs[-1].data.tags["fewscan.upstream.ingest"] == res.outcomes["ingest"].run_id
     # an explicit --from of the wrong stage is refused
     assert main(["meta-train", str(fake_suite), "--from", res.outcomes["ingest"].run_id]) == 2
+
+
+def test_parent_run_logs_the_stages_public_config_not_the_raw_suite(
+    fake_suite: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stage that hides a path (like adapt's support/query) is logged hidden by the parent too
+    monkeypatch.setattr(
+        fake_stages.MODULES["adapt"],
+        "public_config",
+        lambda cfg: {"value": cfg.value, "support": "path:0123abcd"},
+        raising=False,
+    )
+    res = run_chain(str(fake_suite))
+    c = tracking.client()
+    params = c.get_run(res.parent_run_id).data.params
+    assert params["adapt.support"] == "path:0123abcd"
+    assert params == {**params, "adapt.value": "1", "episodes.value": "1", "dataset": "fakedata"}
+    assert c.get_run(res.outcomes["adapt"].run_id).data.params["support"] == "path:0123abcd"
+    # no clear path anywhere in the parent's params (the suite names its manifest by path)
+    assert not [v for v in params.values() if str(fake_suite.parent) in v]
