@@ -416,7 +416,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         write_json_atomic(run.outdir / "query_report.json", query_report)
     local = {"support": support.local_report(), "query": query.local_report() if query else None}
     local_path = Path(cfg.local_report_dir) / f"adapt-{run.run_id}.json"
-    write_json_atomic(local_path, local)
+    write_json_atomic(local_path, local, private=True)
 
     # ---- the adapted model: pyfunc + registry
     reg_name = cfg.registry_name(condition)

@@ -121,7 +121,7 @@ class PathLedger:
             entry = files.setdefault(k, {"path": str(Path(p).resolve()), "notes": []})
             if note and note not in entry["notes"]:
                 entry["notes"].append(note)
-        write_json_atomic(self.report, {"files": files})
+        write_json_atomic(self.report, {"files": files}, private=True)
         return keys
 
     def where(self) -> str:
@@ -658,9 +658,14 @@ def load_labelled(
     )
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file + os.replace, so a crash never leaves a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_json_atomic(path: Path, obj: Any, private: bool = False) -> None:
+    """Write JSON via a temp file + os.replace, so a crash never leaves a half-written report.
+    `private`: owner-only (0600 file, new folders 0700), for the local reports that hold clear paths."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+    if private:
+        os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)

@@ -450,7 +450,7 @@ def _series_folder(rels: list[str]) -> str:
 def _write_local_report(cfg: IngestConfig, files: dict[str, dict[str, Any]], label_rows: list[str]) -> None:
     """Clear paths for the researcher, kept next to the salt (never uploaded): file_key -> path."""
     d = Path(cfg.local_report_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_json(
         d / f"{cfg.name}.paths.json",
         {
@@ -463,4 +463,5 @@ def _write_local_report(cfg: IngestConfig, files: dict[str, dict[str, Any]], lab
             if cfg.labels.join in ("file_name", "relative_path")
             else [],
         },
+        private=True,
     )

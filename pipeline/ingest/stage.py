@@ -139,7 +139,10 @@ def keep_outputs(cfg: IngestConfig, run: StageRun) -> Path:
     """Move what the ingest wrote (store/, ingest_report.json) out of the run's temporary folder, which
     is deleted when the run fails, into `<kept_dir>/ingest-<name>-<run id>/` (docs/ingest.md)."""
     dest = Path(cfg.kept_dir) / f"ingest-{cfg.name}-{run.run_id}"
-    dest.mkdir(parents=True, exist_ok=True)
+    # owner only, like the local reports: it is the researcher's local copy (docs/ARCHITECTURE.md principle 10)
+    Path(cfg.kept_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest.mkdir(exist_ok=True, mode=0o700)
+    dest.chmod(0o700)
     for name in ("store", "ingest_report.json"):
         src = run.outdir / name
         if src.exists():

@@ -23,17 +23,23 @@ from pipeline.errors import DataError
 IMAGES, INDEX, META = "images.npy", "scan_index.parquet", "store.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, private: bool = False) -> None:
+    """Write `text` via a temp file + os.replace. `private`: readable by the owner only (0600), for the
+    local reports that hold clear paths (docs/ARCHITECTURE.md principle 10)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600) if private else os.open(tmp, flags, 0o666)
+    if private:
+        os.fchmod(fd, 0o600)  # an old temp file of this pid keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: Path, obj: Any, private: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", private)
 
 
 class StoreWriter:

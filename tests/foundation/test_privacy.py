@@ -46,3 +46,22 @@ def test_ui_server_inherits_telemetry_off(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(cli.subprocess, "call", fake_call)
     assert cli.main(["ui"]) == 0
     assert seen["v"] == "true"
+
+
+def test_local_path_reports_are_owner_only(tmp_path: Path) -> None:
+    from pipeline.adapt.support import PathLedger, write_json_atomic
+    from pipeline.ingest.store import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        ledger = PathLedger(b"s" * 32, tmp_path / "reports" / "adapt.paths.json")
+        ledger.cite(tmp_path / "Doe_John" / "scan.dcm", "unreadable")
+        write_json_atomic(tmp_path / "reports" / "adapt-run.json", {"a": 1}, private=True)
+        atomic_write_json(tmp_path / "reports" / "demo.paths.json", {"a": 1}, private=True)
+        write_json_atomic(tmp_path / "public.json", {"a": 1})  # artifacts keep the usual mode
+    finally:
+        os.umask(old)
+    for name in ("adapt.paths.json", "adapt-run.json", "demo.paths.json"):
+        assert (tmp_path / "reports" / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "reports").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "public.json").stat().st_mode & 0o777 == 0o644
