@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, FewscanError
+from pipeline.errors import ConfigError, DataError, FewscanError
 
 STAGE_HELP = {
     "ingest": (
@@ -334,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    predict(
+    summary = predict(
         args.model,
         args.input,
         args.output,
@@ -342,6 +342,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         salt_file=args.salt_file,
         local_report_dir=args.local_report_dir,
     )
+    if summary["n_scans"] and not summary["n_predicted"]:
+        # a CSV of nothing but errors is no result: a script checking the exit code must see it
+        raise DataError(
+            f"none of the {summary['n_scans']} scan(s) under --input could be read, so nothing was predicted; "
+            f"the error column of --output says why for each (wrong format, or not the model's modality)"
+        )
     return 0
 
 

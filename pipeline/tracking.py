@@ -109,6 +109,25 @@ def _is_lock_error(err: BaseException) -> bool:
     )
 
 
+def _is_auth_error(err: BaseException) -> bool:
+    """A tracking server's 401: a missing or wrong user/password (from MLflow's REST client or a download)."""
+    if isinstance(err, MlflowException):
+        with contextlib.suppress(Exception):
+            if err.get_http_status_code() == 401:
+                return True
+    text = str(err)
+    return "401" in text and ("Unauthorized" in text or "UNAUTHENTICATED" in text or "authenticat" in text)
+
+
+def _auth_message() -> str:
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    problem = f"refused the password of user '{who}'" if who else "asks for a user and password"
+    return (
+        f"the tracking server {tracking_uri()} {problem} (HTTP 401). Set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to your account on that server (docs/scaling.md)."
+    )
+
+
 def retry(fn: Callable[[], T], what: str) -> T:
     """Call `fn`, retrying while SQLite reports its single-writer lock, for at most RETRY_SECONDS.
 
@@ -122,6 +141,8 @@ def retry(fn: Callable[[], T], what: str) -> T:
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - filtered just below
+            if _is_auth_error(err):
+                raise TrackingError(_auth_message()) from None
             if not _is_lock_error(err):
                 raise
             if time.monotonic() >= deadline:
