@@ -216,6 +216,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "status",
+        help="each stage's latest run, its state and whether `fewscan run` would reuse it",
+        description="List each stage's latest run of a suite (without SUITE: of every fewscan experiment), "
+        "its state (RUNNING, FINISHED, FAILED, KILLED) and whether `fewscan run SUITE` would reuse it. Runs "
+        "whose process is gone (killed, machine restarted) are marked KILLED first, as by every command.",
+    )
+    p.add_argument("suite", nargs="?", help="task suite YAML or bare name (default: all fewscan experiments)")
+
+    p = sub.add_parser(
         "ui",
         help="start the MLflow UI on the fewscan store (127.0.0.1)",
         description="Start the MLflow UI on the tracking store fewscan uses (MLFLOW_TRACKING_URI, "
@@ -370,6 +379,13 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return int(demo_cli.run(args) or 0)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import status_lines
+
+    print("\n".join(status_lines(args.suite)), flush=True)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
@@ -396,6 +412,7 @@ COMMANDS: dict[str, Any] = {
     "adapt": cmd_adapt,
     "predict": cmd_predict,
     "run": cmd_run,
+    "status": cmd_status,
     "ui": cmd_ui,
 }
 

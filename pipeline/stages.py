@@ -54,6 +54,18 @@ def public_config(stage: str, cfg: Any) -> dict[str, Any]:
     return dict(cfg.model_dump(mode="json"))
 
 
+def stage_fingerprint(stage: str, cfg: Any, upstream_ids: dict[str, str]) -> str:
+    """The fingerprint a run of `stage` with this config on these upstream runs gets (what reuse matches)."""
+    mod = module(stage)
+    fp_cfg = cfg.model_dump(mode="json")
+    for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
+        fp_cfg.pop(key, None)
+    inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
+    # The device setting picks the numerics that enter the fingerprint (torch, device type, CPU kernels).
+    device = getattr(cfg, "device", "auto")
+    return tracking.fingerprint(stage, fp_cfg, upstream_ids, inputs, device=device)
+
+
 @dataclass
 class Outcome:
     stage: str
@@ -86,15 +98,8 @@ def execute_stage(
     # might name a patient (`public_config`) and leave out knobs that do not change its result
     # (`FINGERPRINT_EXCLUDE`, e.g. the number of worker processes).
     cfg_dict = public_config(stage, cfg)
-    fp_cfg = cfg.model_dump(mode="json")
-    for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
-        fp_cfg.pop(key, None)
-    inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
-    # The device setting picks the numerics that enter the fingerprint (torch, device type, CPU kernels).
     device = getattr(cfg, "device", "auto")
-    fp = tracking.fingerprint(
-        stage, fp_cfg, {k: u.run_id for k, u in upstream.items()}, inputs, device=device
-    )
+    fp = stage_fingerprint(stage, cfg, {k: u.run_id for k, u in upstream.items()})
     if reuse and not resume_run_id:
         rid = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
         if rid:

@@ -21,7 +21,9 @@ import random
 import re
 import secrets
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +60,12 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_USER = "mlflow.user"  # MlflowClient.create_run takes the run's user_id from this tag
 TAG_OWNER = "fewscan.owner"  # experiment tag: who created it (for people; the proof is what we check)
 TAG_OWNER_PROOF = "fewscan.owner_proof."  # + key id: HMAC of (user, experiment id) with the owner key
+# The lease of a RUNNING run (docs/scaling.md, "Killed runs"): who runs it and when it last said so.
+TAG_HOST = "fewscan.host"
+TAG_PID = "fewscan.pid"
+TAG_HEARTBEAT = "fewscan.heartbeat"  # unix seconds, refreshed every HEARTBEAT_S while the run is open
+HEARTBEAT_S = float(os.environ.get("FEWSCAN_HEARTBEAT_S", "60"))  # rare: SQLite has one writer
+LEASE_TIMEOUT_S = float(os.environ.get("FEWSCAN_LEASE_TIMEOUT_S", "900"))
 DEFAULT_ALIAS = "current"  # MLflow reserves the alias "latest"
 RETRY_SECONDS = float(os.environ.get("FEWSCAN_DB_RETRY_S", "120"))
 _MAX_PARAM_LEN = 6000
@@ -96,7 +104,109 @@ def client() -> MlflowClient:
         # the default store look like a user-chosen one to everything that runs later in this process.
         _client = retry(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), "open the tracking store")
         _client_uri = uri
+        reap_dead_runs()  # every command that opens the store closes the runs of processes that are gone
     return _client
+
+
+# --------------------------------------------------------------------------------------------- leases
+# A process killed with SIGKILL (or a machine that lost power) cannot mark its run; it would stay RUNNING
+# forever. Every open run therefore holds a lease: its host and pid, and a heartbeat tag refreshed by a
+# daemon thread. A run is dead when its host is this one and its pid is gone, or when its heartbeat is
+# older than LEASE_TIMEOUT_S (another host, or a reused pid); any command that opens the store marks dead
+# runs KILLED, with the reason in `fewscan.error` (docs/scaling.md, "Killed runs").
+def lease_tags() -> dict[str, str]:
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_HEARTBEAT: str(int(time.time()))}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def lease_gone(tags: dict[str, str], now: float | None = None) -> str | None:
+    """Why the process holding a run with these tags is gone, or None if it may still be alive (or the
+    run has no lease: a run of an older fewscan, left alone)."""
+    host, pid, beat = tags.get(TAG_HOST), tags.get(TAG_PID), tags.get(TAG_HEARTBEAT)
+    if not (host and pid and beat):
+        return None
+    now = time.time() if now is None else now
+    with contextlib.suppress(ValueError):
+        if host == socket.gethostname() and not _pid_alive(int(pid)):
+            return f"its process (pid {pid} on {host}) is gone: killed, or its machine restarted"
+        age = now - float(beat)
+        if age > LEASE_TIMEOUT_S:
+            return (
+                f"its process (pid {pid} on {host}) sent no heartbeat for {age / 60:.0f} min "
+                f"(more than FEWSCAN_LEASE_TIMEOUT_S={LEASE_TIMEOUT_S:.0f} s)"
+            )
+    return None
+
+
+def reap_dead_runs() -> list[str]:
+    """Mark KILLED the RUNNING fewscan runs (of fewscan experiments; on a server, the user's own) whose
+    lease is gone; their ids. A nicety of every command: a failure here is logged, never fatal (but a
+    refused password is reported as such)."""
+    try:
+        c = client()
+        exps = retry(
+            lambda: c.search_experiments(filter_string="name LIKE 'fewscan/%'", max_results=1000),
+            "list the experiments",
+        )
+        if not exps:
+            return []
+        ids = [str(e.experiment_id) for e in exps]
+        runs = retry(
+            lambda: c.search_runs(ids, _runs_filter(["attributes.status = 'RUNNING'"]), max_results=1000),
+            "search running runs",
+        )
+        killed = []
+        for run in runs:
+            why = lease_gone(dict(run.data.tags))
+            if why is None:
+                continue
+            rid = run.info.run_id
+            msg = f"marked KILLED by a later fewscan command: {why}. Rerun or resume the stage."
+            retry(lambda: c.set_tag(rid, TAG_ERROR, msg), "mark a dead run")  # noqa: B023
+            retry(lambda: c.set_terminated(rid, "KILLED"), "mark a dead run")  # noqa: B023
+            log(
+                f"run {rid} ({run.data.tags.get(TAG_STAGE) or 'chain'}) was left RUNNING: {why}; marked KILLED"
+            )
+            killed.append(rid)
+        return killed
+    except TrackingError:
+        raise
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log(f"could not check for runs left RUNNING by killed processes ({type(err).__name__}: {err})")
+        return []
+
+
+class _Heartbeat:
+    """Refreshes a run's heartbeat tag every HEARTBEAT_S from a daemon thread until stopped."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"fewscan-heartbeat-{run_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a missed beat only shortens the lease
+                retry(
+                    lambda: client().set_tag(self.run_id, TAG_HEARTBEAT, str(int(time.time()))),
+                    "refresh the run's heartbeat",
+                )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _is_lock_error(err: BaseException) -> bool:
@@ -815,6 +925,7 @@ def stage_run(
     user = server_user()
     if user:
         tags[TAG_USER] = user  # the run's user_id, which the searches filter on
+    tags.update(lease_tags())
 
     if resume_run_id:
         run = retry(lambda: c.get_run(resume_run_id), "read the run to resume")
@@ -822,7 +933,16 @@ def stage_run(
             raise UpstreamError(f"run {resume_run_id} is not a {stage} run; cannot resume it as one")
         if run.info.status == "FINISHED":
             raise UpstreamError(f"{stage} run {resume_run_id} already FINISHED; nothing to resume")
+        if run.info.status == "RUNNING" and TAG_HOST in run.data.tags and not lease_gone(run.data.tags):
+            t = run.data.tags
+            raise UpstreamError(
+                f"{stage} run {resume_run_id} is still RUNNING (pid {t.get(TAG_PID)} on {t.get(TAG_HOST)}); "
+                "wait for it or stop it before resuming"
+            )
+        lease = lease_tags()
         retry(lambda: c.update_run(resume_run_id, status="RUNNING"), "reopen the run")
+        for k, v in lease.items():
+            retry(partial(c.set_tag, resume_run_id, k, v), "take the run's lease")
         run_id, resumed = resume_run_id, True
         artifact_uri = run.info.artifact_uri
     else:
@@ -835,6 +955,7 @@ def stage_run(
     outdir = Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-"))
     sr = StageRun(run_id, stage, run.info.experiment_id, outdir, artifact_uri, resumed)
     monitor = _start_system_metrics(run_id) if system_metrics else None
+    heartbeat = _Heartbeat(run_id)
     try:
         if not resumed:
             sr.log_params(config)
@@ -858,6 +979,7 @@ def stage_run(
             retry(lambda: c.set_terminated(run_id, status), "mark the run " + status)
         raise
     finally:
+        heartbeat.stop()
         if monitor is not None:
             with contextlib.suppress(Exception):
                 monitor.finish()
@@ -879,9 +1001,14 @@ def latest_unfinished(stage: str, suite: str) -> str | None:
         ]
     )
     runs = retry(
-        lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1), "search"
+        lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=20), "search"
     )
-    return runs[0].info.run_id if runs else None
+    for run in runs:  # a RUNNING run whose process is alive is not "interrupted"
+        tags = dict(run.data.tags)
+        if run.info.status == "RUNNING" and TAG_HOST in tags and not lease_gone(tags):
+            continue
+        return str(run.info.run_id)
+    return None
 
 
 # ----------------------------------------------------------------------------------- chain parent
@@ -890,7 +1017,7 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
     """The parent run of `fewscan run`: stage runs nest under it; reused ones are linked by tag."""
     c = client()
     exp_id = experiment_id(experiment_name(suite, dataset))
-    tags = {"fewscan.chain": "true", TAG_SUITE: suite, "fewscan.version": __version__}
+    tags = {"fewscan.chain": "true", TAG_SUITE: suite, "fewscan.version": __version__, **lease_tags()}
     if dataset:
         tags[TAG_DATASET] = dataset
     user = server_user()
@@ -901,6 +1028,7 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
         run.info.run_id, "chain", exp_id, Path(tempfile.mkdtemp(prefix="fewscan-chain-")), "", False
     )
     sr.artifact_uri = run.info.artifact_uri
+    heartbeat = _Heartbeat(sr.run_id)
     try:
         sr.log_params(config)
         yield sr
@@ -912,6 +1040,7 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
             retry(lambda: c.set_terminated(sr.run_id, status), "mark the chain run " + status)
         raise
     finally:
+        heartbeat.stop()
         shutil.rmtree(sr.outdir, ignore_errors=True)
 
 

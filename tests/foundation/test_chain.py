@@ -145,3 +145,24 @@ def test_parent_run_logs_the_stages_public_config_not_the_raw_suite(
     assert c.get_run(res.outcomes["adapt"].run_id).data.params["support"] == "path:0123abcd"
     # no clear path anywhere in the parent's params (the suite names its manifest by path)
     assert not [v for v in params.values() if str(fake_suite.parent) in v]
+
+
+def test_status_lists_latest_runs_state_and_reusability(fake_suite: Path, capsys) -> None:
+    res = run_chain(str(fake_suite))
+    capsys.readouterr()
+    assert main(["status", str(fake_suite)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out[2:]}
+    assert list(rows) == ["ingest", "episodes", "meta-train", "adapt", "evaluate"]
+    for stage, line in rows.items():
+        assert res.outcomes[stage].run_id in line and "FINISHED" in line and line.endswith("yes"), line
+    # a changed meta_train section: meta-train would rerun, and so would everything below it
+    fake_suite.write_text(fake_suite.read_text().replace("meta_train: {value: 1}", "meta_train: {value: 2}"))
+    tracking.client().set_terminated(res.outcomes["adapt"].run_id, "KILLED")
+    assert main(["status", str(fake_suite)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["episodes"].endswith("yes")
+    assert "no: config, upstream or code changed" in rows["meta-train"]
+    assert "KILLED" in rows["adapt"] and "no: an upstream stage would rerun" in rows["adapt"]
+    assert main(["status"]) == 0
+    assert "fewscan/fake" in capsys.readouterr().out

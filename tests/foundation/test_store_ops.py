@@ -4,7 +4,12 @@ fresh store from two processes at once."""
 from __future__ import annotations
 
 import http.server
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +75,67 @@ def test_predict_exits_non_zero_when_no_scan_could_be_read(tmp_path: Path, monke
     assert "none of the 3 scan(s) under --input could be read" in capsys.readouterr().err
     monkeypatch.setattr(predict_mod, "predict", lambda *a, **k: {"n_scans": 3, "n_predicted": 1})
     assert main(args) == 0
+
+
+# ------------------------------------------------------------------------------------------ leases
+HOLD = """
+import sys, time
+from pipeline import tracking
+with tracking.stage_run("ingest", run_name="hold", config={}, upstream={}, fp="f" * 24, suite=None,
+                        dataset="leases") as run:
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def _start_holder(cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    p = subprocess.Popen([sys.executable, "-c", HOLD], cwd=cwd, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    rid = p.stdout.readline().strip()
+    assert len(rid) == 32, rid
+    return p, rid
+
+
+def test_sigkilled_run_is_marked_killed_by_the_next_command_and_a_live_one_is_not(tmp_store: Path) -> None:
+    dead, dead_id = _start_holder(tmp_store)
+    live, live_id = _start_holder(tmp_store)
+    try:
+        c = tracking.client()
+        assert c.get_run(dead_id).info.status == "RUNNING"
+        tags = c.get_run(dead_id).data.tags
+        assert tags[tracking.TAG_PID] == str(dead.pid) and tags[tracking.TAG_HOST] == socket.gethostname()
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        assert c.get_run(dead_id).info.status == "RUNNING"  # nobody could mark it
+        tracking._client = None  # the next command opens the store
+        tracking.client()
+        run = c.get_run(dead_id)
+        assert run.info.status == "KILLED"
+        assert f"pid {dead.pid}" in run.data.tags[tracking.TAG_ERROR]
+        assert c.get_run(live_id).info.status == "RUNNING"  # its process is alive: left alone
+        # a KILLED run is never reused
+        assert tracking.find_reusable("ingest", "f" * 24, suite=None, dataset="leases") is None
+    finally:
+        live.kill()
+        live.wait()
+        dead.kill()
+
+
+def test_lease_by_heartbeat_age_for_another_host() -> None:
+    now = time.time()
+    other = {tracking.TAG_HOST: "elsewhere", tracking.TAG_PID: "1", tracking.TAG_HEARTBEAT: str(int(now))}
+    assert tracking.lease_gone(other, now) is None
+    assert tracking.lease_gone(other, now + tracking.LEASE_TIMEOUT_S + 60) is not None
+    assert tracking.lease_gone({}, now + 10**6) is None  # a run without a lease (older fewscan): left alone
+
+
+def test_heartbeat_is_refreshed_while_the_run_is_open(tmp_store: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.2)
+    with tracking.stage_run(
+        "ingest", run_name="x", config={}, upstream={}, fp="a" * 24, suite=None, dataset="beat"
+    ) as run:
+        c = tracking.client()
+        first = c.get_run(run.run_id).data.tags[tracking.TAG_HEARTBEAT]
+        c.set_tag(run.run_id, tracking.TAG_HEARTBEAT, "0")
+        time.sleep(1.5)
+        assert int(c.get_run(run.run_id).data.tags[tracking.TAG_HEARTBEAT]) >= int(first)
