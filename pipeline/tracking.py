@@ -102,8 +102,13 @@ def client() -> MlflowClient:
             DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
         # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI into os.environ, which would make
         # the default store look like a user-chosen one to everything that runs later in this process.
-        _client = retry(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), "open the tracking store")
-        _client_uri = uri
+        with _creation_lock(uri):
+            made = retry(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), "open the tracking store")
+            if uri.startswith("sqlite:"):
+                # both stores create their schema on first use: do it now, while holding the lock
+                retry(lambda: made.search_experiments(max_results=1), "create the tracking store")
+                retry(lambda: made.search_registered_models(max_results=1), "create the model registry")
+        _client, _client_uri = made, uri
         reap_dead_runs()  # every command that opens the store closes the runs of processes that are gone
     return _client
 
@@ -207,6 +212,27 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock on a file beside the database while the store is opened:
+    MLflow creates the schema of an empty database on first use, and two processes doing that at once
+    make one of them fail inside the schema creation, where "database is locked" retries do not reach
+    (docs/scaling.md, "Killed runs"). Other stores: nothing."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        yield
+        return
+    import fcntl
+
+    db = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))  # sqlite:///rel.db, sqlite:////abs.db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _is_lock_error(err: BaseException) -> bool:

@@ -4,6 +4,7 @@ fresh store from two processes at once."""
 from __future__ import annotations
 
 import http.server
+import os
 import signal
 import socket
 import subprocess
@@ -139,3 +140,39 @@ def test_heartbeat_is_refreshed_while_the_run_is_open(tmp_store: Path, monkeypat
         c.set_tag(run.run_id, tracking.TAG_HEARTBEAT, "0")
         time.sleep(1.5)
         assert int(c.get_run(run.run_id).data.tags[tracking.TAG_HEARTBEAT]) >= int(first)
+
+
+# --------------------------------------------------------------------------------- store creation
+RACE = """
+import sys, time
+from pipeline import tracking
+t0 = float(sys.argv[1])
+time.sleep(max(0.0, t0 - time.time()))  # everything imported: start together
+tracking.client()
+print("ok", flush=True)
+"""
+
+
+def test_two_processes_create_a_fresh_store_together(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    folders = [tmp_path / f"fresh{i}" for i in range(2)]
+    procs = []
+    t0 = time.time() + 12  # after the imports of all four
+    for folder in folders:
+        folder.mkdir()
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", RACE, str(t0)],
+                    cwd=folder,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and out.strip() == "ok", err[-3000:]
+    for folder in folders:
+        assert (folder / "mlflow" / "mlflow.db").stat().st_size > 0
