@@ -56,7 +56,7 @@ def status_lines(suite_ref: str | None) -> list[str]:
                 reused[stage] = rid
                 verdict = "yes" if run is not None and rid == run.info.run_id else f"yes: run {rid}"
             else:
-                verdict = "no: config, upstream or code changed (or never finished)"
+                verdict = "no: config, upstream or code changed" if run is not None else "no: never run"
         else:
             verdict = "no: an upstream stage would rerun"
         if run is None:
