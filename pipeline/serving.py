@@ -20,7 +20,10 @@ Input (`mlflow models serve` JSON or `pyfunc.load_model(...).predict(...)`), one
 
 Output: a DataFrame, one row per input row: `predicted_class`, `prob_<class>` for every class (label
 index order, the condition first), `error` (empty when the scan was scored; otherwise why not — a bad
-scan in a batch never fails the whole request).
+scan in a batch never fails the whole request). `predicted_class` follows the model's decision rule, the
+same as `fewscan predict`'s: a binary model names the condition when `prob_<condition>` reaches the
+threshold adapt chose on the support scans (adapted.json "decision"; docs/adapt.md), not the argmax; the
+probabilities are the network's.
 """
 
 from __future__ import annotations

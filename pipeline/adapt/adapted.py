@@ -7,10 +7,14 @@ Folder layout (the `adapted` artifact inside the pyfunc model; no mlflow needed 
                           # "prototypes" (ProtoNet, (n_way, F)); plain torch.save of a dict of tensors
                           # (read back by model_io.load_tensors, weights_only=True: any other object is
                           # refused unread)
-    adapted.json          # classes (label index order), condition, method, steps, lr, ScanSpec
-                          # (ingest preprocessing, input shape, modalities), provenance run ids
+    adapted.json          # classes (label index order), condition, method, steps, lr, loss, ScanSpec
+                          # (ingest preprocessing, input shape, modalities), provenance run ids, and
+                          # "decision": how probabilities become a predicted class (decision.py)
 
-`AdaptedClassifier` turns scans into probabilities. It reads every file with `support.read_scan`, i.e. the
+`AdaptedClassifier` turns scans into probabilities, and probabilities into a predicted class by the card's
+decision rule: a binary model predicts the condition when p(condition) >= its threshold (chosen by adapt on
+the support scans, docs/adapt.md), so `fewscan predict` and `mlflow models serve` apply the same rule; the
+probabilities are the network's, untouched. It reads every file with `support.read_scan`, i.e. the
 same ingest preprocessing as the support set. Predictions never depend on the batch a scan is in: with
 the default per-sample normalisations (GroupNorm/instance/layer) batching is exact; with the
 `batch_transductive` policy (BatchNorm on batch statistics) every scan is scored alone, so a scan's
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.adapt.decision import predicted_index
 from pipeline.adapt.support import (
     ScanRef,
     ScanSpec,
@@ -47,7 +52,9 @@ from pipeline.meta.methods import Adapted, FewShotMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model, load_tensors
 
 FORMAT = "fewscan-adapted-model"
-VERSION = 1
+# 2: the card's "decision" (a binary model's threshold). A version-1 model (no decision) predicts the argmax;
+# a fewscan that reads only version 1 refuses a version-2 model rather than ignore its threshold.
+VERSION = 2
 CARD_FILE = "adapted.json"
 STATE_FILE = "adapted_state.pth"
 META_DIR = "meta_model"
@@ -147,6 +154,17 @@ class AdaptedClassifier:
     card: dict[str, Any]
 
     @property
+    def threshold(self) -> float | None:
+        """The binary decision threshold on p(condition) (card "decision"); None: the argmax."""
+        decision = self.card.get("decision") or {}
+        t = decision.get("threshold") if decision.get("rule") == "threshold" else None
+        return float(t) if t is not None and len(self.classes) == 2 else None
+
+    def predicted(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class index of each row of `proba`'s output, by the model's decision rule."""
+        return predicted_index(probs, self.threshold)
+
+    @property
     def per_scan(self) -> bool:
         """True when the network normalises over the batch (BatchNorm on batch stats): score one by one."""
         return str(self.meta_model.meta.get("normalization", "group")) == "batch_transductive"
@@ -192,13 +210,14 @@ class AdaptedClassifier:
         )
         rows: list[dict[str, Any]] = []
         by_pos = {i: k for k, i in enumerate(ok)}
+        pred = self.predicted(probs)
         for i, a in enumerate(arrays):
             if isinstance(a, str):
                 row: dict[str, Any] = {"predicted_class": None, "error": a}
                 row.update({prob_column(c): math.nan for c in self.classes})
             else:
                 p = probs[by_pos[i]]
-                row = {"predicted_class": self.classes[int(np.argmax(p))], "error": ""}
+                row = {"predicted_class": self.classes[int(pred[by_pos[i]])], "error": ""}
                 row.update({prob_column(c): float(v) for c, v in zip(self.classes, p)})
             rows.append(row)
         return rows

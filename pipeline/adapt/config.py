@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -36,9 +37,27 @@ class AdaptConfig(StrictModel):
     # Which meta-learned method of the meta-train run to adapt (a folder under its `models/`).
     # None: the run's primary method (the only one, or the first one in its config).
     method: str | None = None
-    # Inner-loop steps and learning rate; None = the meta-model's own (as meta-trained).
+    # Inner-loop steps and learning rate; None = the meta-model's own: its `inner.eval_steps`, the number of
+    # steps meta-train validated it with (else `inner.steps`), and its (learned) inner learning rate.
     steps: int | None = Field(default=None, ge=0, le=10_000)
     lr: float | None = Field(default=None, gt=0.0, le=10.0)
+    # The inner loop's support loss: true = class-balanced (every class weighs the same however many scans
+    # it has: the mean over classes of each class's mean cross-entropy), false = plain cross-entropy, which an
+    # imbalanced support set (5 condition, 20 normal scans) pulls towards the majority class. None = chosen
+    # with the threshold: plain with the "support" threshold, which re-centres on the model's own scores and
+    # so absorbs that pull (class-balanced measured no better there, worse on imbalanced synthetic sets),
+    # class-balanced with "argmax" or a given probability, which do not (docs/adapt.md, "Class balance").
+    # Recorded in the model card.
+    balanced_loss: bool | None = None
+    # How a binary model turns p(condition) into a predicted class (stored in the model, applied by predict
+    # and serving; docs/adapt.md, "Decision threshold"): "support" (halfway, in log-odds, between the mean
+    # scores of the two classes' support scans: in-sample, optimistic, and measured by cv_folds), "argmax"
+    # (0.5), or a probability. Models of more than two classes predict the argmax.
+    threshold: Literal["support", "argmax"] | float = "support"
+    # The rule's balanced accuracy, sensitivity and specificity on held-out support scans, each predicted by
+    # a model adapted without it: leave-one-out up to this many scans, else this many class-stratified
+    # folds (each one more adaptation); 0 = no estimate.
+    cv_folds: int = Field(default=10, ge=0, le=100)
     # Fewest readable scans a class needs after unreadable ones are dropped.
     min_per_class: int = Field(default=1, ge=1)
     # Registry name of the adapted model; None = `fewscan-<condition>` (slugified).
@@ -65,6 +84,18 @@ class AdaptConfig(StrictModel):
                 f"alias '{v}' is not a valid MLflow alias: use letters, digits, '_' or '-', and not a "
                 "version-like name such as 'v3' (e.g. 'latest', 'champion', 'candidate')"
             )
+        return v
+
+    @property
+    def class_balanced(self) -> bool:
+        """Whether the inner loop uses the class-balanced loss (see `balanced_loss`)."""
+        return self.balanced_loss if self.balanced_loss is not None else self.threshold != "support"
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_ok(cls, v: str | float) -> str | float:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"threshold {v} is not a probability strictly between 0 and 1")
         return v
 
     @field_validator("register_name")

@@ -1,7 +1,8 @@
 """`fewscan predict`: new scans -> a CSV of class probabilities from an adapted model.
 
 One row per scan: the file path (for a 3D model, a DICOM series' folder: its slices are one scan), the
-predicted class, one probability column per class, and an error column. An unreadable or mismatched file
+predicted class (a binary model's: by the decision threshold stored in the model, docs/adapt.md), one
+probability column per class, and an error column. An unreadable or mismatched file
 gets a row with its error and empty probabilities, never a crash.
 Every scan is preprocessed exactly like the meta-model's training data (inside the adapted model), and
 a scan's probabilities do not depend on which other scans are in the same batch.

@@ -5,10 +5,14 @@
 2. The support set (and optional query set): every scan through that preprocessing; unreadable scans
    are reported and skipped if every class keeps `min_per_class`; a scan of another modality/geometry
    refuses the set.
-3. The one inner loop (`MetaModel.method(...).fit`), steps/lr from the meta-model unless overridden;
-   the support loss and accuracy after every step are logged as metric curves.
-4. With a query set: accuracy, AUC, sensitivity, specificity of the adapted model (and of the
-   unadapted one, for comparison); scans also present in the support set are left out of these.
+3. The one inner loop (`MetaModel.method(...).fit`) with a class-balanced support loss, steps/lr from the
+   meta-model (its validated `eval_steps`) unless overridden; the support loss and accuracy after every
+   step are logged as metric curves. A binary model then gets its decision threshold on p(condition),
+   chosen on the support scans (decision.py; docs/adapt.md).
+4. With a query set: balanced accuracy, sensitivity, specificity, AUC and accuracy of the adapted model
+   (and of the unadapted one, for comparison); scans also present in the support set are left out of
+   these. A model that predicts one class for every query scan, or never the condition, is called out
+   (WARNING in the log and the summary).
 5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`: a model
    from code (fewscan_model.py) + the `adapted` folder of plain tensors, nothing pickled (docs/CONTRACTS.md).
 
@@ -26,6 +30,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.adapt import decision as D
 from pipeline.adapt.adapted import AdaptedClassifier, save_adapted, torch_threads
 from pipeline.adapt.config import AdaptConfig
 from pipeline.adapt.support import (
@@ -47,7 +53,7 @@ from pipeline.adapt.support import (
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import metrics as M
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
-from pipeline.meta.methods import Adapted, FewShotMethod
+from pipeline.meta.methods import Adapted, FewShotMethod, class_balanced_cross_entropy
 from pipeline.meta.model_io import MetaModel, load_meta_model
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
@@ -252,14 +258,31 @@ def fit_curve(
     return [method.fit(x, y, n_way, steps=steps)]
 
 
-def _nll(probs: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-    return float(-np.mean(np.log(p)))
+def _nll(probs: np.ndarray, y: np.ndarray, balanced: bool = False) -> float:
+    """Mean negative log-likelihood; `balanced`: the mean over classes of each class's mean (the loss the
+    class-balanced inner loop minimises)."""
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))
+    if not balanced:
+        return float(np.mean(nll))
+    return float(np.mean([nll[y == c].mean() for c in np.unique(y)]))
 
 
-def query_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy, AUC, sensitivity, specificity; the condition (index 0) is the positive class."""
-    out: dict[str, float] = {"accuracy": M.accuracy(probs, y), "n": float(len(y))}
+def _confusion(pred: np.ndarray, y: np.ndarray, n_way: int) -> list[list[int]]:
+    """(n_way, n_way) counts, rows = true class, columns = predicted class (by the model's decision rule)."""
+    return np.bincount(y * n_way + pred, minlength=n_way * n_way).reshape(n_way, n_way).tolist()
+
+
+def query_metrics(probs: np.ndarray, y: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """Balanced accuracy, sensitivity, specificity, accuracy, AUC; the condition (index 0) is the positive
+    class. Predicted classes by the model's rule: p(condition) >= `threshold` for a binary model with one,
+    else the argmax. `predicted_one_class` is 1.0 when every scan got the same predicted class."""
+    pred = D.predicted_index(probs, threshold)
+    out: dict[str, float] = {
+        "balanced_accuracy": D.balanced_accuracy(pred, y),
+        "accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
+        "n": float(len(y)),
+        "predicted_one_class": float(len(np.unique(pred)) == 1),
+    }
     # condition vs the rest: for 2 classes this is the ordinary binary AUC / sens / spec
     auc = M.binary_auc(probs[:, 0], y == 0)
     if auc is not None:
@@ -268,7 +291,7 @@ def query_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
         macro = M.macro_auc(probs, y)
         if macro is not None:
             out["auc_macro"] = macro
-    pred0 = probs.argmax(axis=1) == 0
+    pred0 = pred == 0
     if (y == 0).any():
         out["sensitivity"] = float(np.mean(pred0[y == 0]))
     if (y != 0).any():
@@ -336,8 +359,10 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             raise DataError("no readable scan in the query set (listed above); fix it or leave --query out")
 
     # ---- adapt: the one inner loop, with the support loss after every step
-    method = mm.method(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size)
+    loss_fn = class_balanced_cross_entropy if cfg.class_balanced else None
+    method = mm.method(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, loss_fn=loss_fn)
     steps = int(cfg.steps if cfg.steps is not None else getattr(method, "steps", 0))
+    steps_from = "adapt.steps" if cfg.steps is not None else "the meta-model's validated eval_steps"
     n_way = len(classes)
     # torch.func.grad imports torch._dynamo lazily on its first call (1-5 s on this machine): a load cost,
     # paid here so that adapt_seconds is the adaptation's compute (stage_seconds still includes it).
@@ -351,19 +376,48 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     # CPU seconds of this process (all its threads): on a shared machine wall time includes waiting
     adapt_cpu_seconds = time.process_time() - c0
     y_s = support.y.numpy()
-    clf = AdaptedClassifier(mm, method, adapted, classes, spec, card={})
     for s, st in enumerate(states):
         c = AdaptedClassifier(mm, method, st, classes, spec, card={})
         p = c.proba(support.x, cfg.batch_size)
-        run.log_metrics({"support_loss": _nll(p, y_s), "support_accuracy": M.accuracy(p, y_s)}, step=s)
+        run.log_metrics(
+            {"support_loss": _nll(p, y_s, cfg.class_balanced), "support_accuracy": M.accuracy(p, y_s)}, step=s
+        )
 
+    # ---- the decision rule (binary: a threshold on p(condition), from the support scans only) and how it
+    # does on held-out support scans (decision.py; docs/adapt.md, "Decision threshold")
+    p_support = AdaptedClassifier(mm, method, adapted, classes, spec, card={}).proba(
+        support.x, cfg.batch_size
+    )
+    t1 = time.perf_counter()
+    rule = D.choose(cfg.threshold, method, support.x, support.y, classes, steps, p_support, cfg.cv_folds)
+    clf = AdaptedClassifier(mm, method, adapted, classes, spec, card={"decision": rule})
+    warnings: list[str] = []
     headline: dict[str, float] = {
         "adapt_seconds": adapt_seconds,
         "adapt_cpu_seconds": adapt_cpu_seconds,
+        "cv_seconds": time.perf_counter() - t1,
         "support_scans": float(len(support.keys)),
         "support_rejected": float(len(support.rejected)),
-        "support_loss_final": _nll(clf.proba(support.x, cfg.batch_size), y_s),
+        "support_loss_final": _nll(p_support, y_s, cfg.class_balanced),
     }
+    if clf.threshold is not None:
+        headline["threshold"] = clf.threshold
+        log(f"adapt: predicts '{condition}' when p({condition}) >= {clf.threshold:.4f} ({rule['chosen_by']})")
+    for key in ("balanced_accuracy", "sensitivity", "specificity"):
+        if rule.get(f"cv_{key}") is not None:
+            headline[f"support_cv_{key}"] = float(rule[f"cv_{key}"])
+    if "support_cv_balanced_accuracy" in headline:
+        log(
+            f"adapt: on held-out support scans ({rule['cv_how']}) balanced acc "
+            f"{headline['support_cv_balanced_accuracy']:.3f}, sensitivity {headline['support_cv_sensitivity']:.3f}, "
+            f"specificity {headline['support_cv_specificity']:.3f}"
+        )
+        if headline["support_cv_balanced_accuracy"] <= 0.5:
+            warnings.append(
+                f"on held-out support scans the adapted model did no better than chance (balanced acc "
+                f"{headline['support_cv_balanced_accuracy']:.3f}): this support set gives no evidence that "
+                f"it recognises '{condition}'"
+            )
     for name, n in support.counts().items():
         log(f"support: {n} scan(s) of '{name}'")
     query_report: dict[str, Any] = {}
@@ -378,13 +432,21 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             raise DataError("every query scan is also in the support set: the query must hold other scans")
         xq, yq = query.x[keep], query.y.numpy()[keep]
         probs = clf.proba(xq, cfg.batch_size)
-        qm = query_metrics(probs, yq)
+        qm = query_metrics(probs, yq, clf.threshold)
+        # the unadapted network by its own rule (argmax): what adaptation changed
         q0 = query_metrics(AdaptedClassifier(mm, method, states[0], classes, spec, {}).proba(xq), yq)
         for k, v in qm.items():
             headline[f"query_{k}"] = v
-        for k in ("accuracy", "auc"):
+        for k in ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "auc"):
             if k in q0:
                 headline[f"query_{k}_unadapted"] = q0[k]
+        pred = clf.predicted(probs)
+        if qm["predicted_one_class"]:
+            only = classes[int(pred[0])]
+            zero = "sensitivity" if only != condition else "specificity"
+            warnings.append(f"the adapted model predicted '{only}' for every query scan ({zero} 0)")
+        elif qm.get("sensitivity") == 0.0:
+            warnings.append(f"sensitivity 0: no query scan of '{condition}' was predicted '{condition}'")
         # Patients, not only scans: a query patient seen in the support set (or in meta-training) makes
         # the query numbers optimistic. Keys use ingest's salt, so they are comparable only with the same salt.
         q_pat = _patient_keys([r.path for r in qrefs], salt)
@@ -406,7 +468,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             **query.report(),
             "metrics": qm,
             "metrics_unadapted": q0,
-            "confusion_matrix": M.confusion_matrix(probs, yq).tolist(),
+            "confusion_matrix": _confusion(pred, yq, n_way),
             "excluded_as_in_support": len(query.keys) - len(keep),
         }
 
@@ -425,7 +487,10 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         "normal_label": normal,
         "method": method_name,
         "steps": steps,
-        "lr": cfg.lr,
+        "steps_from": steps_from,
+        "lr": cfg.lr,  # None: the meta-model's own (learned) inner learning rate
+        "loss": "class-balanced cross-entropy" if cfg.class_balanced else "cross-entropy",
+        "decision": rule,
         "support_counts": support.counts(),
         "meta_train_run_id": mt.run_id,
         "ingest_run_id": facts.get("ingest_run_id") or mm.meta.get("ingest_run_id"),
@@ -459,23 +524,83 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             "fewscan.adapt.registered": f"{reg_name}/{version}",
         }
     )
-    run.log_params({"resolved": {"method": method_name, "steps": steps, "classes": classes, "n_way": n_way}})
+    run.log_params(
+        {
+            "resolved": {
+                "method": method_name,
+                "steps": steps,
+                "steps_from": steps_from,
+                "classes": classes,
+                "n_way": n_way,
+                "decision": rule,
+            }
+        }
+    )
+    for w in warnings:
+        log(f"adapt: WARNING: {w}")
+    log(f"adapt: local report with clear file paths (never uploaded): {local_path}")
+    summary = summary_line(
+        method_name,
+        condition,
+        support,
+        steps,
+        adapt_seconds,
+        adapt_cpu_seconds,
+        clf.threshold,
+        headline,
+        warnings,
+    )
+    return StageResult(
+        summary=f"{summary}; registered {reg_name} v{version} -> {model_uri}", metrics=headline
+    )
 
+
+def summary_line(
+    method_name: str,
+    condition: str,
+    support: LabelledSet,
+    steps: int,
+    seconds: float,
+    cpu_seconds: float,
+    threshold: float | None,
+    m: dict[str, float],
+    warnings: list[str],
+) -> str:
+    """adapt's one-line summary. It leads with the results: on the query set, balanced accuracy, sensitivity
+    and specificity (with the unadapted model's), then AUC and plain accuracy last (on an imbalanced query
+    set a model that predicts the majority class for every scan gets that class's share as accuracy), then
+    any WARNING; without a query set, the same three on held-out support scans. Then how: the support set,
+    steps, time, the decision threshold."""
+
+    def trio(prefix: str, sfx: str = "", names: Sequence[str] = ("", "", "")) -> str:
+        keys = ("balanced_accuracy", "sensitivity", "specificity")
+        vals = [m.get(f"{prefix}{k}{sfx}") for k in keys]
+        return ", ".join(f"{n}{'n/a' if v is None else f'{v:.3f}'}" for n, v in zip(names, vals))
+
+    named = ("balanced acc ", "sensitivity ", "specificity ")
+    out = f"adapted {method_name} to '{condition}': "
+    if "query_balanced_accuracy" in m:
+        out += f"query {trio('query_', '', named)}"
+        if "query_balanced_accuracy_unadapted" in m:
+            out += f" (unadapted {trio('query_', '_unadapted')})"
+        if "query_auc" in m:
+            out += f", AUC {m['query_auc']:.3f}"
+            if "query_auc_unadapted" in m:
+                out += f" (unadapted {m['query_auc_unadapted']:.3f})"
+        out += f", accuracy {m['query_accuracy']:.3f} of {int(m['query_n'])} scans"
+        if "support_cv_balanced_accuracy" in m:
+            out += f"; held-out support balanced acc {m['support_cv_balanced_accuracy']:.3f}"
+    elif "support_cv_balanced_accuracy" in m:
+        out += f"held-out support {trio('support_cv_', '', named)} (no query set)"
+    else:
+        out += "no query set, no held-out estimate"
+    out += "".join(f"; WARNING: {w}" for w in warnings)
     k = ", ".join(f"{c}: {n}" for c, n in support.counts().items())
     rej = f", {len(support.rejected)} unreadable skipped" if support.rejected else ""
-    q = ""
-    if "query_accuracy" in headline:
-        q = f"; query acc {headline['query_accuracy']:.3f}"
-        if "query_accuracy_unadapted" in headline:
-            q += f" (unadapted {headline['query_accuracy_unadapted']:.3f})"
-        if "query_auc" in headline:
-            q += f", AUC {headline['query_auc']:.3f}"
-    summary = (
-        f"adapted {method_name} to '{condition}' from {len(support.keys)} scans ({k}{rej}) in {steps} steps, "
-        f"{adapt_seconds:.2f} s ({adapt_cpu_seconds:.2f} s CPU){q}; registered {reg_name} v{version} -> {model_uri}"
-    )
-    log(f"adapt: local report with clear file paths (never uploaded): {local_path}")
-    return StageResult(summary=summary, metrics=headline)
+    out += f"; from {len(support.keys)} scans ({k}{rej}) in {steps} steps, {seconds:.2f} s ({cpu_seconds:.2f} s CPU)"
+    if threshold is not None:
+        out += f", threshold p({condition}) >= {threshold:.3f}"
+    return out
 
 
 __all__ = [

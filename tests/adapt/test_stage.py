@@ -442,3 +442,80 @@ def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], se
         assert served["prob_Hernia"] + served["prob_No Finding"] == pytest.approx(1.0, abs=1e-6)
     assert preds[3]["error"].startswith("unreadable") and preds[3]["predicted_class"] is None
     assert preds[3]["prob_Hernia"] is None  # JSON null, not NaN
+
+
+# ---------------------------------------------------------------- a model that says nothing must say so
+@pytest.fixture(scope="module")
+def imbalanced(store: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A barely adapted model (3 inner steps at lr 0.05) on an imbalanced support set (3 discs, 12 normal):
+    with plain cross-entropy and the argmax it calls every query scan normal, like the issue's Fibrosis set.
+    The same adaptation with fewscan's defaults (the support-score threshold) is the second run; the argmax
+    with the loss the default gives it (class-balanced) the third."""
+    root = tmp_path_factory.mktemp("imbalanced")
+    support = h.write_set(root / "support", {h.CONDITION: 3, h.NORMAL: 12}, seed=21, first_patient=3000)
+    query = h.write_set(root / "query", {h.CONDITION: 15, h.NORMAL: 15}, seed=22, first_patient=4000)
+    mt = tracking.UpstreamRun.from_id(store["ids"]["meta-train"])
+    out: dict[str, Any] = {"query": query}
+    runs = {
+        "argmax": {"balanced_loss": False, "threshold": "argmax"},
+        "default": {},
+        "balanced-argmax": {"threshold": "argmax"},
+    }
+    for name, extra in runs.items():
+        cfg = validate(
+            {"support": str(support), "query": str(query), "steps": 3, "lr": 0.05}
+            | {"register_name": f"fewscan-imbalanced-{name}", **extra},
+            AdaptConfig,
+            "test",
+        )
+        res = stages.execute_stage(
+            "adapt", cfg, upstream={"meta-train": mt}, suite="adapttest", dataset="synthetic"
+        )
+        out[name] = {"run_id": res.run_id, "summary": res.summary, "metrics": _run(res.run_id).data.metrics}
+    return out
+
+
+def test_a_collapsed_model_is_called_out_in_the_summary(imbalanced: dict[str, Any]) -> None:
+    m, summary = imbalanced["argmax"]["metrics"], imbalanced["argmax"]["summary"]
+    # unadapted (shared head): every scan 'Hernia'; adapted by the argmax: every scan 'No Finding'
+    assert m["query_sensitivity_unadapted"] == 1.0 and m["query_specificity_unadapted"] == 0.0
+    assert m["query_sensitivity"] == 0.0 and m["query_predicted_one_class"] == 1.0
+    assert m["query_balanced_accuracy"] == 0.5 and m["query_accuracy"] == 0.5
+    assert summary.startswith("adapted fomaml to 'Hernia': query balanced acc 0.500, sensitivity 0.000, ")
+    assert "WARNING: the adapted model predicted 'No Finding' for every query scan (sensitivity 0)" in summary
+
+
+def test_the_default_threshold_recovers_the_condition_and_predict_applies_it(
+    imbalanced: dict[str, Any], tmp_path: Path
+) -> None:
+    from pipeline.serving import load_adapted
+
+    m, summary = imbalanced["default"]["metrics"], imbalanced["default"]["summary"]
+    assert m["query_sensitivity"] > 0.5 and m["query_specificity"] > 0.5, summary
+    assert m["query_predicted_one_class"] == 0.0 and "WARNING" not in summary
+    assert m["query_balanced_accuracy"] > imbalanced["argmax"]["metrics"]["query_balanced_accuracy"] + 0.2
+    assert 0.0 < m["threshold"] < 0.5  # the barely moved model's scores all lie below 0.5
+    assert 0.5 < m["support_cv_balanced_accuracy"] <= 1.0  # held-out support scans (leave-one-out)
+    clf = load_adapted(f"runs:/{imbalanced['default']['run_id']}/adapted_model")
+    assert clf.card["loss"] == "cross-entropy" and clf.card["steps"] == 3
+    assert clf.card["decision"]["rule"] == "threshold" and clf.threshold == pytest.approx(m["threshold"])
+    # fewscan predict: the stored threshold decides the class; the probabilities are the network's
+    out = tmp_path / "pred.csv"
+    predict(f"runs:/{imbalanced['default']['run_id']}/adapted_model", imbalanced["query"], out)
+    rows = list(csv.DictReader(out.open()))
+    p = [float(r["prob_Hernia"]) for r in rows]
+    assert [r["predicted_class"] for r in rows] == [
+        h.CONDITION if v >= clf.threshold else h.NORMAL for v in p
+    ]
+    assert any(v < 0.5 and r["predicted_class"] == h.CONDITION for v, r in zip(p, rows))  # not the argmax
+    sens = [r["predicted_class"] == h.CONDITION for r in rows if Path(r["path"]).parent.name == h.CONDITION]
+    assert sum(sens) / len(sens) == pytest.approx(m["query_sensitivity"])
+
+
+def test_the_class_balanced_loss_keeps_the_argmax_from_the_majority_class(imbalanced: dict[str, Any]) -> None:
+    """The same barely adapted model predicted by its argmax, with the class-balanced inner loss (what
+    `balanced_loss` defaults to without the support threshold): no longer every scan 'No Finding'."""
+    m = imbalanced["balanced-argmax"]["metrics"]
+    assert m["query_sensitivity"] > 0.0 and m["query_specificity"] > 0.0
+    assert m["query_predicted_one_class"] == 0.0 and m["threshold"] == 0.5
+    assert m["query_balanced_accuracy"] > imbalanced["argmax"]["metrics"]["query_balanced_accuracy"]
