@@ -84,15 +84,51 @@ class Suite:
         section = stages.SECTIONS[stage]
         data = getattr(self.cfg, section) or {}
         if extra_overrides:
-            data = apply_overrides(data, extra_overrides)
+            data = override_section(stage, data, extra_overrides)
         return validate(data, mod.CONFIG, f"{self.path} (section '{section}')")
+
+
+def override_section(stage: str, section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """One stage's section with command-line overrides applied, through the stage's `compose_section` hook
+    when it has one, so that an override does not silently combine with suite values that belong to what
+    it replaces (e.g. `adapt --support DIR` and the suite's query set of another support set; docs/tasks.md,
+    "Command-line overrides")."""
+    from pipeline import stages
+
+    hook = getattr(stages.module(stage), "compose_section", None)
+    if hook is None:
+        return apply_overrides(section, overrides)
+    return dict(hook(dict(section), list(overrides)))
+
+
+def _override_suite(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` overrides of a whole suite (`fewscan run --set`); each stage section's go
+    through `override_section`, the rest (name, dataset, ...) are applied as they are."""
+    from pipeline import stages
+
+    by_section = {section: stage for stage, section in stages.SECTIONS.items()}
+    rest: list[str] = []
+    mine: dict[str, list[str]] = {}
+    for o in overrides:
+        head, dot, tail = o.strip().partition(".")
+        if dot and head in by_section and "=" not in head:
+            mine.setdefault(head, []).append(tail)
+        else:
+            rest.append(o)
+    out = apply_overrides(raw, rest) if rest else dict(raw)
+    for section, items in mine.items():
+        current = out.get(section)
+        out[section] = override_section(
+            by_section[section], current if isinstance(current, dict) else {}, items
+        )
+    return out
 
 
 def load_suite(ref: str | Path, overrides: list[str] | None = None) -> Suite:
     path = find_file(ref, "tasks")
     raw = read_yaml(path)
     if overrides:
-        raw = apply_overrides(raw, overrides)
+        raw = _override_suite(raw, overrides)
     cfg = validate(raw, SuiteConfig, str(path))
     return Suite(path=path, cfg=cfg, raw=raw)
 

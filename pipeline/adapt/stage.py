@@ -118,6 +118,52 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+# Keys of the adapt section that belong to its support set: its query set, which class of it is the
+# condition, the registry name of its model. An override naming another support set (or condition) must not
+# inherit them from the suite (docs/adapt.md, "Command line and suite").
+TIED_TO = {"support": ("query", "condition", "register_name"), "condition": ("register_name",)}
+
+
+def compose_section(section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The suite's adapt section with command-line overrides applied, composed (pipeline/suite.py calls it).
+
+    When the overrides name another support set (`--support DIR`, `--set support=...`), the section's query
+    set, condition and registry name, which describe the section's own support set, are not used unless the
+    overrides give them too; the log says what was left out (give `--query DIR` to measure on a query set).
+    Another condition alone likewise drops the section's registry name. An override that repeats the
+    section's own value changes nothing."""
+    from pipeline.config import apply_overrides
+
+    given = apply_overrides({}, overrides)
+    out = apply_overrides(section, overrides)
+    key = next((k for k in TIED_TO if k in given and not _same(k, given[k], section.get(k))), None)
+    if key is None:
+        return out
+    dropped = [k for k in TIED_TO[key] if k not in given and section.get(k) is not None]
+    if dropped:
+        how = {
+            "query": "--query DIR",
+            "condition": "--condition NAME",
+            "register_name": "--set register_name=NAME",
+        }
+        what = "support set" if key == "support" else key
+        one = len(dropped) == 1
+        log(
+            f"adapt: the command line names another {what}, so the suite's "
+            f"{', '.join(f'adapt.{k}' for k in dropped)} (of its own {what}) {'is' if one else 'are'} not "
+            f"used; give {' and '.join(how[k] for k in dropped)} to set {'it' if one else 'them'}"
+        )
+    return {k: v for k, v in out.items() if k not in dropped}
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    if key == "support":
+        return bool(Path(str(a)).resolve() == Path(str(b)).resolve())
+    return str(a) == str(b)
+
+
 # Knobs that do not change the adapted model: changing them must not force a re-adaptation in `fewscan run`.
 FINGERPRINT_EXCLUDE = ("threads", "batch_size", "local_report_dir")
 
@@ -608,6 +654,7 @@ __all__ = [
     "FINGERPRINT_EXCLUDE",
     "UPSTREAM",
     "add_arguments",
+    "compose_section",
     "execute",
     "fingerprint_inputs",
     "overrides_from_args",

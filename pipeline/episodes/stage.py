@@ -33,6 +33,23 @@ def run_name(cfg: EpisodesConfig) -> str:
     return f"episodes {_kinds_label(cfg)} k={','.join(map(str, cfg.k_shots))} q={cfg.q_query}"
 
 
+def compose_section(section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The suite's episodes section with command-line overrides applied (pipeline/suite.py calls it). An
+    n_way given on the command line (`--n-way`) with no n_way episodes in `kinds` would do nothing; it is
+    refused with the fix, instead of silently building binary episodes only."""
+    from pipeline.config import apply_overrides
+
+    given = apply_overrides({}, overrides)
+    out = apply_overrides(section, overrides)
+    kinds = out.get("kinds", ["binary", "n_way"])
+    if "n_way" in given and isinstance(kinds, list) and "n_way" not in kinds:
+        raise ConfigError(
+            f"--n-way {given['n_way']} sets the size of n_way episodes, but the episodes' kinds are {kinds}: "
+            "add --kinds binary,n_way (or --kinds n_way), or leave --n-way out"
+        )
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("episodes options (override the suite's episodes: section)")
     g.add_argument("--k-shot", dest="ep_k_shot", metavar="K[,K...]", help="support scans per class, e.g. 1,5")

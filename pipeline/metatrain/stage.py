@@ -54,6 +54,35 @@ def run_name(cfg: MetaTrainConfig) -> str:
     )
 
 
+def compose_section(section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The suite's meta_train section with command-line overrides applied (pipeline/suite.py calls it), so
+    that a flag replaces what it names instead of clashing with it: `--seeds` replaces the suite's older
+    single `seed:` (and `--set seed=N` its `seeds:`), which would otherwise be refused together; `--methods`
+    leaves out the suite's `train_episodes.per_method` settings of methods it does not train, which would
+    otherwise be refused as naming methods not in `methods`. Both are logged."""
+    from pipeline.config import apply_overrides
+
+    given = apply_overrides({}, overrides)
+    out = apply_overrides(section, overrides)
+    for new, old in (("seeds", "seed"), ("seed", "seeds")):
+        if new in given and old not in given and old in out:
+            log(f"meta-train: the command line gives {new}; the suite's meta_train.{old} is replaced")
+            del out[old]
+    per_method = (out.get("train_episodes") or {}).get("per_method")
+    if "methods" in given and isinstance(per_method, dict) and isinstance(given["methods"], list):
+        stray = sorted(m for m in per_method if m not in given["methods"])
+        if stray:
+            log(
+                f"meta-train: --methods {','.join(map(str, given['methods']))}: the suite's "
+                f"train_episodes.per_method settings of {', '.join(stray)} are not used"
+            )
+            out["train_episodes"] = {
+                **out["train_episodes"],
+                "per_method": {m: v for m, v in per_method.items() if m not in stray},
+            }
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("meta-train options (override the suite's meta_train: section)")
     g.add_argument(
