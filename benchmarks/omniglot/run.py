@@ -197,15 +197,17 @@ def _alphabet_split(alphabet: str) -> str:
     return "rare" if alphabet in RARE else "validation" if alphabet in VALIDATION else "common"
 
 
-def unpack(source: Path, png_root: Path, per_alphabet: int | None = None) -> list[dict[str, str]]:
+def unpack(
+    source: Path, png_root: Path, per_alphabet: int | None = None, zips: tuple[str, ...] = ZIPS
+) -> list[dict[str, str]]:
     """Write every drawing once as an inverted 8-bit PNG under png_root/<Alphabet>/<character>/; returns
     the label rows. `per_alphabet` keeps only the first N characters of each alphabet (smoke test)."""
     seen: dict[str, str] = {}  # relative path -> sha256 of the zip member
     rows: list[dict[str, str]] = []
-    for name in ZIPS:
+    for name in zips:
         path = source / name
         if not path.is_file():
-            raise SystemExit(f"{path} not found (--source: the folder holding {', '.join(ZIPS)})")
+            raise SystemExit(f"{path} not found (--source: the folder holding {', '.join(zips)})")
         with zipfile.ZipFile(path) as zf:
             for info in sorted(zf.infolist(), key=lambda i: i.filename):
                 parts = PurePosixPath(info.filename).parts
@@ -330,11 +332,12 @@ def prepare(
     ways: tuple[int, ...] = (5, 20),
     within_alphabet: bool = False,
     per_alphabet: int | None = None,
+    zips: tuple[str, ...] = ZIPS,
 ) -> list[Path]:
     """PNGs, labels.csv, the manifest and one suite per n_way under `out`; returns the suites' paths."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = unpack(source, out / "png", per_alphabet)
+    rows = unpack(source, out / "png", per_alphabet, zips)
     manifest = write_study(out, rows, IMAGE_SIZE[budget])
     n_chars = len({r["character"] for r in rows})
     print(f"omniglot: {len(rows)} drawings of {n_chars} characters -> {out}", flush=True)
@@ -399,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder holding the two zips")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where everything is generated")
+    ap.add_argument(
+        "--zips",
+        default=",".join(ZIPS),
+        help="zip files in --source, comma-separated (the full set: images_background.zip)",
+    )
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--ways", default="5,20", help="n_way settings, e.g. 5,20")
     ap.add_argument("--within-alphabet", action="store_true", help="episodes.group_by: alphabet")
@@ -416,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     t0 = time.monotonic()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    suites = prepare(out, args.source, args.budget, ways, args.within_alphabet, args.characters_per_alphabet)
+    zips = tuple(z.strip() for z in args.zips.split(",") if z.strip())
+    suites = prepare(
+        out, args.source, args.budget, ways, args.within_alphabet, args.characters_per_alphabet, zips
+    )
     if args.prepare_only:
         print("\n".join(f"fewscan run {s}" for s in suites))
         return 0
