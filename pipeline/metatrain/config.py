@@ -80,7 +80,7 @@ class MetaTrainConfig(StrictModel):
         min_length=1,
         description="meta-training seeds: every method is trained once per seed (the first seed's model is "
         "the one registered and adapted); evaluate states every verdict across them, since one meta-training "
-        "run can move a result as much as the difference between methods (docs/tasks.md, 'Seeds')",
+        "run can move a result as much as the difference between methods (docs/evaluation.md, 'Seeds')",
     )
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU)")

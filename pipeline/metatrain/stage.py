@@ -397,7 +397,7 @@ def _execute(
             log(
                 f"meta-train: WARNING {unit}: validation accuracy {best_val:.3f} never left chance ({val_chance:.3f}); "
                 "the kept weights are the last of the tied steps and show no measurable learning: raise "
-                "outer.steps, check inner.lr (docs/tasks.md, 'Stable MAML settings') or the data"
+                "outer.steps, check inner.lr (docs/evaluation.md, 'Stable MAML settings') or the data"
             )
         return best_val
 
