@@ -965,10 +965,10 @@ def stage_run(
                 f"{stage} run {resume_run_id} is still RUNNING (pid {t.get(TAG_PID)} on {t.get(TAG_HOST)}); "
                 "wait for it or stop it before resuming"
             )
-        lease = lease_tags()
-        retry(lambda: c.update_run(resume_run_id, status="RUNNING"), "reopen the run")
-        for k, v in lease.items():
+        # the lease first: a reopened run must never look RUNNING under its dead previous owner
+        for k, v in lease_tags().items():
             retry(partial(c.set_tag, resume_run_id, k, v), "take the run's lease")
+        retry(lambda: c.update_run(resume_run_id, status="RUNNING"), "reopen the run")
         run_id, resumed = resume_run_id, True
         artifact_uri = run.info.artifact_uri
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, UpstreamError
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):
@@ -82,7 +82,7 @@ def test_predict_exits_non_zero_when_no_scan_could_be_read(tmp_path: Path, monke
 HOLD = """
 import sys, time
 from pipeline import tracking
-with tracking.stage_run("ingest", run_name="hold", config={}, upstream={}, fp="f" * 24, suite=None,
+with tracking.stage_run("ingest", run_name="hold", config={}, upstream={}, fp="f" * 24, suite="leases",
                         dataset="leases") as run:
     print(run.run_id, flush=True)
     time.sleep(600)
@@ -105,6 +105,7 @@ def test_sigkilled_run_is_marked_killed_by_the_next_command_and_a_live_one_is_no
         assert c.get_run(dead_id).info.status == "RUNNING"
         tags = c.get_run(dead_id).data.tags
         assert tags[tracking.TAG_PID] == str(dead.pid) and tags[tracking.TAG_HOST] == socket.gethostname()
+        assert tracking.latest_unfinished("ingest", "leases") is None  # both alive: nothing to resume
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         assert c.get_run(dead_id).info.status == "RUNNING"  # nobody could mark it
@@ -114,8 +115,16 @@ def test_sigkilled_run_is_marked_killed_by_the_next_command_and_a_live_one_is_no
         assert run.info.status == "KILLED"
         assert f"pid {dead.pid}" in run.data.tags[tracking.TAG_ERROR]
         assert c.get_run(live_id).info.status == "RUNNING"  # its process is alive: left alone
-        # a KILLED run is never reused
-        assert tracking.find_reusable("ingest", "f" * 24, suite=None, dataset="leases") is None
+        # a KILLED run is never reused; --resume picks it, never the live one, and takes its lease
+        assert tracking.find_reusable("ingest", "f" * 24, suite="leases", dataset="leases") is None
+        assert tracking.latest_unfinished("ingest", "leases") == dead_id
+        kw = dict(run_name="r", config={}, upstream={}, fp="f" * 24, suite="leases", dataset="leases")
+        with pytest.raises(UpstreamError, match="still RUNNING"):
+            with tracking.stage_run("ingest", resume_run_id=live_id, **kw):  # type: ignore[arg-type]
+                pass
+        with tracking.stage_run("ingest", resume_run_id=dead_id, **kw) as resumed:  # type: ignore[arg-type]
+            assert c.get_run(resumed.run_id).data.tags[tracking.TAG_PID] == str(os.getpid())
+        assert c.get_run(dead_id).info.status == "FINISHED"
     finally:
         live.kill()
         live.wait()
