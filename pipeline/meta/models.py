@@ -5,13 +5,13 @@ Every model is a `FewShotNet`: a backbone that maps images to a feature vector, 
 Head policy (why): meta-training sees binary and n-way episodes, and a rare condition may be tested with
 another n_way again, so the head cannot have a fixed number of rows. Three choices, all independent of n_way:
 
-- `shared` (default, UnicornMAML, Ye & Chao, ICLR 2022): the meta-learned head is ONE row `w` (1, F) and
+- `shared` (UnicornMAML, Ye & Chao, ICLR 2022): the meta-learned head is ONE row `w` (1, F) and
   one bias `b` (1,). For an n-way task the initial head is `w` replicated n times, so the initial logits are
   equal for every class (no class is favoured by the arbitrary label order of an episode) and the inner
   loop moves each row apart. The gradient of the replicated rows flows back into `w` (summed over rows).
 - `zero` (the "zeroing trick" of Kao et al., ICLR 2022): the head starts at zero for every task and is
   not meta-learned; only the backbone is.
-- `proto` (Proto-MAML, Triantafillou et al., ICLR 2020): the head starts, for every task, at the linear
+- `proto` (default; Proto-MAML, Triantafillou et al., ICLR 2020): the head starts, for every task, at the linear
   form of the prototypical classifier on the support set: row c = 2·μ_c, bias c = −‖μ_c‖² (μ_c the mean
   support feature of class c), i.e. −‖f − μ_c‖² up to a term shared by all classes. Why: with a zero or
   shared head, features that share a large common component (post-ReLU features of images that are mostly
@@ -74,7 +74,7 @@ class ModelSpec(StrictModel):
     norm_groups: int = Field(
         default=8, ge=1, description="groups for norm=group (reduced to a divisor of the channels)"
     )
-    head: HeadPolicy = "shared"
+    head: HeadPolicy = "proto"
     embed_dim: int = Field(
         default=64, ge=1, description="MONAI backbones: width of the feature vector the net outputs"
     )

@@ -96,7 +96,7 @@ def test_whole_network_and_scratch_fit_the_support_set(world: World) -> None:
 def test_baselines_refuse_a_learned_head(world: World) -> None:
     from pipeline.meta.models import build_model
 
-    m = build_model(SPEC, 1, (SIZE, SIZE))  # shared head: meta-learned, not a baseline's
+    m = build_model(SPEC.model_copy(update={"head": "shared"}), 1, (SIZE, SIZE))  # meta-learned head
     with pytest.raises(ValueError, match="zero or proto head"):
         baselines.whole_network_method("x", m, 0.1, 2)
     with pytest.raises(ValueError, match="head_init"):

@@ -30,7 +30,10 @@ def batch(t=2, n_way=3, k=2, q=2, seed=0):
 def learner(name, seed=0, **inner):
     torch.manual_seed(seed)
     cfg = InnerConfig(**inner)
-    return MetaLearner(build_model(ModelSpec(filters=8), 1, (16, 16)), make_algorithm(name, cfg), cfg)
+    # the shared head: these tests check the UnicornMAML head replication (proto: its own test below)
+    return MetaLearner(
+        build_model(ModelSpec(filters=8, head="shared"), 1, (16, 16)), make_algorithm(name, cfg), cfg
+    )
 
 
 def test_unknown_method_names_the_valid_ones():

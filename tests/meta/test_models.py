@@ -19,7 +19,7 @@ def _model(seed=0, **kw):
 
 
 def test_shared_head_starts_every_class_equal_and_is_differentiable_through_replication():
-    m = _model()
+    m = _model(head="shared")
     x = torch.randn(3, 1, 16, 16)
     for n_way in (2, 3, 5):
         p = m.task_params(n_way)
@@ -144,13 +144,13 @@ def test_protonet_classifies_well_separated_support_perfectly():
 
 
 def test_meta_model_round_trip_reproduces_predictions_and_learned_rates(tmp_path):
-    m = _model(3)
+    m = _model(3, head="shared")  # a meta-learned head, with its learned rates
     lr = [{k: torch.tensor(0.01 * (i + 1)) for k in m.meta_parameters()} for i in range(2)]
     save_meta_model(
         tmp_path / "maml",
         m,
         method="mamlpp",
-        model_spec=ModelSpec(),
+        model_spec=ModelSpec(head="shared"),
         image_shape=(1, 16, 16),
         inner={"steps": 2, "lr": 0.01, "eval_steps": 4, "trainable": "all"},
         inner_lr=lr,
