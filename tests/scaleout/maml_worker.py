@@ -122,8 +122,8 @@ def stack(tasks: Sequence[Task], dtype: torch.dtype) -> tuple[torch.Tensor, ...]
 def make_learner(spec: RunSpec, init_seed: int) -> MetaLearner:
     dtype = getattr(torch, spec.dtype)
     model_spec = ModelSpec(
-        backbone="conv4", filters=spec.filters, blocks=spec.blocks, norm="group", norm_groups=4
-    )
+        backbone="conv4", filters=spec.filters, blocks=spec.blocks, norm="group", norm_groups=4, head="shared"
+    )  # a meta-learned head, so every learner parameter receives a (compared) meta-gradient
     with torch.random.fork_rng():  # the init draws from torch's global generator: fork it, seed it explicitly
         torch.manual_seed(init_seed)
         model = build_model(model_spec, 1, (SIZE, SIZE))

@@ -31,8 +31,13 @@ def main(argv: list[str]) -> int:
     try:
         ctx = distributed.init_from_env()
         # meta-batch 3 over 2 ranks: 2 + 1 tasks
+        # a meta-learned (shared) head: every learner tensor is then trained, which the test's weight check
+        # relies on (a proto head is not a meta-parameter)
         cfg = _cfg(
-            methods=["maml", "mamlpp"], meta_batch=3, outer={"steps": 4, "lr": 3e-3, "warmup_steps": 0}
+            methods=["maml", "mamlpp"],
+            meta_batch=3,
+            outer={"steps": 4, "lr": 3e-3, "warmup_steps": 0},
+            model={"filters": 8, "blocks": 2, "head": "shared"},
         )
         run = FakeRun(out) if ctx.is_main else distributed.FollowerRun("meta-train", ctx.rank)
         res = stage.execute(cfg, run, _upstream(world))  # type: ignore[arg-type]
