@@ -15,6 +15,7 @@ from pipeline.chain import run_chain
 from pipeline.meta import native
 
 from . import fake_stages
+from .test_chain import SUITE  # the fake-stage suite the chain tests run
 
 ORDER = stages.ORDER
 ENGINE_STAGES = {"meta-train", "adapt", "evaluate"}
@@ -199,14 +200,6 @@ def test_kernel_switch_and_device_change_only_engine_stages(monkeypatch: pytest.
 
 
 # ------------------------------------------------------------------------------ through the chain
-SUITE = """
-name: fake
-dataset: {manifest}
-episodes: {{value: 1}}
-meta_train: {{value: 1}}
-adapt: {{value: 1}}
-evaluate: {{value: 1}}
-"""
 
 
 def test_chain_reuses_until_the_code_set_or_the_kernels_change(
