@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -27,6 +27,7 @@ from pydicom.uid import (
 )
 
 from pipeline.ingest import reasons as R
+from pipeline.ingest.dicom_codecs import decode_failure, undecodable
 from pipeline.ingest.reasons import NOTE, Rejected
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
@@ -83,13 +84,15 @@ def _shared_or_per_frame(ds: Dataset, seq: str, attr: str) -> Any:
     return None
 
 
-def read_dataset(data: bytes, header_only: bool = False) -> Dataset:
+def read_dataset(data: bytes | BinaryIO, header_only: bool = False) -> Dataset:
     """Read like `dcmread(force=True)`: files without preamble or file-meta header (ACR-NEMA style) too.
-    Without a Transfer Syntax UID the syntax pydicom detected while reading (implicit/explicit VR, byte
-    order) is written into the file meta, so the pixel data can be decoded (noted as
-    `transfer_syntax_inferred`)."""
+    `data`: the file's bytes or an open binary file (read from its start). Without a Transfer Syntax UID
+    the syntax pydicom detected while reading (implicit/explicit VR, byte order) is written into the
+    file meta, so the pixel data can be decoded (noted as `transfer_syntax_inferred`)."""
+    src = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    src.seek(0)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=header_only)
+        ds = pydicom.dcmread(src, force=True, stop_before_pixels=header_only)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, AttributeError) as e:
         raise Rejected(R.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})") from None
     meta = getattr(ds, "file_meta", None)
@@ -191,20 +194,21 @@ def check_image_object(ds: Dataset, header_only: bool = False) -> None:
 
 
 def check_decodable(ds: Dataset) -> None:
+    """Reject a compressed transfer syntax no installed plugin decodes, naming the syntax (name and UID)
+    and the package that would decode it (pipeline/ingest/dicom_codecs.py)."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is None or not ts.is_compressed:
         return
     try:
         dec = get_decoder(ts)
     except NotImplementedError:
-        raise Rejected(
-            R.UNDECODABLE, f"transfer syntax {ts.name} ({ts}) has no pixel data decoder in pydicom"
-        ) from None
+        raise undecodable(ts, "has no pixel data decoder in pydicom") from None
     if not dec.is_available:
-        need = "; ".join(dec.missing_dependencies) or "a decoder plugin"
-        raise Rejected(
-            R.UNDECODABLE, f"transfer syntax {ts.name} ({ts}) cannot be decoded here; install: {need}"
-        )
+        raise undecodable(ts, "cannot be decoded here: no decoder plugin for it is installed")
+
+
+# what pydicom raises for pixel data it cannot decode (a corrupt or truncated stream, a bad header value)
+DECODE_ERRORS = (ValueError, RuntimeError, AttributeError, EOFError, KeyError, TypeError, NotImplementedError)
 
 
 def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -241,36 +245,65 @@ def window_linear(x: np.ndarray, center: float, width: float, function: str = "L
     return np.clip(y, 0.0, 1.0, out=y)
 
 
-def minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
+def minmax(x: np.ndarray, lohi: tuple[float, float] | None = None) -> np.ndarray:
+    """x -> [0, 1] by its own min and max, or by `lohi` (the range of the whole file when x is one frame)."""
+    lo, hi = lohi if lohi is not None else (float(np.min(x)), float(np.max(x)))
     if hi <= lo:
         return np.zeros_like(x, dtype=np.float32)
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
-def _voi(x: np.ndarray, ds: Dataset, voi: str, window: dict[str, float] | None) -> tuple[np.ndarray, str]:
-    """Stored-after-modality values -> [0, 1]; returns the rule used (logged in the index)."""
+def voi_rule(ds: Dataset, voi: str, window: dict[str, float] | None) -> str:
+    """Which VOI rule `_voi` applies to this dataset's grey values (known from the header alone)."""
     if voi == "manifest" and window is not None:
-        return window_linear(x, float(window["center"]), float(window["width"])), "manifest_window"
+        return "manifest_window"
     if voi == "header":
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            item = ds.VOILUTSequence[0]
-            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-            # a LUT is indexed by integer modality values
-            y = np.asarray(
-                apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True), dtype=np.float32
-            )
-            return np.clip(y / float(2**bits - 1), 0.0, 1.0), "voi_lut"
-        c = _first(ds.get("WindowCenter"))
-        w = _first(ds.get("WindowWidth"))
-        if c is None or w is None:
-            c = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowCenter")
-            w = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowWidth")
-            c, w = _first(c), _first(w)
-        if c is not None and w is not None and float(w) > 0:
-            fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-            return window_linear(x, float(c), float(w), fn), "header_window"
-    return minmax(x), "minmax"
+            return "voi_lut"
+        if _header_window(ds) is not None:
+            return "header_window"
+    return "minmax"
+
+
+def _header_window(ds: Dataset) -> tuple[float, float] | None:
+    c = _first(ds.get("WindowCenter"))
+    w = _first(ds.get("WindowWidth"))
+    if c is None or w is None:
+        c = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowCenter")
+        w = _shared_or_per_frame(ds, "FrameVOILUTSequence", "WindowWidth")
+        c, w = _first(c), _first(w)
+    if c is not None and w is not None and float(w) > 0:
+        return float(c), float(w)
+    return None
+
+
+def _voi(
+    x: np.ndarray,
+    ds: Dataset,
+    voi: str,
+    window: dict[str, float] | None,
+    lohi: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, str]:
+    """Stored-after-modality values -> [0, 1]; returns the rule used (logged in the index). `lohi`: the
+    min-max range to use instead of x's own (x is one frame of a multi-frame file)."""
+    rule = voi_rule(ds, voi, window)
+    if rule == "manifest_window":
+        assert window is not None
+        return window_linear(x, float(window["center"]), float(window["width"])), rule
+    if rule == "voi_lut":
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        # a LUT is indexed by integer modality values
+        y = np.asarray(
+            apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True), dtype=np.float32
+        )
+        return np.clip(y / float(2**bits - 1), 0.0, 1.0), rule
+    if rule == "header_window":
+        cw = _header_window(ds)
+        assert cw is not None
+        fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        return window_linear(x, cw[0], cw[1], fn), rule
+    return minmax(x, lohi), rule
 
 
 def _native_grey(ds: Dataset) -> np.ndarray | None:
@@ -317,24 +350,28 @@ def modality_frames(ds: Dataset) -> tuple[np.ndarray, bool]:
         arr = _native_grey(ds)
         if arr is None:
             arr = ds.pixel_array  # pydicom 3 converts YBR_FULL(_422) to RGB by default
-    except (
-        ValueError,
-        RuntimeError,
-        AttributeError,
-        EOFError,
-        KeyError,
-        TypeError,
-        NotImplementedError,
-    ) as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise Rejected(R.UNREADABLE, f"pixel data could not be decoded: {msg}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except DECODE_ERRORS as e:
+        raise decode_failure(e, ds.file_meta.get("TransferSyntaxUID")) from None
+    return to_modality(arr, ds, int(ds.get("NumberOfFrames", 1) or 1))
+
+
+def palette_top(rgb: np.ndarray) -> float:
+    """The full scale of PALETTE COLOR output: 65535 once a LUT value exceeds 8 bits, else 255."""
+    return 65535.0 if rgb.max() > 255 else 255.0
+
+
+def to_modality(
+    arr: np.ndarray, ds: Dataset, frames: int, colour_top: float | None = None
+) -> tuple[np.ndarray, bool]:
+    """`frames` decoded frames (as pydicom gives them) -> grey (F, H, W) float32 after the modality LUT
+    (True) or colour (F, 3, H, W) in [0, 1] (False). PALETTE COLOR is scaled by `colour_top` (the
+    maximum of 255 / 65535 its LUT reaches over the whole file) when the frames are a part of the file."""
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     rows, cols = int(ds.Rows), int(ds.Columns)
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
-        top = 65535.0 if rgb.max() > 255 else 255.0
+        top = colour_top or palette_top(rgb)
         y = np.clip(rgb.reshape((frames, rows, cols, 3)).astype(np.float32) / top, 0, 1)
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), False
     if spp == 1:
@@ -361,11 +398,16 @@ def presentation_inverse(ds: Dataset) -> bool:
 
 
 def to_unit(
-    x: np.ndarray, ds: Dataset, voi: str = "header", window: dict[str, float] | None = None
+    x: np.ndarray,
+    ds: Dataset,
+    voi: str = "header",
+    window: dict[str, float] | None = None,
+    lohi: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, str]:
-    """Grey modality values (any shape) -> [0, 1] by VOI LUT / window / min-max, then inverted for
-    MONOCHROME1 or Presentation LUT Shape INVERSE (`presentation_inverse`), so bright = dense."""
-    y, rule = _voi(x, ds, voi, window)
+    """Grey modality values (any shape) -> [0, 1] by VOI LUT / window / min-max (over `lohi` if given),
+    then inverted for MONOCHROME1 or Presentation LUT Shape INVERSE (`presentation_inverse`), so bright =
+    dense."""
+    y, rule = _voi(x, ds, voi, window, lohi)
     if presentation_inverse(ds):
         y = 1.0 - y
         rule += "+inverted"
