@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -71,66 +71,30 @@ def _dicom_facts(ds: Any) -> dict[str, Any]:
     }
 
 
-def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list[Item]:
-    """One file -> its stored images. Multi-frame DICOM splits per `prep['multiframe']`."""
+def decode_file(path: Path, fmt: str, data: bytes | None, prep: dict[str, Any]) -> list[Item]:
+    """One file -> its stored images. Multi-frame DICOM splits per `prep['multiframe']`. `data`: the
+    file's bytes, or None for a DICOM file read from `path` as it is decoded (a large file: see
+    `STREAM_BYTES`)."""
     from pipeline.ingest import readers
 
     dims = int(prep["spatial_dims"])
     window = prep.get("window")
     voi = prep["voi"]
     if fmt == "dicom":
-        from pipeline.ingest.dicom_read import (
-            check_image_object,
-            check_sop_class,
-            decode_frames,
-            read_dataset,
-        )
+        from pipeline.ingest.dicom_read import read_dataset
 
-        ds = read_dataset(data)
-        check_sop_class(ds)  # a DICOMDIR or a non-image object, before asking it for image attributes
-        facts = _dicom_facts(ds)
-        check_image_object(ds)
-        check_size(int(facts["rows"]), int(facts["cols"]), prep)
-        frames, rule = decode_frames(ds, voi, window)  # (F, C, H, W) in [0, 1]
-        f = frames.shape[0]
-        shape = [f] if f > 1 else []
-        shape += [int(facts["rows"]), int(facts["cols"])] + ([3] if frames.shape[1] == 3 else [])
-        facts.update(voi_rule=rule, source_format="dicom", orig_shape=shape)
-        if dims == 2:
-            if f > 1 and prep["multiframe"] == "volume":
-                raise Rejected(
-                    R.WRONG_DIMENSIONALITY, f"multi-frame ({f} frames) kept as a volume needs spatial_dims 3"
-                )
-            if f > 1 and prep["multiframe"] == "first":
-                frames = frames[:1]
-            flat = [i for i in range(frames.shape[0]) if is_constant(frames[i])]
-            if len(flat) == frames.shape[0]:
-                raise Rejected(R.CONSTANT_IMAGE, _constant_detail(frames, rule))
-            out = []
-            for i in range(frames.shape[0]):
-                if i in flat:  # a constant frame of a multi-frame file: dropped, counted in the report
-                    continue
-                fi = dict(facts, frame=i if f > 1 and prep["multiframe"] == "split" else -1)
-                out.append((finish_2d(frames[i], prep), fi))
-            out[0][1]["constant_frames"] = len(flat)
-            return out
-        if f == 1:
-            raise Rejected(
-                R.WRONG_DIMENSIONALITY,
-                "a single-frame slice; 3D ingest groups slices by series (pass the folder)",
-            )
-        vol = frames.transpose(1, 0, 2, 3)  # (C, D, H, W)
-        if is_constant(vol):
-            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(vol, rule))
-        sp = facts["spacing"] or (1.0, 1.0)
-        dz = facts["_ds_spacing_between"] or facts["slice_thickness"] or 1.0
-        return [(finish_3d(vol, (float(dz), float(sp[0]), float(sp[1])), prep), dict(facts, frame=-1))]
+        if data is not None:
+            return _decode_dicom(None, read_dataset(data), prep)
+        with open(path, "rb") as fh:
+            return _decode_dicom(fh, None, prep)
+    if data is None:
+        data = path.read_bytes()
     if fmt == "nifti":
         vol, zyx, raw_shape = readers.read_nifti(path, voi, window)  # (1, D, H, W)
         check_size(int(vol.shape[-2]), int(vol.shape[-1]), prep)
         if is_constant(vol):
             raise Rejected(R.CONSTANT_IMAGE, _constant_detail(vol, "minmax"))
-        facts = {
+        facts: dict[str, Any] = {
             "source_format": "nifti",
             "orig_shape": list(raw_shape),
             "spacing": zyx,
@@ -183,6 +147,68 @@ def decode_file(path: Path, fmt: str, data: bytes, prep: dict[str, Any]) -> list
             out.append((arr, facts))
         return out
     raise Rejected(R.UNREADABLE, "not a DICOM, NIfTI, PNG, JPEG or npz file")
+
+
+def _decode_dicom(fh: BinaryIO | None, ds: Any, prep: dict[str, Any]) -> list[Item]:
+    """A DICOM file -> its stored images. `ds`: the whole dataset (a file read into memory), or None with
+    `fh` the open file: only its header is read here, and the pixels frame by frame as they are decoded.
+
+    Multi-frame files in 2D are decoded one frame at a time (pipeline/ingest/dicom_frames.py), so that a
+    worker's memory does not grow with the number of frames; single frames and 3D volumes whole."""
+    from pipeline.ingest.dicom_frames import unit_frames
+    from pipeline.ingest.dicom_read import check_image_object, check_sop_class, decode_frames, read_dataset
+
+    dims, voi, window = int(prep["spatial_dims"]), prep["voi"], prep.get("window")
+    head = ds if ds is not None else read_dataset(fh, header_only=True)  # type: ignore[arg-type]
+    check_sop_class(head)  # a DICOMDIR or a non-image object, before asking it for image attributes
+    facts = _dicom_facts(head)
+    if ds is not None:
+        check_image_object(ds)  # (a file read from fh: its pixel data is looked for as frames are read)
+    check_size(int(facts["rows"]), int(facts["cols"]), prep)
+    f = int(facts["frames"])
+    if dims == 2 and f > 1:
+        if prep["multiframe"] == "volume":
+            raise Rejected(
+                R.WRONG_DIMENSIONALITY, f"multi-frame ({f} frames) kept as a volume needs spatial_dims 3"
+            )
+        first = prep["multiframe"] == "first"
+        uf = unit_frames(head, fh, voi, window, [0] if first else None)
+        shape = [f, int(facts["rows"]), int(facts["cols"])] + ([] if uf.grey else [3])
+        facts.update(voi_rule=uf.rule, source_format="dicom", orig_shape=shape)
+        out: list[Item] = []
+        flat, low = 0, float("inf")
+        for i, y in uf.frames:  # (C, H, W) in [0, 1], one frame at a time
+            if is_constant(y):  # a constant frame of a multi-frame file: dropped, counted in the report
+                flat, low = flat + 1, min(low, float(np.min(y)) if y.size else 0.0)
+                continue
+            out.append((finish_2d(y, prep), dict(facts, frame=-1 if first else i)))
+        if not out:
+            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(np.array([low]), uf.rule))
+        out[0][1]["constant_frames"] = flat
+        return out
+    if ds is None:
+        ds = read_dataset(fh)  # type: ignore[arg-type]
+        check_image_object(ds)
+    frames, rule = decode_frames(ds, voi, window)  # (F, C, H, W) in [0, 1]
+    f = frames.shape[0]
+    shape = [f] if f > 1 else []
+    shape += [int(facts["rows"]), int(facts["cols"])] + ([3] if frames.shape[1] == 3 else [])
+    facts.update(voi_rule=rule, source_format="dicom", orig_shape=shape)
+    if dims == 2:
+        if is_constant(frames[0]):
+            raise Rejected(R.CONSTANT_IMAGE, _constant_detail(frames, rule))
+        return [(finish_2d(frames[0], prep), dict(facts, frame=-1, constant_frames=0))]
+    if f == 1:
+        raise Rejected(
+            R.WRONG_DIMENSIONALITY,
+            "a single-frame slice; 3D ingest groups slices by series (pass the folder)",
+        )
+    vol = frames.transpose(1, 0, 2, 3)  # (C, D, H, W)
+    if is_constant(vol):
+        raise Rejected(R.CONSTANT_IMAGE, _constant_detail(vol, rule))
+    sp = facts["spacing"] or (1.0, 1.0)
+    dz = facts["_ds_spacing_between"] or facts["slice_thickness"] or 1.0
+    return [(finish_3d(vol, (float(dz), float(sp[0]), float(sp[1])), prep), dict(facts, frame=-1))]
 
 
 def _constant_detail(x: np.ndarray, rule: str) -> str:
@@ -382,6 +408,24 @@ def warning_codes(caught: list[warnings.WarningMessage]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+# A DICOM file larger than this is hashed in pieces and decoded from disk frame by frame, never held
+# whole in a worker's memory (pipeline/ingest/dicom_frames.py); smaller files are read in one go, the
+# fastest way for the many small files of a typical archive.
+STREAM_BYTES = 16 * 2**20
+
+
+def _load(path: Path, task: Task) -> tuple[bytes | None, str]:
+    """(the file's bytes, or None for a large DICOM file decoded from disk; its SHA-256 for the cache)."""
+    if task.kind == "file" and task.fmt == "dicom" and path.stat().st_size > STREAM_BYTES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        return None, h.hexdigest()
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead. Warnings raised
     while decoding are returned as codes (`warnings`), never printed."""
@@ -397,9 +441,10 @@ def run_task(task: Task) -> dict[str, Any]:
 
 def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     try:
-        datas = [Path(p).read_bytes() for p in task.paths] if task.kind != "header" else []
+        loaded = [_load(Path(p), task) for p in task.paths] if task.kind != "header" else []
     except OSError as e:
         return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
+    datas = [d for d, _ in loaded]
     try:
         if task.kind == "header":
             from pipeline.ingest.dicom_read import check_image_object, read_dataset
@@ -412,13 +457,15 @@ def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, An
             pub = _public(facts, task.salt, task.rels[0])
             pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
             return {"ok": True, "items": [pub], "array": None, "cached": False}
-        digests = [hashlib.sha256(d).hexdigest() for d in datas]
+        digests = [h for _, h in loaded]
         cp = _cache_path(task, digests)
         hit = _cache_load(cp)
         if hit is not None:
             return {"ok": True, "items": hit[1], "array": hit[0], "cached": True}
         if task.kind == "series":
-            arr, facts = decode_series(list(zip(map(Path, task.paths), datas)), task.prep)
+            arr, facts = decode_series(
+                [(Path(p), d) for p, d in zip(task.paths, datas) if d is not None], task.prep
+            )
             items = [_public(facts, task.salt, task.rels[0])]
             x: np.ndarray | None = arr[None]
         else:
