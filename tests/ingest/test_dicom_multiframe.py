@@ -174,3 +174,23 @@ def test_large_multiframe_file_decodes_in_bounded_memory(tmp_path: Path) -> None
     assert got["n"] == 120 and got["equal"], got
     grew_mb = got["grew_kb"] / 1024  # Linux reports ru_maxrss in KiB
     assert grew_mb < bound_mb, f"decoding grew the worker by {grew_mb:.0f} MB"
+
+
+def test_palette_colour_multiframe_uses_the_whole_files_lut_scale(tmp_path: Path, prep2d: dict) -> None:
+    # 16-bit LUT entries: indices < 128 map to values <= 255, indices >= 128 to values up to 65535. Frame 0
+    # uses only low indices: scaled on its own it would read 255 as full scale, not 65535.
+    idx = np.zeros((3, 8, 8), np.uint8)
+    idx[0] = np.arange(64).reshape(8, 8)
+    idx[1:] = np.arange(128, 192).reshape(8, 8)
+    lut = np.concatenate([np.arange(128) * 2, np.linspace(256, 65535, 128)]).astype("<u2")
+    attrs = {f"{c}PaletteColorLookupTableDescriptor": [256, 0, 16] for c in ("Red", "Green", "Blue")} | {
+        f"{c}PaletteColorLookupTableData": lut.tobytes() for c in ("Red", "Green", "Blue")
+    }
+    p = make_dicom(tmp_path / "pal.dcm", idx, photometric="PALETTE COLOR", **attrs)
+    prep = dict(prep2d, image_size=[8, 8], channels=3, min_size=1)
+    want = _whole_array(p, prep)
+    for got in _both_ways(p, prep):
+        assert len(got) == 3
+        for (a, _), b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert float(want[0].max()) < 0.01  # 126 / 65535: the file's scale, not frame 0's own
