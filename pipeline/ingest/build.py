@@ -23,9 +23,11 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
 from pipeline.ingest.discover import Candidate, discover
+from pipeline.ingest.duplicates import SopLedger
 from pipeline.ingest.labels import LabelTable, check_folder_labels, folder_label, load_table
 from pipeline.ingest.manifest import IngestConfig
 from pipeline.ingest.preprocess import PREPROCESS_VERSION
+from pipeline.ingest.reasons import Rejected
 from pipeline.ingest.store import StoreWriter, atomic_write_json
 from pipeline.ingest.worker import Task, run_task
 from pipeline.names import key_parts
@@ -215,13 +217,19 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                 series.setdefault(it["series_key"], []).append((c, it))
         for key in sorted(series):
             members = series[key]
-            seen: set[str] = set()
+            seen: dict[str, str] = {}  # sop_key -> the slice kept (the first by path)
             keep = []
             for c, it in members:
                 if it["sop_key"] and it["sop_key"] in seen:
-                    reject(c.rel, c.fmt, R.DUPLICATE_SOP, "SOPInstanceUID already seen in this series")
+                    first = salted_key(salt, "file", seen[it["sop_key"]])
+                    reject(
+                        c.rel,
+                        c.fmt,
+                        R.DUPLICATE_SOP,
+                        f"same SOP Instance UID as slice {first} of this series, which is kept",
+                    )
                     continue
-                seen.add(it["sop_key"])
+                seen[it["sop_key"]] = c.rel
                 keep.append(c)
             tasks.append(mk("series", keep))
         tasks += [mk("file", [c]) for c in usable if c.fmt != "dicom"]
@@ -233,6 +241,7 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     writer = StoreWriter(store_dir, item_shape)
     rows: list[dict[str, Any]] = []
     seen_scans: set[str] = set()
+    sops = SopLedger(salt)
     cached = 0
     try:
         for task, res in zip(tasks, _pool_map(tasks, nproc, f"ingest {cfg.name}: decoding")):
@@ -243,6 +252,11 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             if not res["ok"]:
                 for rel in task.rels:
                     reject(rel, task.fmt, res["reason"], res["detail"])
+                continue
+            try:  # one file per SOP instance, whatever form each copy has (pipeline/ingest/duplicates.py)
+                sops.check(task.kind, res["items"], rel0)
+            except Rejected as dup:
+                reject(rel0, task.fmt, dup.reason, dup.detail)
                 continue
             cached += int(res["cached"])
             arr = res["array"]  # (k, C, ...) float16
@@ -331,6 +345,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                 rng = writer.append(arr[keep_rows])
                 for r, si in zip(rows[-len(keep_rows) :], rng):
                     r["store_index"] = si
+            if accepted:
+                sops.keep(task.kind, res["items"], rel0)
             for rel in task.rels:
                 if accepted:
                     files[rel] = {
