@@ -144,6 +144,10 @@ def main() -> None:
         )
 
         ids = h.make_upstream_runs(mm_dir)
+        # adapt without a suite files its run under the meta-model's suite, and names the model after it
+        from pipeline.names import adapted_model_name
+
+        model_uri = f"models:/{adapted_model_name('adapttest', h.CONDITION)}@current"
         tracking._client = None
         wall, res = _cli(
             [
@@ -172,7 +176,7 @@ def main() -> None:
             [
                 "predict",
                 "--model",
-                "models:/fewscan-hernia@latest",
+                model_uri,
                 "--input",
                 str(batch),
                 "--output",
@@ -189,7 +193,7 @@ def main() -> None:
         from pipeline.serving import load_adapted
 
         t0 = time.perf_counter()
-        clf = load_adapted("models:/fewscan-hernia@latest")
+        clf = load_adapted(model_uri)
         t_load = time.perf_counter() - t0
         paths = sorted(batch.glob("*.dcm"))
         t0 = time.perf_counter()

@@ -140,14 +140,52 @@ def is_valid_key(key: str) -> bool:
     return not (norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"))
 
 
-def registry_slug(name: str) -> str:
-    """A name for the model registry (lower-case ASCII words joined by `-`): 'Pleural Thickening' ->
-    'pleural-thickening', 'Ödem' -> 'odem'. Letters without an ASCII form (`肺炎`) and punctuation-only
-    names get a hash of the name, so that two such conditions never share a registered model."""
+# ------------------------------------------------------------------------------------- registry names
+# MLflow's rules for a registered model name (3.x, mlflow/utils/validation.py `_validate_model_name`): not
+# empty, no '/' or ':', unchanged by `posixpath.normpath`; its SQL stores keep at most 256 characters. fewscan
+# adds what its URIs need: no '@' (`models:/NAME@ALIAS`). Its own names are lower case, so that no two of
+# them differ by case alone (a MySQL server compares names case-insensitively).
+MAX_REGISTRY_NAME = 256
+_SLUG_PART = 60  # readable words kept per part; the hash keeps longer names distinct
+
+
+def _ascii_words(name: str) -> str:
+    """Lower-case ASCII words joined by '-': 'Pleural Thickening' -> 'pleural-thickening', 'Ödem' -> 'odem',
+    '肺炎' -> '' (no Latin form). Lossy by design: the readable half of a registry name only."""
     text = unicodedata.normalize("NFKD", str(name))
     ascii_text = "".join(c for c in text if not unicodedata.combining(c))
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    lost = any(c.isalnum() and not c.isascii() for c in ascii_text)
-    if not slug:
-        return f"condition-{_short_hash(str(name))}"
-    return f"{slug}-{_short_hash(str(name))}" if lost else slug
+    return slug[:_SLUG_PART].rstrip("-")
+
+
+def adapted_model_name(suite: str | None, condition: str) -> str:
+    """The registered model name of the model adapted to `condition` by `suite`'s adapt stage (the one rule,
+    docs/adapt.md "Registered name"): `fewscan-<suite>-<condition>-<hash>`, e.g. ('demo_quick', 'Hernia') ->
+    'fewscan-demo-quick-hernia-1a2b3c4d'.
+
+    The words are for people and lose case, accents, punctuation and non-Latin letters; the 8-hex hash of
+    the exact (NFC) suite and condition names keeps every pair apart: two suites adapting 'Hernia' never
+    share a name (so neither moves the other's alias), nor do '肺炎' and '肺癌', 'Mass' and 'mass', or
+    ('a-b', 'c') and ('a', 'b-c'). Without a suite (an adapt run of no suite) the suite part is left out.
+    """
+    suite_text = unicodedata.normalize("NFC", suite or "")
+    cond_text = unicodedata.normalize("NFC", str(condition))
+    words = [w for w in (_ascii_words(suite_text), _ascii_words(cond_text) or "condition") if w]
+    digest = _short_hash(f"{suite_text}\0{cond_text}")
+    return "-".join(["fewscan", *words, digest])
+
+
+def registry_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a registered model name fewscan writes and reads back, or None if it can."""
+    if not name.strip():
+        return "it is empty"
+    if len(name) > MAX_REGISTRY_NAME:
+        return f"it is longer than {MAX_REGISTRY_NAME} characters"
+    bad = sorted({c for c in name if c in "/:@"})
+    if bad:
+        return (
+            f"it contains {' '.join(repr(c) for c in bad)} (MLflow and model URIs allow no '/', ':' or '@')"
+        )
+    if name in (".", "..") or name.startswith(".."):
+        return "it would be read as a path ('.' or '..')"
+    return None

@@ -761,7 +761,14 @@ class StageRun:
     """An open MLflow run of one stage. Stages write files into `outdir`; they are uploaded at the end."""
 
     def __init__(
-        self, run_id: str, stage: str, experiment_id: str, outdir: Path, artifact_uri: str, resumed: bool
+        self,
+        run_id: str,
+        stage: str,
+        experiment_id: str,
+        outdir: Path,
+        artifact_uri: str,
+        resumed: bool,
+        suite: str | None = None,
     ):
         self.run_id = run_id
         self.stage = stage
@@ -769,7 +776,10 @@ class StageRun:
         self.outdir = outdir
         self.artifact_uri = artifact_uri
         self.resumed = resumed
+        self.suite = suite  # the suite the run is filed under (names its registered models)
         self.ui_url = run_url(experiment_id, run_id)
+        # (name, alias, version) set by `stage_run` once the run is FINISHED (see `register_model`)
+        self.pending_aliases: list[tuple[str, str, str]] = []
 
     # -- values
     def log_params(self, d: dict[str, Any]) -> None:
@@ -883,7 +893,9 @@ class StageRun:
         return f"runs:/{self.run_id}/{artifact_path}"
 
     def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
-        """Register `runs:/<this run>/<artifact_path>` as a new version of `name` and point `alias` at it."""
+        """Register `runs:/<this run>/<artifact_path>` as a new version of `name`; `alias` moves to it when
+        the run ends FINISHED (`stage_run`), never before: a run that fails or is killed after registering
+        leaves the alias where it was (docs/adapt.md, "Registered name")."""
         c = client()
         with contextlib.suppress(MlflowException):
             retry(lambda: c.create_registered_model(name), "create a registered model")
@@ -895,9 +907,24 @@ class StageRun:
         if alias.lower() == "latest":
             # MLflow reserves "latest": models:/NAME/latest already names the newest version.
             alias = DEFAULT_ALIAS
-        retry(lambda: c.set_registered_model_alias(name, alias, mv.version), "set a model alias")
-        log(f"registered {name} version {mv.version} (alias '{alias}'; also models:/{name}/latest)")
+        self.pending_aliases.append((name, alias, str(mv.version)))
+        log(f"registered {name} version {mv.version} (alias '{alias}' moves to it when the run finishes)")
         return str(mv.version)
+
+
+def _move_aliases(sr: StageRun) -> None:
+    """Point the aliases the run asked for at its versions; called once the run is FINISHED. A failure here
+    leaves the run FINISHED and says which alias did not move."""
+    for name, alias, version in sr.pending_aliases:
+        try:
+            retry(lambda: client().set_registered_model_alias(name, alias, version), "set a model alias")  # noqa: B023
+        except MlflowException as err:
+            raise TrackingError(
+                f"{sr.stage} run {sr.run_id} FINISHED and registered {name} version {version}, but the alias "
+                f"'{alias}' could not be moved to it ({err}). Set it in the Models tab of `fewscan ui`, or "
+                f"use models:/{name}/{version}."
+            ) from None
+        log(f"{name}@{alias} -> version {version} (also models:/{name}/latest)")
 
 
 def _start_system_metrics(run_id: str) -> Any:
@@ -979,7 +1006,7 @@ def stage_run(
         artifact_uri = run.info.artifact_uri
 
     outdir = Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-"))
-    sr = StageRun(run_id, stage, run.info.experiment_id, outdir, artifact_uri, resumed)
+    sr = StageRun(run_id, stage, run.info.experiment_id, outdir, artifact_uri, resumed, suite)
     monitor = _start_system_metrics(run_id) if system_metrics else None
     heartbeat = _Heartbeat(run_id)
     try:
@@ -995,6 +1022,10 @@ def stage_run(
         retry(lambda: c.set_terminated(run_id, "FINISHED"), "finish the run")
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        for name, alias, version in sr.pending_aliases:
+            log(
+                f"{stage} run {status}: {name} version {version} stays registered; {name}@{alias} did not move"
+            )
         msg = f"{type(err).__name__}: {err}"
         with contextlib.suppress(Exception):
             errfile = outdir / "error.txt"
@@ -1010,6 +1041,7 @@ def stage_run(
             with contextlib.suppress(Exception):
                 monitor.finish()
         shutil.rmtree(outdir, ignore_errors=True)
+    _move_aliases(sr)  # only now that the run is FINISHED
 
 
 def latest_unfinished(stage: str, suite: str) -> str | None:

@@ -176,7 +176,8 @@ class AdaptedClassifier:
         if not card_path.is_file() or not (folder / STATE_FILE).is_file():
             raise DataError(
                 f"{folder} is not an adapted fewscan model (it needs {CARD_FILE} and {STATE_FILE}); give the "
-                "model of an adapt run, e.g. models:/fewscan-<condition>@latest"
+                "model of an adapt run, e.g. models:/fewscan-<suite>-<condition>-<hash>@current (the adapt "
+                "summary names it)"
             )
         card = json.loads(card_path.read_text())
         if card.get("format") != FORMAT:

@@ -9,19 +9,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel
-from pipeline.names import registry_slug
+from pipeline.names import adapted_model_name, registry_name_problem
 
 # MLflow's own rules for alias names (mlflow.utils.validation): word characters and '-', and not
 # a version-like 'v3'. 'latest' is reserved by MLflow for "the newest version" and resolves without
 # being set, so it is accepted here and handled by the registry helper.
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
 _VERSION_LIKE_RE = re.compile(r"^[vV]\d+$")
-
-
-def slugify(text: str) -> str:
-    """'Pleural Thickening' -> 'pleural-thickening' (registry names stay readable and URL-safe); the one
-    rule lives in pipeline/names.py (non-ASCII and punctuation-only names get a hash, never collide)."""
-    return registry_slug(text)
 
 
 class AdaptConfig(StrictModel):
@@ -60,7 +54,8 @@ class AdaptConfig(StrictModel):
     cv_folds: int = Field(default=10, ge=0, le=100)
     # Fewest readable scans a class needs after unreadable ones are dropped.
     min_per_class: int = Field(default=1, ge=1)
-    # Registry name of the adapted model; None = `fewscan-<condition>` (slugified).
+    # Registry name of the adapted model; None = `fewscan-<suite>-<condition>-<hash>`, unique per suite and
+    # condition (pipeline/names.py `adapted_model_name`; docs/adapt.md, "Registered name").
     register_name: str | None = None
     alias: str = "latest"
     # Seeds anything random in adaptation (a freshly initialised head, if the method has one).
@@ -101,9 +96,15 @@ class AdaptConfig(StrictModel):
     @field_validator("register_name")
     @classmethod
     def _name_ok(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or "/" in v or ":" in v or "@" in v):
-            raise ValueError(f"register_name '{v}' must be non-empty and contain no '/', ':' or '@'")
+        problem = registry_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(
+                f"register_name {v!r} is not a usable registered model name: {problem}; leave it out for the "
+                "default fewscan-<suite>-<condition>-<hash>"
+            )
         return v
 
-    def registry_name(self, condition: str) -> str:
-        return self.register_name or f"fewscan-{slugify(condition)}"
+    def registry_name(self, suite: str | None, condition: str) -> str:
+        """`register_name` if given (the suite's own choice, shared by whoever gives the same one), else the
+        name unique to this suite and condition."""
+        return self.register_name or adapted_model_name(suite, condition)

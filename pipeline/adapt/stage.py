@@ -13,8 +13,10 @@
    (and of the unadapted one, for comparison); scans also present in the support set are left out of
    these. A model that predicts one class for every query scan, or never the condition, is called out
    (WARNING in the log and the summary).
-5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as `fewscan-<condition>`: a model
-   from code (fewscan_model.py) + the `adapted` folder of plain tensors, nothing pickled (docs/CONTRACTS.md).
+5. The adapted model as an MLflow pyfunc (`adapted_model`), registered as
+   `fewscan-<suite>-<condition>-<hash>` (unique per suite and condition; its alias moves when the run
+   finishes): a model from code (fewscan_model.py) + the `adapted` folder of plain tensors, nothing
+   pickled (docs/CONTRACTS.md).
 
 No file name or path reaches MLflow: scans are salted content hashes, config paths are hashed. Nor does
 one reach stderr: log lines name a file by its salted file key, and `<local_report_dir>/adapt.paths.json`
@@ -527,7 +529,7 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     write_json_atomic(local_path, local, private=True)
 
     # ---- the adapted model: pyfunc + registry
-    reg_name = cfg.registry_name(condition)
+    reg_name = cfg.registry_name(run.suite, condition)  # unique per suite and condition (pipeline/names.py)
     card = {
         "condition": condition,
         "normal_label": normal,

@@ -26,9 +26,11 @@ from pipeline.adapt.predict import predict
 from pipeline.adapt.stage import choose_method
 from pipeline.config import validate
 from pipeline.errors import ConfigError, DataError, FewscanError, UpstreamError
+from pipeline.names import adapted_model_name
 from tests.adapt import helpers as h
 
 SEEN = "SYN01003"  # a query patient that the meta-model's ingest also holds (a leak to report)
+MODEL = adapted_model_name("adapttest", h.CONDITION)  # the registered name of the fixture's adapt run
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +128,12 @@ def test_adapted_model_is_registered_and_predict_writes_one_row_per_scan(
     store: dict[str, Any], sets: dict[str, Path]
 ) -> None:
     c = tracking.client()
-    mv = c.get_model_version_by_alias("fewscan-hernia", "current")  # "latest" is reserved by MLflow
+    mv = c.get_model_version_by_alias(MODEL, "current")  # "latest" is reserved by MLflow
     assert mv.run_id == store["run_id"]
     inputs = shutil.copytree(sets["query"], store["root"] / "to_predict")
     (inputs / "junk.dcm").write_bytes(b"junk")
     out = store["root"] / "pred.csv"
-    summary = predict("models:/fewscan-hernia@latest", inputs, out)
+    summary = predict(f"models:/{MODEL}@latest", inputs, out)
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["path", "predicted_class", "prob_Hernia", "prob_No Finding", "error"]
     assert len(rows) == 31 and summary["n_scans"] == 31 and summary["n_errors"] == 1
@@ -150,6 +152,45 @@ def test_adapted_model_is_registered_and_predict_writes_one_row_per_scan(
     predict(f"runs:/{store['run_id']}/adapted_model", one, single)
     (row,) = list(csv.DictReader(single.open()))
     assert float(row["prob_Hernia"]) == pytest.approx(float(good[3]["prob_Hernia"]), abs=1e-6)
+
+
+def test_suites_register_apart_and_an_alias_moves_only_when_the_run_finishes(
+    store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second suite adapting the same condition gets its own registered model and leaves the first
+    suite's alias alone; a run that fails after registering its version leaves its own alias where it
+    was (issue 18, 2d)."""
+    from pipeline.adapt import stage as adapt_stage
+
+    c = tracking.client()
+    mt = tracking.UpstreamRun.from_id(store["ids"]["meta-train"])
+    cfg = validate(
+        {"support": str(store["support"]), "condition": h.CONDITION, "cv_folds": 0}, AdaptConfig, "test"
+    )
+    other = adapted_model_name("othersuite", h.CONDITION)
+    assert other != MODEL
+    first = stages.execute_stage(
+        "adapt", cfg, upstream={"meta-train": mt}, suite="othersuite", dataset="synthetic"
+    )
+    assert f"registered {other} v1" in first.summary
+    assert c.get_model_version_by_alias(other, "current").run_id == first.run_id
+    assert c.get_model_version_by_alias(MODEL, "current").run_id == store["run_id"]  # not moved
+
+    def fail_after_registering(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("injected after registration")
+
+    monkeypatch.setattr(adapt_stage, "summary_line", fail_after_registering)
+    with pytest.raises(RuntimeError, match="injected after registration"):
+        stages.execute_stage(
+            "adapt", cfg, upstream={"meta-train": mt}, suite="othersuite", dataset="synthetic"
+        )
+    (failed,) = c.search_runs(
+        [tracking.experiment_id("fewscan/othersuite")], "attributes.status = 'FAILED'", max_results=5
+    )
+    versions = {int(v.version): v.run_id for v in c.search_model_versions(f"name = '{other}'")}
+    assert versions == {1: first.run_id, 2: failed.info.run_id}  # registered, then the run failed
+    assert int(c.get_model_version_by_alias(other, "current").version) == 1  # the alias stayed
+    assert c.get_model_version_by_alias(MODEL, "current").run_id == store["run_id"]
 
 
 def test_no_patient_data_or_file_names_reach_mlflow(store: dict[str, Any], sets: dict[str, Path]) -> None:
@@ -220,7 +261,7 @@ def _edit_mlmodel(folder: Path, **pyfunc: Any) -> None:
 def test_the_adapted_model_is_code_plus_tensors_and_adapt_logs_it_quietly(store: dict[str, Any]) -> None:
     from pipeline.serving import local_model_dir
 
-    folder = local_model_dir("models:/fewscan-hernia@current")
+    folder = local_model_dir(f"models:/{MODEL}@current")
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
     pf = mlmodel["flavors"]["python_function"]
     assert pf["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in pf
@@ -391,7 +432,7 @@ def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], se
     env.pop("PYTHONPATH", None)  # the model's code file imports the installed fewscan, not the checkout
     # the server is started as `uvicorn` from PATH: the one next to this interpreter
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fewscan-hernia@current"]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@current"]
     cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log = (store["root"] / "serve.log").open("wb")
     proc = subprocess.Popen(
@@ -435,7 +476,7 @@ def test_mlflow_models_serve_answers_a_scoring_request(store: dict[str, Any], se
             proc.wait(timeout=10)
         log.close()
     assert len(preds) == 4
-    local = load_adapted("models:/fewscan-hernia@current").predict_paths(files)
+    local = load_adapted(f"models:/{MODEL}@current").predict_paths(files)
     for served, mine in zip(preds[:3], local):
         assert served["error"] == "" and served["predicted_class"] == mine["predicted_class"]
         assert served["prob_Hernia"] == pytest.approx(mine["prob_Hernia"], abs=1e-6)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.adapt.config import AdaptConfig, slugify
+from pipeline.adapt.config import AdaptConfig
 from pipeline.adapt.stage import overrides_from_args
 from pipeline.adapt.support import (
     ScanMismatch,
@@ -21,6 +21,7 @@ from pipeline.adapt.support import (
 )
 from pipeline.config import apply_overrides, validate
 from pipeline.errors import ConfigError, DataError
+from pipeline.names import adapted_model_name
 from tests.adapt import helpers as h
 
 SALT = b"0" * 64
@@ -172,11 +173,17 @@ def test_config_defaults_validation_and_path_hiding(tmp_path: Path, monkeypatch:
     cfg = validate(
         {"support": "data/Patient Doe/support", "condition": "Pleural Thickening"}, AdaptConfig, "t"
     )
+    name = cfg.registry_name("chest", "Pleural Thickening")
+    assert name == adapted_model_name("chest", "Pleural Thickening")
+    assert name.startswith("fewscan-chest-pleural-thickening-")
     assert (
-        cfg.registry_name("Pleural Thickening")
-        == "fewscan-pleural-thickening"
-        == f"fewscan-{slugify('Pleural Thickening')}"
+        validate({**cfg.model_dump(), "register_name": "mine"}, AdaptConfig, "t").registry_name("chest", "x")
+        == "mine"
     )
+    with pytest.raises(
+        ConfigError, match="register_name 'a@b' is not a usable registered model name: it contains '@'"
+    ):
+        validate({"support": "s", "register_name": "a@b"}, AdaptConfig, "t")
     assert cfg.alias == "latest" and cfg.steps is None and cfg.lr is None
     from pipeline.adapt.stage import public_config
 

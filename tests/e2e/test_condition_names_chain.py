@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.chain import run_chain
-from pipeline.names import is_valid_key
+from pipeline.names import adapted_model_name, is_valid_key
 
 NORMAL = "No Finding"
 COMMON = ["Effusion (left)", "Kerley-B lines", "Mass", "mass"]  # "Mass"/"mass": case only
@@ -128,10 +128,10 @@ def test_chain_runs_on_condition_names_full_of_punctuation(
     assert {k.split(".", 1)[1] for k in ep.params if k.casefold().startswith("condition.mass-")} == {
         t.split(".", 1)[1] for t in twins
     }
-    # adapt registered the punctuated condition under a readable registry name
-    assert (
-        runs["adapt"].data.tags["fewscan.adapt.registered"].startswith("fewscan-pleural-effusion-thickening/")
-    )
+    # adapt registered the punctuated condition under a readable name of its own suite, version 1
+    name = adapted_model_name("odd_names", RARE[0])
+    assert name.startswith("fewscan-odd-names-pleural-effusion-thickening-")
+    assert runs["adapt"].data.tags["fewscan.adapt.registered"] == f"{name}/1"
     assert any(k.startswith("test.maml.binary.k1.") for k in runs["evaluate"].data.metrics)
     split = tracking.UpstreamRun.from_id(runs["episodes"].info.run_id).read_json("split.json")
     assert json.dumps(split, ensure_ascii=False).count("Pleural effusion/thickening") >= 1  # names intact

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import _validate_metric_name, _validate_param_name, _validate_tag_name
+from mlflow.utils.validation import (
+    _validate_metric_name,
+    _validate_model_name,
+    _validate_param_name,
+    _validate_tag_name,
+)
 
-from pipeline.names import is_valid_key, key_part, key_parts, metric_key, registry_slug
+from pipeline.names import (
+    MAX_REGISTRY_NAME,
+    adapted_model_name,
+    is_valid_key,
+    key_part,
+    key_parts,
+    metric_key,
+    registry_name_problem,
+)
 
 NASTY = [
     "Effusion (left)",
@@ -82,10 +97,54 @@ def test_collisions_keep_every_name_distinct_and_say_so() -> None:
     assert all(_mlflow_accepts(metric_key("images", p)) for p in parts)
 
 
-def test_registry_slug_keeps_ascii_names_and_separates_the_rest() -> None:
-    assert registry_slug("Pleural Thickening") == "pleural-thickening"
-    assert registry_slug("Effusion (left)") == "effusion-left"
-    assert registry_slug("Ödem") == "odem"
-    a, b = registry_slug("肺炎"), registry_slug("肺结节")
-    assert a != b and a.startswith("condition-")
-    assert registry_slug("Straße") != registry_slug("Stra e")  # a letter dropped: hash suffix
+def test_adapted_model_names_are_readable_valid_and_unique_per_suite_and_condition() -> None:
+    name = adapted_model_name("demo_quick", "Pleural Thickening")
+    assert re.fullmatch(r"fewscan-demo-quick-pleural-thickening-[0-9a-f]{8}", name)
+    assert adapted_model_name("demo_quick", "Pleural Thickening") == name  # stable
+    assert re.fullmatch(r"fewscan-s-odem-[0-9a-f]{8}", adapted_model_name("s", "Ödem"))
+    # the two Chinese conditions no longer share 'fewscan-condition'
+    a, b = adapted_model_name("s", "肺炎"), adapted_model_name("s", "肺癌")
+    assert a != b and a.startswith("fewscan-s-condition-") and b.startswith("fewscan-s-condition-")
+    # every way two pairs could share readable words: suite, case, punctuation, the join, no suite
+    pairs = [
+        ("chest", "Hernia"),
+        ("demo_quick", "Hernia"),
+        ("demo-quick", "Hernia"),
+        ("chest", "hernia"),
+        ("chest", "HERNIA "),
+        ("a-b", "c"),
+        ("a", "b-c"),
+        (None, "Hernia"),
+        ("chest", "Effusion (left)"),
+        ("chest", "Effusion left"),
+        ("chest", "Straße"),
+        ("chest", "Strae"),
+        ("s", "肺炎"),
+        ("s", "肺癌"),
+        ("s", "???"),
+        ("s", "x" * 400),
+        ("s", "x" * 401),
+    ]
+    names = [adapted_model_name(s, c) for s, c in pairs]
+    assert len({n.casefold() for n in names}) == len(pairs)  # distinct even where case does not count
+    for n in names:
+        _validate_model_name(n)  # MLflow's own rule (raises if refused)
+        assert registry_name_problem(n) is None and n == n.lower() and len(n) <= MAX_REGISTRY_NAME
+    # one condition written in two Unicode normal forms (a macOS folder name is NFD) is one model
+    assert adapted_model_name("s", "O\u0308dem") == adapted_model_name("s", "\u00d6dem")
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty"),
+        ("a/b", "'/'"),
+        ("models:x", "':'"),
+        ("x@current", "'@'"),
+        ("..", "path"),
+        ("y" * 257, "longer"),
+    ],
+)
+def test_registry_name_problem_names_what_mlflow_or_a_model_uri_refuses(name: str, why: str) -> None:
+    problem = registry_name_problem(name)
+    assert problem is not None and why in problem

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.errors import TrackingError, UpstreamError
@@ -71,6 +72,8 @@ def test_registry_alias_and_model_refs(tmp_store: Path) -> None:
         run.log_state_dict({}, "models/maml")
         v = run.register_model("models/maml", "fewscan-s-meta", "latest")  # 'latest' is reserved -> current
         rid = run.run_id
+        with pytest.raises(MlflowException):  # the alias moves only once the run is FINISHED
+            tracking.client().get_model_version_by_alias("fewscan-s-meta", "current")
     assert v == "1"
     for ref in (
         rid,
@@ -83,6 +86,16 @@ def test_registry_alias_and_model_refs(tmp_store: Path) -> None:
         assert tracking.resolve_model_ref(ref) == rid
     with pytest.raises(UpstreamError, match="was not found in the registry"):
         tracking.resolve_model_ref("nosuch@current")
+    # a run that fails after registering: its version stays, the alias does not move to it
+    with pytest.raises(RuntimeError, match="after registering"):
+        with tracking.stage_run(
+            "meta-train", run_name="t2", config={}, upstream={}, fp="w" * 24, suite="s", dataset="d"
+        ) as run:
+            run.log_state_dict({}, "models/maml")
+            assert run.register_model("models/maml", "fewscan-s-meta", "latest") == "2"
+            raise RuntimeError("failed after registering")
+    assert tracking.client().get_model_version_by_alias("fewscan-s-meta", "current").run_id == rid
+    assert tracking.run_status(run.run_id) == "FAILED"
 
 
 def test_retry_is_bounded_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
