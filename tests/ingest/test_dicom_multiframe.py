@@ -194,3 +194,18 @@ def test_palette_colour_multiframe_uses_the_whole_files_lut_scale(tmp_path: Path
         for (a, _), b in zip(got, want):
             np.testing.assert_array_equal(a, b)
     assert float(want[0].max()) < 0.01  # 126 / 65535: the file's scale, not frame 0's own
+
+
+def test_single_frame_and_volume_read_from_disk_equal_the_in_memory_decode(
+    tmp_path: Path, prep2d: dict
+) -> None:
+    one = make_dicom(tmp_path / "one.dcm", _frames(1, 24, 24, seed=9)[0], WindowCenter=2000, WindowWidth=3000)
+    prep = dict(prep2d, image_size=[24, 24])
+    (a, fa), (b, fb) = (decode_file(one, "dicom", d, prep)[0] for d in (one.read_bytes(), None))
+    np.testing.assert_array_equal(a, b)
+    assert fa == fb
+    vol = make_dicom(tmp_path / "vol.dcm", _frames(4, 16, 16, seed=10))
+    prep3 = dict(prep2d, spatial_dims=3, image_size=[4, 16, 16], multiframe="volume")
+    (a, _), (b, _) = (decode_file(vol, "dicom", d, prep3)[0] for d in (vol.read_bytes(), None))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, 4, 16, 16)
