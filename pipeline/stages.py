@@ -100,6 +100,18 @@ def execute_stage(
     cfg_dict = public_config(stage, cfg)
     device = getattr(cfg, "device", "auto")
     fp = stage_fingerprint(stage, cfg, {k: u.run_id for k, u in upstream.items()})
+    if resume_run_id:  # a resumed run keeps the params and fingerprint it started with: same work only
+        from pipeline.resume import check_unchanged
+
+        check_unchanged(
+            stage,
+            resume_run_id,
+            config=cfg_dict,
+            fp=fp,
+            upstream_ids={k: u.run_id for k, u in upstream.items()},
+            device=device,
+            exclude=getattr(mod, "FINGERPRINT_EXCLUDE", ()),
+        )
     if reuse and not resume_run_id:
         rid = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
         if rid:

@@ -1102,6 +1102,17 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
         shutil.rmtree(sr.outdir, ignore_errors=True)
 
 
+def started_with(run_id: str, stage: str) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """A run's tags and the config it logged when it started (`config/<stage>.yaml`, None if it has
+    none): what `--resume` compares with the settings it is given (pipeline/resume.py)."""
+    run = retry(lambda: client().get_run(run_id), "read the run to resume")
+    try:
+        path = _artifact_path(run_id, run.info.artifact_uri, f"config/{stage}.yaml")
+    except UpstreamError:
+        return dict(run.data.tags), None
+    return dict(run.data.tags), yaml.safe_load(path.read_text())
+
+
 def run_status(run_id: str) -> str:
     return str(retry(lambda: client().get_run(run_id), "read a run").info.status)
 
