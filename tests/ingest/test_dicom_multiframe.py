@@ -209,3 +209,29 @@ def test_single_frame_and_volume_read_from_disk_equal_the_in_memory_decode(
     (a, _), (b, _) = (decode_file(vol, "dicom", d, prep3)[0] for d in (vol.read_bytes(), None))
     np.testing.assert_array_equal(a, b)
     assert a.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("form", ["no_file_meta_implicit", "no_file_meta_explicit", "deflated"])
+def test_multiframe_read_from_disk_in_other_encodings(tmp_path: Path, prep2d: dict, form: str) -> None:
+    import warnings
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    p = make_dicom(tmp_path / "mf.dcm", _frames(3, 16, 16, seed=11))
+    ds = pydicom.dcmread(p)
+    if form == "deflated":  # a deflated stream is read whole (it cannot be entered mid-way)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(p)
+    else:  # ACR-NEMA style: no preamble, no file meta; the syntax is inferred while reading
+        ds.file_meta, ds.preamble = FileMetaDataset(), None
+        ds.save_as(p, implicit_vr=form.endswith("implicit"), little_endian=True, enforce_file_format=False)
+    prep = dict(prep2d, image_size=[16, 16])
+    want = _whole_array(p, prep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the transfer_syntax_inferred note (worker.run_task records it)
+        for got in _both_ways(p, prep):
+            assert len(got) == 3
+            for (a, _), b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
