@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.chain import run_chain
 from pipeline.errors import ConfigError
+from pipeline.evaluate.report import learned_table
 from pipeline.progress import log
 from pipeline.suite import load_suite
 
@@ -56,6 +57,8 @@ def run_demo(quick: bool = False, force: bool = False, regenerate: bool = False)
             lines.append(f"  report:   {up.artifact('report.md')}")
         except Exception:  # noqa: BLE001 - a remote store has no local path to print
             lines.append(f"  report:   report.md in evaluate run {ev.run_id}")
+        results = json.loads(up.artifact("results.json").read_text())
+        lines[1:1] = ["", *learned_table(results), ""]
     lines += [
         f"  runs:     {tracking.run_url(result.experiment_id, result.parent_run_id)}",
         "  open the MLflow UI with:  fewscan ui   (then browse the experiment 'fewscan/" + suite_name + "')",

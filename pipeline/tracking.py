@@ -854,7 +854,7 @@ class StageRun:
         try:
             if not uri:
                 raise MlflowException("no artifact source given")
-            ds = from_pandas(df, source=uri, name=name, digest=digest)
+            ds = from_pandas(df, source=_dataset_source(uri), name=name, digest=digest)
         except MlflowException:
             src = CodeDatasetSource({"fewscan.run_id": self.run_id, "fewscan.artifact": source or ""})
             ds = from_pandas(df, source=src, name=name, digest=digest)
@@ -925,6 +925,21 @@ def _move_aliases(sr: StageRun) -> None:
                 f"use models:/{name}/{version}."
             ) from None
         log(f"{name}@{alias} -> version {version} (also models:/{name}/latest)")
+
+
+def _dataset_source(uri: str) -> Any:
+    """The dataset source for an artifact URI, resolved by one source class.
+
+    MLflow registers its local-artifact source twice (for the schemes "" and "file"), so resolving a plain
+    path through its registry matches two identical classes and warns "can be interpreted in multiple
+    ways" on every stage. The first class that can resolve the URI is the answer either way."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    # the last registered source takes precedence in MLflow's own resolution: keep that order
+    for source in reversed(get_registered_sources()):
+        if source._can_resolve(uri):
+            return resolve_dataset_source(uri, candidate_sources=[source])
+    raise MlflowException(f"no dataset source resolves {uri}")
 
 
 def _start_system_metrics(run_id: str) -> Any:

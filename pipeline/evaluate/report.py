@@ -500,3 +500,51 @@ def render(results: dict[str, Any]) -> str:
     if plots:
         out += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def learned_table(results: dict[str, Any]) -> list[str]:
+    """A short plain-text table for the terminal (`fewscan demo`): each method's test accuracy per setting,
+    with its seed + patient interval, the chance level, and the differences whose paired interval excludes
+    zero. The report (`render`) has the full verdicts; this only says, at a glance, what was learned."""
+    comps = results["comparisons"]
+    if not comps:
+        return []
+    setup = results["setup"]
+    groups = list(comps)
+    first = comps[groups[0]]
+    order = sorted(first["acc"], key=lambda m: -first["acc"][m]["mean"])
+
+    def cell(comp: dict[str, Any], m: str) -> str:
+        pat = (comp.get("acc_patient") or {}).get(m)
+        if pat:
+            return f"{pat['mean'] * PCT:.1f} {_span(pat)}"
+        return _pct(comp["acc"].get(m))
+
+    def title(gk: str) -> str:
+        kind, _, k = gk.partition(".k")
+        n_way = (setup.get("n_way") or {}).get(gk)
+        return f"{'binary' if kind == 'binary' else f'{n_way}-way'} {k}-shot"
+
+    head = ["method", *(title(g) for g in groups)]
+    rows = [[m, *(cell(comps[g], m) for g in groups)] for m in order]
+    rows.append(["chance", *(f"{PCT / ((setup.get('n_way') or {}).get(g) or 2):.1f}" for g in groups)])
+    width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in width)
+    conds = ", ".join(setup.get("test_conditions") or [])
+    out = [
+        f"What was learned: test accuracy (%) on {conds} with a 95% seed + patient interval",
+        ("  " + fmt.format(*head)).rstrip(),
+        *(("  " + fmt.format(*r)).rstrip() for r in rows),
+    ]
+    for g in groups:
+        clear = [
+            f"{p['a']} > {p['b']} ({p['mean'] * PCT:+.1f})"
+            for p in (comps[g].get("pairs_patient") or {}).values()
+            if p.get("excludes_zero") and p["mean"] > 0
+        ]
+        out.append(
+            f"  {title(g)}: " + ("; ".join(clear) if clear else "no difference whose interval excludes 0")
+        )
+    if results.get("warnings"):
+        out.append(f"  {len(results['warnings'])} training warning(s): see the report's verdict")
+    return out

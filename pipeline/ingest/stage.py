@@ -182,7 +182,6 @@ def _log_run(cfg: IngestConfig, run: StageRun, s: IngestSummary) -> None:
     with warnings.catch_warnings():
         # mlflow hints that int columns cannot hold missing values: store_index/frame never miss
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*multiple ways", category=UserWarning)
         run.log_dataset(
             s.index,
             name=f"{cfg.name}-scan-index",

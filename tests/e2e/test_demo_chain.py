@@ -38,6 +38,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = _fewscan(["demo", "--quick"], d)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     (d / "first_stdout.txt").write_text(res.stdout)
+    (d / "first_stderr.txt").write_text(res.stderr)
     return d
 
 
@@ -71,7 +72,23 @@ def test_quick_demo_leaves_five_linked_finished_runs(demo_dir: Path) -> None:
     # the evaluation's report exists where the demo says
     report = next(line.split("report:", 1)[1].strip() for line in out.splitlines() if "report:" in line)
     text = Path(report).read_text()
-    assert "95%" in text or "CI" in text
+    assert "## Verdict" in text
+    for method in ("maml", "protonet", "finetune", "scratch"):
+        assert f"| {method} |" in text, method
+    # the demo ends with what was learned: one row per method and the chance level
+    table = out[out.index("What was learned") :].splitlines()
+    assert [row.split()[0] for row in table[2:7]].count("chance") == 1
+    assert {row.split()[0] for row in table[2:6]} == {"maml", "protonet", "finetune", "scratch"}
+
+
+def test_the_quick_demo_prints_nothing_but_fewscan_lines(demo_dir: Path) -> None:
+    """Issue 17 item 2: a stage prints fewscan's progress lines and its summary, nothing else — no Python
+    warning (MLflow's dataset-source ambiguity, pickling, type hints; pydicom's UIDs), no MLflow INFO log,
+    no "Downloading artifacts" bar (docs/ARCHITECTURE.md, principle 11)."""
+    err = (demo_dir / "first_stderr.txt").read_text()
+    foreign = [line for line in err.splitlines() if line.strip() and not line.startswith("[fewscan] ")]
+    assert not foreign, "\n".join(foreign[:20])
+    assert "Warning" not in err and "Downloading artifacts" not in err
 
 
 def test_the_demo_adapted_model_does_not_call_every_query_scan_one_class(demo_dir: Path) -> None:
