@@ -59,6 +59,7 @@ def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) 
     if not any(curves.get(m, {}).get(g, {}).get(which) for m in curves for g in groups):
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False)
+    rings = False
     for ax, g in zip(axes[0], groups):
         for m in _ordered(results, g):
             cur = curves.get(m, {}).get(g, {}).get(which)
@@ -69,6 +70,13 @@ def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) 
             ci = np.array([v["ci95"] or 0.0 for v in cur.values()]) * PCT
             ax.plot(xs, mean, marker="o", ms=3, label=m, color=_color(results, m))
             ax.fill_between(xs, mean - ci, mean + ci, color=_color(results, m), alpha=0.12)
+            chosen = _chosen_steps(results, m, g) if which == "steps" else None
+            if chosen is not None and chosen in set(xs.tolist()):
+                # The verdict uses the steps chosen on validation episodes; this curve is measured on the
+                # test episodes, so its peak may sit elsewhere. The ring says which point the tables report.
+                y = mean[list(xs).index(chosen)]
+                ax.plot([chosen], [y], marker="o", ms=10, mfc="none", mec=_color(results, m), mew=1.5)
+                rings = True
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         n_way = results["setup"].get("n_way", {}).get(g)
         if n_way:
@@ -78,8 +86,25 @@ def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) 
         ax.set_ylabel("query accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    if rings:
+        fig.text(
+            0.01,
+            0.005,
+            "ringed: the steps chosen on validation episodes, used in the report's tables",
+            fontsize=7,
+            color="dimgrey",
+        )
     _save(fig, path)
     return True
+
+
+def _chosen_steps(results: dict[str, Any], method: str, g: str) -> int | None:
+    """The inner steps evaluate chose on validation for this method and group (first seed), if any."""
+    by_seed = (results.get("selection") or {}).get(method) or {}
+    seeds = (results.get("setup") or {}).get("seeds") or [None]
+    sel = by_seed.get(str(seeds[0])) or next(iter(by_seed.values()), None) or {}
+    steps = ((sel.get(g) or {}).get("chosen") or {}).get("steps")
+    return int(steps) if steps is not None else None
 
 
 def plot_step_curves(results: dict[str, Any], path: Path) -> bool:
@@ -123,6 +148,9 @@ def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
                 label=m,
                 color=_color(results, m),
             )
+        n_way = (results.get("setup") or {}).get("n_way", {}).get(g)
+        if n_way:  # binary: accuracy on the condition's episodes; n-way: the condition's recall
+            ax.axhline(PCT / n_way, color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(x, conds, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("accuracy / recall (%)")
         ax.set_ylim(0, 100)

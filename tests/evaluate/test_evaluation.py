@@ -402,3 +402,48 @@ def test_a_method_that_trained_to_chance_marks_the_verdict(world: World) -> None
     text = report.render(copy.deepcopy(res))
     verdict = text.split("## Verdict", 1)[1].split("##", 1)[0]
     assert "WARNING" in verdict and "maml" in verdict
+
+
+def test_plots_draw_chance_and_ring_the_steps_chosen_on_validation(monkeypatch, tmp_path: Path) -> None:
+    """Issue 17 item 8: per-condition bars get a chance line (1/n_way: accuracy for binary episodes, recall
+    for n-way ones), and the steps curve rings the point the report uses (chosen on validation), which
+    need not be the test curve's peak."""
+    import matplotlib.axes
+
+    from pipeline.evaluate import plots
+
+    hlines: list[float] = []
+    rings: list[tuple[list[float], list[float]]] = []
+    real_axhline, real_plot = matplotlib.axes.Axes.axhline, matplotlib.axes.Axes.plot
+
+    def spy_hline(self, y=0, *a, **kw):  # type: ignore[no-untyped-def]
+        hlines.append(float(y))
+        return real_axhline(self, y, *a, **kw)
+
+    def spy_plot(self, *args, **kw):  # type: ignore[no-untyped-def]
+        if kw.get("mfc") == "none":
+            rings.append((list(args[0]), list(args[1])))
+        return real_plot(self, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy_hline)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy_plot)
+    per_cond = {"A": {"mean": 0.6, "ci95": 0.05}}
+    curve = {
+        "0": {"mean": 0.5, "ci95": 0.02},
+        "2": {"mean": 0.7, "ci95": 0.02},
+        "5": {"mean": 0.65, "ci95": 0.02},
+    }
+    results: dict[str, Any] = {
+        "setup": {"n_way": {"binary.k5": 2, "n_way.k5": 4}, "seeds": [0]},
+        "methods": {"maml": {"family": "meta-learned"}},
+        "results": {
+            "maml": {g: {"per_seed": {"0": {"per_condition": per_cond}}} for g in ("binary.k5", "n_way.k5")}
+        },
+        "comparisons": {g: {"ranking": ["maml"]} for g in ("binary.k5", "n_way.k5")},
+        "curves": {"maml": {"binary.k5": {"steps": curve}}},
+        "selection": {"maml": {"0": {"binary.k5": {"chosen": {"steps": 5}}}}},
+    }
+    assert plots.plot_per_condition(results, tmp_path / "a.png", "0")
+    assert hlines == [50.0, 25.0]
+    assert plots.plot_step_curves(results, tmp_path / "s.png")
+    assert rings == [([5], [pytest.approx(65.0)])]  # the chosen 5 steps, not the test peak at 2
