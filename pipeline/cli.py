@@ -225,6 +225,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("suite", nargs="?", help="task suite YAML or bare name (default: all fewscan experiments)")
 
     p = sub.add_parser(
+        "gc",
+        help="list (dry run) or --delete the artifacts of runs nothing needs, and prune the decode cache",
+        description="List the runs nothing needs any more (older --force reruns, FAILED/KILLED runs) with "
+        "their sizes; --delete removes them. Kept: the newest finished run of each stage and what it was "
+        "built from, registered models with an alias and each model's newest version, running runs "
+        "(docs/storage.md). Only your own fewscan experiments and runs are touched.",
+    )
+    p.add_argument(
+        "suite", nargs="?", help="only this suite's experiment (default: every fewscan experiment)"
+    )
+    p.add_argument("--delete", action="store_true", help="remove what is listed (default: a dry run)")
+    p.add_argument("--cache-max-bytes", metavar="N", help="prune the decode cache to N bytes (e.g. 2G), LRU")
+    p.add_argument(
+        "--cache-max-age", type=float, metavar="DAYS", help="prune decode cache entries unused for DAYS"
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, help="the decode cache (default: the suite manifest's cache_dir)"
+    )
+
+    p = sub.add_parser(
         "ui",
         help="start the MLflow UI on the fewscan store (127.0.0.1)",
         description="Start the MLflow UI on the tracking store fewscan uses (MLFLOW_TRACKING_URI, "
@@ -386,6 +406,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline import gc
+
+    gc.run(
+        args.suite,
+        delete_now=args.delete,
+        cache_dir=args.cache_dir,
+        cache_max_bytes=args.cache_max_bytes,
+        cache_max_age_days=args.cache_max_age,
+    )
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
@@ -413,6 +446,7 @@ COMMANDS: dict[str, Any] = {
     "predict": cmd_predict,
     "run": cmd_run,
     "status": cmd_status,
+    "gc": cmd_gc,
     "ui": cmd_ui,
 }
 

@@ -16,6 +16,7 @@ COMMANDS = [
     "predict",
     "evaluate",
     "run",
+    "gc",
     "ui",
 ]
 
