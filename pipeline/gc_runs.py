@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import tracking
 from pipeline.errors import TrackingError
 from pipeline.gc import human
-from pipeline.progress import log
+from pipeline.progress import log, progress
 
 TAG_GC = "fewscan.gc"  # set just before a run is deleted: a restored run says where its artifacts went
 TAG_CHAIN = "fewscan.chain"
@@ -284,10 +284,14 @@ def plan(suite: str | None = None) -> Plan:
         done = newest.get((exp_id, "meta-train"))
         if done is None or r.start_time > done.start_time:
             roots.add(r.run_id)
+    children: dict[str, list[str]] = {}
+    for r in runs.values():
+        if parent := r.tags.get(tracking.TAG_PARENT):
+            children.setdefault(parent, []).append(r.run_id)
     for r in runs.values():
         if r.status == "RUNNING":  # alive or without a lease (an older fewscan): never touched
             roots.add(r.run_id)
-            roots |= {rid for rid, o in runs.items() if o.tags.get(tracking.TAG_PARENT) == r.run_id}
+            roots.update(children.get(r.run_id, []))  # a running chain's stage runs
 
     kept: set[str] = set()
     todo = [rid for rid in roots if rid in runs]
@@ -308,9 +312,8 @@ def plan(suite: str | None = None) -> Plan:
     }
 
     doomed: list[Doomed] = []
-    for r in runs.values():
-        if not r.candidate or r.run_id in kept:
-            continue
+    going = [r for r in runs.values() if r.candidate and r.run_id not in kept]
+    for r in progress(going, total=len(going), desc="gc: measuring the runs nothing needs"):
         if r.status != "FINISHED":
             reason = r.status
         elif r.stage == "chain":
