@@ -298,3 +298,18 @@ def test_gc_command_prunes_the_cache_and_rejects_bad_flags(
     assert main(["gc", "--cache-max-age", "-1"]) == 2
     assert "--cache-max-age must be a number of days >= 0" in capsys.readouterr().err
     assert cache_prune.parse_size("2G") == 2 * 1024**3 and cache_prune.parse_size("1.5kb") == 1536
+
+
+def test_gc_suite_uses_the_decode_cache_its_manifest_names(
+    fake_suite: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    now = time.time()
+    manifest = fake_suite.parent / "m.yaml"
+    _entry(fake_suite.parent / "elsewhere", 1, 700, age_days=9, now=now)
+    manifest.write_text("name: fakedata\nsize: 8\ncache_dir: elsewhere\n")
+    assert main(["gc", str(fake_suite), "--cache-max-age", "5"]) == 0
+    assert "decode cache elsewhere: 1 entries, 700 B; 1 to remove" in capsys.readouterr().out
+    manifest.write_text("name: fakedata\nsize: 8\ncache_dir: null\n")
+    assert main(["gc", str(fake_suite)]) == 0
+    assert "decode cache: disabled by the suite's data manifest" in capsys.readouterr().out
