@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.evaluate.metrics import balanced_accuracy, condition_sensitivity_specificity
 from pipeline.meta.methods import FewShotMethod
 
 RULES = ("support", "argmax")
@@ -49,13 +50,6 @@ def predicted_index(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     if threshold is None or probs.ndim != 2 or probs.shape[1] != 2:
         return probs.argmax(axis=1)
     return np.where(probs[:, 0] >= threshold, 0, 1)
-
-
-def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
-    """Mean over the classes present in `y` of the fraction of that class predicted correctly (two classes:
-    (sensitivity + specificity) / 2), so a binary model that predicts one class for every scan scores 0.5."""
-    classes = np.unique(y)
-    return float(np.mean([np.mean(pred[y == c] == c) for c in classes])) if len(classes) else math.nan
 
 
 def midpoint_threshold(scores: np.ndarray, y: np.ndarray) -> float:
@@ -114,10 +108,12 @@ def cross_validate(
         probs = method.predict_proba(adapted, x).double().numpy()
         t = rule_threshold(rule, probs[keep], y_np[keep])
         pred[held] = predicted_index(probs[held], t)
+    sens, spec = condition_sensitivity_specificity(pred, y_np)
     return {
         "cv_balanced_accuracy": balanced_accuracy(pred, y_np),
-        "cv_sensitivity": float(np.mean(pred[y_np == 0] == 0)),
-        "cv_specificity": float(np.mean(pred[y_np != 0] != 0)),
+        # a support set holds every class (min_per_class >= 1), so neither is undefined; NaN if one were
+        "cv_sensitivity": math.nan if sens is None else sens,
+        "cv_specificity": math.nan if spec is None else spec,
         "cv_folds": len(folds),
         "cv_how": "leave-one-out" if all(len(f) == 1 for f in folds) else f"{len(folds)} stratified folds",
     }

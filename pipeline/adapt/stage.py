@@ -326,7 +326,7 @@ def query_metrics(probs: np.ndarray, y: np.ndarray, threshold: float | None = No
     else the argmax. `predicted_one_class` is 1.0 when every scan got the same predicted class."""
     pred = D.predicted_index(probs, threshold)
     out: dict[str, float] = {
-        "balanced_accuracy": D.balanced_accuracy(pred, y),
+        "balanced_accuracy": M.balanced_accuracy(pred, y),
         "accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
         "n": float(len(y)),
         "predicted_one_class": float(len(np.unique(pred)) == 1),
@@ -339,11 +339,11 @@ def query_metrics(probs: np.ndarray, y: np.ndarray, threshold: float | None = No
         macro = M.macro_auc(probs, y)
         if macro is not None:
             out["auc_macro"] = macro
-    pred0 = pred == 0
-    if (y == 0).any():
-        out["sensitivity"] = float(np.mean(pred0[y == 0]))
-    if (y != 0).any():
-        out["specificity"] = float(np.mean(~pred0[y != 0]))
+    sens, spec = M.condition_sensitivity_specificity(pred, y)
+    if sens is not None:
+        out["sensitivity"] = sens
+    if spec is not None:
+        out["specificity"] = spec
     return out
 
 

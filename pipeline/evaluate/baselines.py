@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import GroupShuffleSplit
 from torch import Tensor, nn
 
 from pipeline.errors import DataError
@@ -142,19 +143,29 @@ def _split_holdout(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """(train, stop, report) index arrays and the patient counts of the two hold-out halves.
 
-    Whole patients go to the hold-out (their scans never train the classifier); the hold-out patients are
-    split in two halves: "stop" decides when training ends, "report" measures the result.
+    Whole patients go to the hold-out (their scans never train the classifier): `floor(fraction * n)` of
+    the n patients, drawn by sklearn's `GroupShuffleSplit` with the patient as the group; the hold-out
+    patients are split the same way in two halves: "stop" decides when training ends, "report" measures
+    the result. Fewer than two hold-out patients: no hold-out (nothing to stop on and report on apart).
     """
-    uniq = np.unique(patients[idx])
-    n_hold = int(math.floor(fraction * uniq.size))
+    pat = patients[idx]
+    n_hold = int(math.floor(fraction * np.unique(pat).size))
     if n_hold < 2:
         return idx, idx[:0], idx[:0], 0, 0
-    hold = rng.choice(uniq, size=n_hold, replace=False)
-    stop_p, report_p = set(hold[: n_hold // 2].tolist()), set(hold[n_hold // 2 :].tolist())
-    pat = patients[idx]
-    in_stop = np.array([p in stop_p for p in pat], dtype=bool)
-    in_report = np.array([p in report_p for p in pat], dtype=bool)
-    return idx[~in_stop & ~in_report], idx[in_stop], idx[in_report], len(stop_p), len(report_p)
+    # GroupShuffleSplit takes an int seed; drawing it from `rng` keeps the split a function of the seed
+    seed = int(rng.integers(2**31 - 1))
+    train_pos, hold_pos = next(
+        GroupShuffleSplit(n_splits=1, test_size=n_hold, random_state=seed).split(idx, groups=pat)
+    )
+    # an int test_size counts groups: the report half gets n_hold - n_hold // 2 patients, the stop half the rest
+    stop_pos, rep_pos = next(
+        GroupShuffleSplit(n_splits=1, test_size=n_hold - n_hold // 2, random_state=seed + 1).split(
+            hold_pos, groups=pat[hold_pos]
+        )
+    )
+    stop, rep = hold_pos[stop_pos], hold_pos[rep_pos]
+    n_stop, n_rep = np.unique(pat[stop]).size, np.unique(pat[rep]).size
+    return idx[np.sort(train_pos)], idx[np.sort(stop)], idx[np.sort(rep)], n_stop, n_rep
 
 
 def _class_probs(
@@ -288,7 +299,7 @@ def pretrain_classifier(
         pred = probs.argmax(1)
         present = np.unique(yh)
         report["holdout_acc"] = float((pred == yh).mean())
-        report["holdout_balanced_acc"] = float(np.mean([np.mean(pred[yh == c] == c) for c in present]))
+        report["holdout_balanced_acc"] = metrics.balanced_accuracy(pred, yh)
         report["holdout_chance_balanced_acc"] = 1.0 / present.size
         report["holdout_macro_auc"] = metrics.macro_auc(probs, yh)
         report["holdout_auc_per_class"] = {

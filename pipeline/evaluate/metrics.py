@@ -1,7 +1,8 @@
 """Classification metrics for few-shot episodes: accuracy with a 95% interval, macro AUC, sensitivity and
 specificity (binary episodes), expected calibration error, confusion matrices and reliability bins.
 
-Plain numpy, no torch and no mlflow, so every number can be checked against a hand computation or sklearn.
+numpy and scikit-learn (`sklearn.metrics` computes AUC, recall and balanced accuracy), no torch and no
+mlflow; what sklearn leaves undefined (a class absent from an episode) is None here, never an exception.
 Conventions (they matter for the report, so they are fixed here):
 - A 95% confidence interval of a mean over episodes is the half-width 1.96 * s / sqrt(n), with s the
   *sample* standard deviation (ddof=1); it is undefined (None) for fewer than two episodes.
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import recall_score, roc_auc_score
 
 Z95 = 1.96
 
@@ -69,33 +71,22 @@ def accuracy(probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.mean(probs.argmax(axis=1) == y_true))
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as in the Mann-Whitney U statistic)."""
-    sorter = np.argsort(x, kind="mergesort")
-    inv = np.empty_like(sorter)
-    inv[sorter] = np.arange(x.size)
-    xs = x[sorter]
-    first = np.r_[True, xs[1:] != xs[:-1]]  # start of each run of equal values
-    dense = first.cumsum()[inv]  # 1-based index of each value's tie group
-    bounds = np.r_[np.flatnonzero(first), x.size]  # group g spans sorted positions [bounds[g-1], bounds[g])
-    return 0.5 * (bounds[dense - 1] + 1 + bounds[dense])
-
-
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """ROC AUC of `scores` for the boolean `positive` labels; None when one class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
+    """ROC AUC of `scores` for the boolean `positive` labels (sklearn's `roc_auc_score`, ties counted
+    half); None when one class is absent, where the AUC is undefined (sklearn would raise)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
     n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == positive.size:
         return None
-    r = _ranks(scores)
-    u = r[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def macro_auc(probs: np.ndarray, y_true: np.ndarray) -> float | None:
-    """Unweighted mean of one-vs-rest AUCs over the classes present in y_true (None if fewer than 2)."""
+    """Unweighted mean of one-vs-rest AUCs over the classes present in y_true (None if fewer than 2).
+
+    Not `roc_auc_score(multi_class="ovr")`: that refuses an episode whose queries miss a class (and rows
+    that do not sum to 1), while a class absent from y_true is simply left out here."""
     probs, y_true = _check(probs, y_true)
     aucs = []
     for c in range(probs.shape[1]):
@@ -107,16 +98,45 @@ def macro_auc(probs: np.ndarray, y_true: np.ndarray) -> float | None:
     return float(np.mean(aucs))
 
 
+def class_recalls(pred: np.ndarray, y_true: np.ndarray, labels: list[int]) -> list[float | None]:
+    """Recall of each of `labels` (sklearn's `recall_score`, per class): the fraction of the scans of that
+    class predicted as it; None for a label with no scan in y_true, where recall is undefined."""
+    if np.asarray(y_true).size == 0:
+        return [None] * len(labels)
+    r = recall_score(y_true, pred, labels=labels, average=None, zero_division=np.nan)
+    return [None if math.isnan(v) else float(v) for v in r]
+
+
+def condition_sensitivity_specificity(
+    pred: np.ndarray, y_true: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Condition (class 0) vs the rest from predicted class indices: sensitivity = recall of class 0,
+    specificity = the fraction of the other scans not predicted 0. None where that side has no scan.
+    For two classes this is the recall of class 0 and of class 1."""
+    sens, spec = class_recalls(np.asarray(pred) == 0, np.asarray(y_true) == 0, labels=[True, False])
+    return sens, spec
+
+
+def balanced_accuracy(pred: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean over the classes present in `y_true` of the fraction of that class predicted correctly (two
+    classes: (sensitivity + specificity) / 2); NaN for no scans.
+
+    sklearn's definition of balanced accuracy, computed as its macro `recall_score` over the classes
+    present: `balanced_accuracy_score` gives the same number but warns when a class is predicted that
+    y_true lacks, and a binary model predicting one class for every scan is a real outcome here, not a
+    user-facing warning (docs/ARCHITECTURE.md, principle 11)."""
+    y_true = np.asarray(y_true)
+    if y_true.size == 0:
+        return math.nan
+    return float(recall_score(y_true, pred, labels=np.unique(y_true), average="macro"))
+
+
 def sensitivity_specificity(probs: np.ndarray, y_true: np.ndarray) -> tuple[float | None, float | None]:
     """For a binary episode with classes [condition, normal]: recall of class 0 and recall of class 1."""
     probs, y_true = _check(probs, y_true)
     if probs.shape[1] != 2:
         raise ValueError(f"sensitivity/specificity need 2 classes, got {probs.shape[1]}")
-    pred = probs.argmax(axis=1)
-    pos, neg = y_true == 0, y_true == 1
-    sens = float(np.mean(pred[pos] == 0)) if pos.any() else None
-    spec = float(np.mean(pred[neg] == 1)) if neg.any() else None
-    return sens, spec
+    return condition_sensitivity_specificity(probs.argmax(axis=1), y_true)
 
 
 @dataclass(frozen=True)

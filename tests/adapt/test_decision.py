@@ -13,6 +13,7 @@ from pipeline.adapt import decision as D
 from pipeline.adapt.adapted import AdaptedClassifier, save_adapted
 from pipeline.adapt.support import ScanSpec
 from pipeline.errors import DataError
+from pipeline.evaluate import metrics as M
 from pipeline.meta.methods import class_balanced_cross_entropy
 from pipeline.meta.model_io import load_meta_model
 from tests.adapt import helpers as h
@@ -31,8 +32,8 @@ def test_predicted_index_applies_the_threshold_to_binary_models_only() -> None:
 
 def test_balanced_accuracy_is_chance_for_a_model_that_predicts_one_class() -> None:
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
-    assert D.balanced_accuracy(np.ones(10, dtype=int), y) == 0.5  # plain accuracy would be 0.7
-    assert D.balanced_accuracy(np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 0]), y) == pytest.approx(
+    assert M.balanced_accuracy(np.ones(10, dtype=int), y) == 0.5  # plain accuracy would be 0.7
+    assert M.balanced_accuracy(np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 0]), y) == pytest.approx(
         (1 / 3 + 6 / 7) / 2
     )
 

@@ -37,6 +37,28 @@ def test_pretrain_data_needs_a_train_pool(world: World) -> None:
         baselines.pretrain_data({"pools": {}}, world.store.index, world.store.rows_for)
 
 
+def test_the_hold_out_takes_whole_patients_in_two_disjoint_halves() -> None:
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i:02d}" for i in range(20)], rng.integers(1, 5, size=20))
+    idx = np.arange(patients.size)[::-1]  # any order of rows; each half keeps it
+    tr, stop, rep, n_stop, n_rep = baselines._split_holdout(patients, idx, 0.5, np.random.default_rng(7))
+    # every row lands in exactly one part, and no patient has rows in two parts
+    assert sorted(np.concatenate([tr, stop, rep]).tolist()) == list(range(patients.size))
+    parts = [set(patients[p]) for p in (tr, stop, rep)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    # floor(0.5 * 20) = 10 hold-out patients, halved; the counts are those of the patients in each half
+    assert (len(parts[1]), len(parts[2]), n_stop, n_rep) == (5, 5, 5, 5)
+    assert [list(p) for p in (tr, stop, rep)] == [sorted(p, reverse=True) for p in (tr, stop, rep)]
+    # a function of the generator's seed: the same seed, the same patients; another seed, others
+    again = baselines._split_holdout(patients, idx, 0.5, np.random.default_rng(7))
+    assert all(np.array_equal(a, b) for a, b in zip(again[:3], (tr, stop, rep)))
+    other = baselines._split_holdout(patients, idx, 0.5, np.random.default_rng(8))
+    assert set(patients[other[2]]) != parts[2]
+    # fewer than two hold-out patients: no hold-out at all
+    none = baselines._split_holdout(patients[:3], np.arange(3), 0.5, np.random.default_rng(0))
+    assert none[0].tolist() == [0, 1, 2] and none[1].size == none[2].size == 0 and none[3:] == (0, 0)
+
+
 def _pretrain(world: World, seed: int) -> baselines.Pretrained:
     d = baselines.pretrain_data(world.split, world.store.index, world.store.rows_for)
     cfg = PretrainConfig(max_epochs=6, lr=3e-3, batch_size=16, holdout_fraction=0.5)

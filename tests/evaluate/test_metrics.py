@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.metrics import confusion_matrix as sk_confusion
-from sklearn.metrics import roc_auc_score
 
 from pipeline.evaluate import metrics
 
@@ -80,6 +81,36 @@ def test_sensitivity_specificity_hand_values() -> None:
     assert sens == pytest.approx(2 / 3) and spec == pytest.approx(3 / 4)
     with pytest.raises(ValueError):
         metrics.sensitivity_specificity(np.full((2, 3), 1 / 3), np.array([0, 1]))
+    # an episode whose queries are all normal: sensitivity is undefined (None), not 0 and not an error
+    assert metrics.sensitivity_specificity(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([1, 1])) == (
+        None,
+        0.5,
+    )
+
+
+def test_condition_vs_rest_on_three_classes() -> None:
+    # condition = class 0; the "rest" are classes 1 and 2, a scan of class 2 predicted 1 is still a true negative
+    y = np.array([0, 0, 1, 2, 2])
+    pred = np.array([0, 2, 1, 1, 0])
+    assert metrics.condition_sensitivity_specificity(pred, y) == (0.5, pytest.approx(2 / 3))
+    assert metrics.condition_sensitivity_specificity(pred[2:], y[2:]) == (None, pytest.approx(2 / 3))
+    assert metrics.class_recalls(np.array([], dtype=int), np.array([], dtype=int), [0, 1]) == [None, None]
+
+
+def test_balanced_accuracy_matches_sklearn_without_its_warning() -> None:
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 4):
+        for _ in range(5):
+            y = rng.integers(0, k, size=30)
+            pred = rng.integers(0, k, size=30)
+            assert metrics.balanced_accuracy(pred, y) == pytest.approx(balanced_accuracy_score(y, pred))
+    # a class predicted that y lacks is left out (sklearn warns about it; this must not reach the user)
+    y, pred = np.array([1, 1, 1, 2]), np.array([0, 1, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = metrics.balanced_accuracy(pred, y)
+    assert got == pytest.approx((2 / 3 + 1) / 2)
+    assert math.isnan(metrics.balanced_accuracy(np.array([], dtype=int), np.array([], dtype=int)))
 
 
 def test_ece_hand_values() -> None:
