@@ -255,6 +255,12 @@ def _is_auth_error(err: BaseException) -> bool:
     return "401" in text and ("Unauthorized" in text or "UNAUTHENTICATED" in text or "authenticat" in text)
 
 
+def _http_status(err: MlflowException) -> int | None:
+    with contextlib.suppress(Exception):
+        return int(err.get_http_status_code())
+    return None
+
+
 def _auth_message() -> str:
     who = os.environ.get("MLFLOW_TRACKING_USERNAME")
     problem = f"refused the password of user '{who}'" if who else "asks for a user and password"
@@ -597,7 +603,14 @@ class UpstreamRun:
         c = client()
         try:
             run = retry(lambda: c.get_run(run_id), f"read run {run_id}")
-        except MlflowException:
+        except MlflowException as err:
+            if _http_status(err) == 403:  # basic auth: the run exists, its experiment is not shared with you
+                who = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+                raise UpstreamError(
+                    f"user '{who}' has no permission to read run '{run_id}' on {tracking_uri()} (HTTP 403). "
+                    "Ask the owner of its experiment to grant you READ on it (docs/scaling.md, 'For a lab'), "
+                    "or use a run of your own."
+                ) from None
             raise UpstreamError(
                 f"no MLflow run with id '{run_id}' in {tracking_uri()}. Check the id in the MLflow UI "
                 "(`fewscan ui`) or set MLFLOW_TRACKING_URI to the store that holds it."
