@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -453,7 +454,8 @@ def assert_in_sync(module: nn.Module, ctx: DistContext, what: str = "weights") -
 # --------------------------------------------------------------------------------------------- other ranks
 class FollowerRun:
     """What a non-main rank's `execute` gets instead of the MLflow `StageRun`: the same methods, doing
-    nothing (only rank 0 talks to MLflow), and a private scratch `outdir` that is never uploaded."""
+    nothing (only rank 0 talks to MLflow), and a private scratch `outdir` that is never uploaded. Use it as
+    a context manager: the `outdir` is removed on leaving it, as `stage_run` removes rank 0's."""
 
     run_id = ""
     ui_url = ""
@@ -463,6 +465,12 @@ class FollowerRun:
         self.stage = stage
         self.rank = rank
         self.outdir = Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-rank{rank}-"))
+
+    def __enter__(self) -> FollowerRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.outdir, ignore_errors=True)
 
     def log_params(self, d: dict[str, Any]) -> None: ...
     def log_metrics(self, d: dict[str, float], step: int | None = None) -> None: ...

@@ -92,7 +92,8 @@ def execute_stage(
         dctx = distributed.init_from_env(device=getattr(cfg, "device", "auto"))
         if not dctx.is_main:
             # ranks > 0 train alongside rank 0 but never talk to MLflow: rank 0 owns the run
-            follower: StageResult = mod.execute(cfg, distributed.FollowerRun(stage, dctx.rank), upstream)
+            with distributed.FollowerRun(stage, dctx.rank) as follower_run:
+                follower: StageResult = mod.execute(cfg, follower_run, upstream)
             return Outcome(stage, "", False, follower.summary)
     # What is logged (params + config YAML) may differ from what is hashed: a stage can hide paths that
     # might name a patient (`public_config`) and leave out knobs that do not change its result

@@ -229,7 +229,9 @@ def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _execute(cfg, run, ep_up, ingest_up, store, split, val_all)
+        # The scratch folder (checkpoints, model folders before upload) goes when the stage ends, failed or not.
+        with tempfile.TemporaryDirectory(prefix="fewscan-metatrain-") as scratch:
+            return _execute(cfg, run, ep_up, ingest_up, store, split, val_all, Path(scratch))
     finally:
         torch.set_num_threads(threads)
 
@@ -242,6 +244,7 @@ def _execute(
     store: ImageStore,
     split: dict[str, Any],
     val_all: list[Episode],
+    scratch: Path,
 ) -> StageResult:
     ctx = distributed.current()
     if cfg.meta_batch < ctx.world_size:
@@ -299,7 +302,6 @@ def _execute(
     # better than this learned nothing measurable, and the summary says so.
     val_chance = float(np.mean([1.0 / t[4] for t in val_tensors]))
     at_chance: list[str] = []
-    scratch = Path(tempfile.mkdtemp(prefix="fewscan-metatrain-"))
     curves: dict[str, list[dict[str, float]]] = {}
     results: dict[str, dict[str, float]] = {}
     seed_vals: dict[str, list[float]] = {}

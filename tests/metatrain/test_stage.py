@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from pipeline import distributed
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.meta.model_io import load_meta_model
@@ -159,6 +161,30 @@ def test_every_method_is_trained_once_per_seed_and_the_first_seed_is_registered(
     stage.execute(_cfg(seeds=[0], methods=["protonet"]), run1, _upstream(world))  # type: ignore[arg-type]
     single = load_meta_model(run1.uploaded / "models" / "protonet")
     assert torch.equal(single.model.state_dict()[w], first.model.state_dict()[w])
+
+
+def test_meta_train_leaves_no_scratch_folder_behind_finished_or_failed(world, tmp_path, monkeypatch):
+    # a private temporary root: other processes' files in the system one cannot blur what this run left
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
+    run = FakeRun(tmp_path / "ok")
+    stage.execute(_cfg(methods=["protonet"]), run, _upstream(world))  # type: ignore[arg-type]
+    assert (run.uploaded / "checkpoints" / "protonet" / "last.pt").is_file()  # it did use its scratch
+    assert list(tmp_root.iterdir()) == []
+
+    class Refused(FakeRun):
+        def register_model(self, artifact_path: str, name: str, alias: str) -> str:
+            raise RuntimeError("registry down")
+
+    with pytest.raises(RuntimeError, match="registry down"):
+        stage.execute(_cfg(methods=["protonet"]), Refused(tmp_path / "bad"), _upstream(world))  # type: ignore[arg-type]
+    assert list(tmp_root.iterdir()) == []
+    # a non-main torchrun rank's private output folder goes too
+    with distributed.FollowerRun("meta-train", 1) as follower:
+        assert follower.outdir.parent == tmp_root and follower.outdir.is_dir()
+        (follower.outdir / "curves.json").write_text("{}")
+    assert list(tmp_root.iterdir()) == []
 
 
 def test_the_older_single_seed_key_still_works_and_seeds_must_be_distinct():
