@@ -1,7 +1,8 @@
 """`fewscan run <suite>`: the whole chain as one parent MLflow run with a nested run per stage.
 
 A stage whose fingerprint (config + upstream run ids + code version) matches a finished run is reused
-and the reuse is printed; `force=True` recomputes everything. A failed stage leaves its run FAILED
+and the reuse is printed; one that another live run is computing is waited for, then reused
+(pipeline/claims.py). `force=True` recomputes everything and never waits. A failed stage leaves its run FAILED
 (error in tag and `error.txt`), marks the parent FAILED, and stops the chain.
 """
 
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import stages, tracking
+from pipeline import claims, stages, tracking
 from pipeline.errors import ConfigError, FewscanError
 from pipeline.progress import log
 from pipeline.suite import dataset_name, load_suite
@@ -34,13 +35,20 @@ def chain_stages(has_adapt: bool) -> list[str]:
     return [s for s in stages.ORDER if s != "adapt" or has_adapt]
 
 
-def run_chain(suite_ref: str, overrides: list[str] | None = None, force: bool = False) -> ChainResult:
+def run_chain(
+    suite_ref: str,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    wait_timeout_s: float | None = None,
+) -> ChainResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank would run ingest, episodes, ... and write the same runs
         raise ConfigError(
             "`fewscan run` is single-process. Under torchrun, run only the meta-train stage "
             "(`torchrun ... -m pipeline.cli meta-train SUITE`); a later `fewscan run SUITE` then reuses it."
         )
+    if wait_timeout_s is not None and not wait_timeout_s >= 0:
+        raise ConfigError(f"--wait-timeout {wait_timeout_s:g}: give a number of seconds >= 0")
     suite = load_suite(suite_ref, overrides)
     manifest_path = suite.manifest_path
     # Validate every config before starting anything: a typo in `evaluate` must not cost a meta-training.
@@ -68,9 +76,10 @@ def run_chain(suite_ref: str, overrides: list[str] | None = None, force: bool = 
                     dataset=dataset,
                     parent_run_id=parent.run_id,
                     reuse=not force,
+                    wait_timeout_s=wait_timeout_s,
                 )
-            except KeyboardInterrupt:
-                raise
+            except (KeyboardInterrupt, claims.WaitTimeout):
+                raise  # a wait that timed out left no run of this stage: nothing to point at
             except Exception as err:
                 raise StageFailed(
                     f"stage '{stage}' failed: {type(err).__name__}: {err}\n"

@@ -202,10 +202,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="run the whole chain for a suite, reusing unchanged finished stages",
         description="Run ingest -> episodes -> meta-train -> adapt -> evaluate as one parent MLflow run with "
         "a nested run per stage. A stage whose fingerprint (config, upstream run ids, code version) matches a "
-        "finished run is reused; --force recomputes all.",
+        "finished run is reused; a stage that another live run is computing (another `fewscan run` of the "
+        "same suite) is waited for and then reused; --force recomputes all.",
     )
     p.add_argument("suite", help="task suite YAML or bare name")
-    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--force", action="store_true", help="recompute every stage (never waits)")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop (exit 2) after waiting this long for another run computing the same stage "
+        "(default: wait while that run is alive)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -383,7 +392,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.chain import run_chain
 
-    run_chain(args.suite, args.overrides, force=args.force)
+    run_chain(args.suite, args.overrides, force=args.force, wait_timeout_s=args.wait_timeout)
     return 0
 
 

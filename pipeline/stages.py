@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from pipeline import distributed, tracking
+from pipeline import claims, distributed, tracking
 from pipeline.progress import log
 from pipeline.tracking import StageResult, UpstreamRun
 
@@ -84,8 +84,10 @@ def execute_stage(
     parent_run_id: str | None = None,
     reuse: bool = False,
     resume_run_id: str | None = None,
+    wait_timeout_s: float | None = None,
 ) -> Outcome:
-    """Run one stage as an MLflow run (or reuse a finished one with the same fingerprint)."""
+    """Run one stage as an MLflow run (or, with `reuse`, reuse a finished one with the same fingerprint,
+    after waiting up to `wait_timeout_s` (None: while it lives) for a live run computing it)."""
     mod = module(stage)
     if stage == "meta-train":
         # torchrun's ranks, or one process
@@ -113,12 +115,30 @@ def execute_stage(
             device=device,
             exclude=getattr(mod, "FINGERPRINT_EXCLUDE", ()),
         )
-    if reuse and not resume_run_id:
-        rid = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
-        if rid:
-            print(f"{stage}: reusing finished run {rid} (same config, upstream runs and code)", flush=True)
-            return Outcome(stage, rid, True)
     name = mod.run_name(cfg)
+    claimed: str | None = None
+    if reuse and not resume_run_id:
+        # reuse a finished run, or wait for a live one computing the same (pipeline/claims.py)
+        def create_claim() -> str:
+            # the tags (and the lease's heartbeat) as of now, after any wait
+            tags = tracking.stage_tags(
+                stage, fp=fp, upstream=upstream, suite=suite, dataset=dataset, parent_run_id=parent_run_id
+            )
+            tags[claims.TAG_CLAIM] = claims.CHOOSING
+            return str(tracking.create_stage_run(tags, name, suite, dataset).info.run_id)
+
+        claim = claims.acquire(
+            stage, fp, suite=suite, dataset=dataset, create=create_claim, timeout_s=wait_timeout_s
+        )
+        if claim.reuse_id:
+            how = (
+                f"computed meanwhile by another chain: waited {claim.waited_s:.0f} s for run {claim.waited_for}"
+                if claim.waited_for
+                else "same config, upstream runs and code"
+            )
+            print(f"{stage}: reusing finished run {claim.reuse_id} ({how})", flush=True)
+            return Outcome(stage, claim.reuse_id, True)
+        claimed = claim.run_id
     log(f"{stage}: starting run '{name}'" + (f" (resuming {resume_run_id})" if resume_run_id else ""))
     t0 = time.monotonic()
     with tracking.stage_run(
@@ -131,6 +151,7 @@ def execute_stage(
         dataset=dataset,
         parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
+        claimed_run_id=claimed,
         system_metrics=stage in SYSTEM_METRICS,
     ) as run:
         numerics = tracking.numerics(stage, device)

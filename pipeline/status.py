@@ -3,7 +3,8 @@
 Opening the store first marks runs whose process is gone KILLED (tracking.reap_dead_runs), so a stage
 shown RUNNING is really running. "Reusable" is the chain's own test (stages.stage_fingerprint +
 tracking.find_reusable): a FINISHED run with the fingerprint the suite's current config, upstream runs
-and code give; a stage below one that would rerun cannot be reused (its upstream run would be new).
+and code give, or a live run computing it, which `fewscan run` waits for; a stage below one that would
+rerun cannot be reused (its upstream run would be new).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def status_lines(suite_ref: str | None) -> list[str]:
             if rid:
                 reused[stage] = rid
                 verdict = "yes" if run is not None and rid == run.info.run_id else f"yes: run {rid}"
+            elif live := tracking.running_with_fingerprint(stage, fp, suite=suite.name, dataset=dataset):
+                # another chain is computing it: `fewscan run` waits for that run (pipeline/claims.py)
+                verdict = f"when run {live[0].info.run_id} finishes (running now; `fewscan run` waits for it)"
             else:
                 verdict = "no: config, upstream or code changed" if run is not None else "no: never run"
         else:

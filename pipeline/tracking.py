@@ -955,6 +955,78 @@ def _dataset_source(uri: str) -> Any:
     raise MlflowException(f"no dataset source resolves {uri}")
 
 
+def stage_tags(
+    stage: str,
+    *,
+    fp: str,
+    upstream: dict[str, UpstreamRun],
+    suite: str | None,
+    dataset: str | None,
+    parent_run_id: str | None,
+) -> dict[str, str]:
+    """The tags a new stage run is created with: stage, fingerprint, code, suite, upstream links, parent,
+    user (on a server) and the lease."""
+    tags: dict[str, str] = {
+        TAG_STAGE: stage,
+        TAG_FINGERPRINT: fp,
+        TAG_CODE: code_version(stage),
+        "fewscan.version": __version__,
+    }
+    if suite:
+        tags[TAG_SUITE] = suite
+    if dataset:
+        tags[TAG_DATASET] = dataset
+    for name, up in upstream.items():
+        tags[TAG_UPSTREAM + name] = up.run_id
+    if parent_run_id:
+        tags[TAG_PARENT] = parent_run_id
+    user = server_user()
+    if user:
+        tags[TAG_USER] = user  # the run's user_id, which the searches filter on
+    tags.update(lease_tags())
+    return tags
+
+
+def create_stage_run(tags: dict[str, str], run_name: str, suite: str | None, dataset: str | None) -> Any:
+    """Create a RUNNING run with `tags` in the suite's own experiment (created if missing)."""
+    c = client()
+    exp_id = experiment_id(experiment_name(suite, dataset))
+    return retry(lambda: c.create_run(exp_id, tags=tags, run_name=run_name), "create a run")
+
+
+def running_with_fingerprint(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> list[Any]:
+    """The RUNNING runs of `stage` with this fingerprint whose process is alive (a lease that is not gone;
+    a run without a lease, of an older fewscan, never counts), in the scope and of the owner
+    `find_reusable` accepts: the runs computing what a reuse would find (pipeline/claims.py)."""
+    c = client()
+    exps = search_scope(stage, suite, dataset)
+    if not exps:
+        return []
+    filt = _runs_filter(
+        [
+            f"tags.`{TAG_FINGERPRINT}` = '{fp}'",
+            f"tags.`{TAG_STAGE}` = '{stage}'",
+            "attributes.status = 'RUNNING'",
+        ]
+    )
+    runs = retry(lambda: c.search_runs(exps, filt, max_results=200), "search running runs")
+    return [r for r in runs if TAG_HOST in r.data.tags and lease_gone(dict(r.data.tags)) is None]
+
+
+def set_run_tag(run_id: str, key: str, value: str) -> None:
+    retry(lambda: client().set_tag(run_id, key, value), "set a tag")
+
+
+def withdraw_run(run_id: str, reason: str) -> None:
+    """End a run that computed nothing (a claim that lost, pipeline/claims.py): KILLED with `reason` in
+    `fewscan.error`, then deleted, so that neither `fewscan status` nor the UI shows it as a stage's run
+    (`mlflow gc` removes it for good)."""
+    c = client()
+    retry(lambda: c.set_tag(run_id, TAG_ERROR, reason[:4900]), "withdraw a run")
+    retry(lambda: c.set_terminated(run_id, "KILLED"), "withdraw a run")
+    retry(lambda: c.delete_run(run_id), "withdraw a run")
+
+
 def _start_system_metrics(run_id: str) -> Any:
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -981,32 +1053,19 @@ def stage_run(
     dataset: str | None,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
+    claimed_run_id: str | None = None,
     system_metrics: bool = False,
 ) -> Iterator[StageRun]:
     """Open a stage run (or reattach to one to resume), yield it, and close it FINISHED/FAILED/KILLED.
+    `claimed_run_id`: the run `claims.acquire` created (with `stage_tags`) and won, opened as a new run.
 
     On success everything under `run.outdir` is uploaded. On failure the error goes into the tag
     `fewscan.error` and the artifact `error.txt`, the run is marked FAILED, and the exception propagates.
     """
     c = client()
-    tags: dict[str, str] = {
-        TAG_STAGE: stage,
-        TAG_FINGERPRINT: fp,
-        TAG_CODE: code_version(stage),
-        "fewscan.version": __version__,
-    }
-    if suite:
-        tags[TAG_SUITE] = suite
-    if dataset:
-        tags[TAG_DATASET] = dataset
-    for name, up in upstream.items():
-        tags[TAG_UPSTREAM + name] = up.run_id
-    if parent_run_id:
-        tags[TAG_PARENT] = parent_run_id
-    user = server_user()
-    if user:
-        tags[TAG_USER] = user  # the run's user_id, which the searches filter on
-    tags.update(lease_tags())
+    tags = stage_tags(
+        stage, fp=fp, upstream=upstream, suite=suite, dataset=dataset, parent_run_id=parent_run_id
+    )
 
     if resume_run_id:
         run = retry(lambda: c.get_run(resume_run_id), "read the run to resume")
@@ -1026,10 +1085,15 @@ def stage_run(
         retry(lambda: c.update_run(resume_run_id, status="RUNNING"), "reopen the run")
         run_id, resumed = resume_run_id, True
         artifact_uri = run.info.artifact_uri
+    elif claimed_run_id:
+        # created with these tags by the claim (pipeline/claims.py); its heartbeat restarts now
+        run = retry(lambda: c.get_run(claimed_run_id), "read the claimed run")
+        retry(partial(c.set_tag, claimed_run_id, TAG_HEARTBEAT, str(int(time.time()))), "take the lease")
+        run_id, resumed = claimed_run_id, False
+        artifact_uri = run.info.artifact_uri
     else:
         # a resume writes only into the run it was given; a new run goes into the suite's own experiment
-        exp_id = experiment_id(experiment_name(suite, dataset))
-        run = retry(lambda: c.create_run(exp_id, tags=tags, run_name=run_name), "create a run")
+        run = create_stage_run(tags, run_name, suite, dataset)
         run_id, resumed = run.info.run_id, False
         artifact_uri = run.info.artifact_uri
 
