@@ -14,14 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import claims, stages, tracking
-from pipeline.errors import ConfigError, FewscanError
+from pipeline.errors import ConfigError
+from pipeline.errors import StageFailed as StageFailed
 from pipeline.progress import log
-from pipeline.suite import dataset_name, load_suite
+from pipeline.suite import Suite, dataset_name, load_suite
 from pipeline.tracking import UpstreamRun
-
-
-class StageFailed(FewscanError):
-    """A stage of the chain failed; the message names the stage, the error and the FAILED run."""
 
 
 @dataclass
@@ -36,11 +33,13 @@ def chain_stages(has_adapt: bool) -> list[str]:
 
 
 def run_chain(
-    suite_ref: str,
+    suite_ref: str | Suite,
     overrides: list[str] | None = None,
     force: bool = False,
     wait_timeout_s: float | None = None,
 ) -> ChainResult:
+    """Run the chain of a suite (a name or path; or a `Suite` the CLI has already loaded and validated with
+    its overrides, which are then not applied again)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank would run ingest, episodes, ... and write the same runs
         raise ConfigError(
@@ -49,7 +48,7 @@ def run_chain(
         )
     if wait_timeout_s is not None and not wait_timeout_s >= 0:
         raise ConfigError(f"--wait-timeout {wait_timeout_s:g}: give a number of seconds >= 0")
-    suite = load_suite(suite_ref, overrides)
+    suite = suite_ref if isinstance(suite_ref, Suite) else load_suite(suite_ref, overrides)
     manifest_path = suite.manifest_path
     # Validate every config before starting anything: a typo in `evaluate` must not cost a meta-training.
     cfgs: dict[str, Any] = {}

@@ -4,20 +4,28 @@ Every stage subcommand takes its config from a YAML file (a data manifest for `i
 for the rest), the upstream run with `--from RUN_ID` (default: the latest finished upstream run of the
 same suite), `--set key=value` overrides, and the stage's own flags. User errors print one line and
 exit 2; a failed stage exits 1.
+
+The command line, the suite and the data manifest are validated before torch or mlflow is imported, so a
+config error is reported at once (README, "Command line"): this module imports only the light ones at its
+top (argparse, pydantic through pipeline.suite), and each command imports the stage machinery after its
+checks. tests/foundation/test_cli_imports.py checks which modules a failing command imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from pipeline import __version__
-from pipeline.errors import ConfigError, DataError, FewscanError
+from pipeline import __version__, stage_configs
+from pipeline.errors import ConfigError, DataError, FewscanError, StageFailed
 
 STAGE_HELP = {
     "ingest": (
@@ -54,7 +62,33 @@ SHORT_HELP = {
 }
 
 
-def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None) -> None:
+# One `--set` example per command, valid for that command's config section (the data manifest for ingest,
+# the whole suite for run); tests/foundation/test_cli_help.py validates each against the demo suite.
+SET_EXAMPLES = {
+    "ingest": "preprocess.image_size=[64,64]",
+    "episodes": "k_shot=[1,5]",
+    "meta-train": "outer.steps=200",
+    "adapt": "threshold=argmax",
+    "evaluate": "finetune.steps=[10,50]",
+    "run": "episodes.k_shot=[1]",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a suggestion for a mistyped command or choice (`fewscan evalute` -> did you mean
+    'evaluate'?), found among the valid choices argparse lists in its message."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message = f"{message[: m.end(1) + 1]}; did you mean '{close[0]}'? {message[m.end(1) + 2 :]}"
+        super().error(message)
+
+
+def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None, stage: str) -> None:
     if upstream:
         p.add_argument(
             "--from",
@@ -69,25 +103,24 @@ def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None) -> 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value of this stage's section, e.g. --set k_shot=[1,5] (repeatable)",
+        help=f"override a config value of this stage's {'manifest' if stage == 'ingest' else 'section'}, "
+        f"e.g. --set {SET_EXAMPLES[stage]} (repeatable)",
     )
 
 
 def _stage_extra_args(stage: str, p: argparse.ArgumentParser) -> None:
-    """Let the stage add its own flags (its module is imported only when that stage is used)."""
-    from pipeline import stages
-
+    """Let the stage add its own flags (from its options module: no torch, no mlflow)."""
     try:
-        mod = stages.module(stage)
+        mod = stage_configs.options(stage)
     except ImportError as err:  # a broken stage must not take the whole CLI down
-        p.epilog = f"(stage module unavailable: {err})"
+        p.epilog = f"(stage options unavailable: {err})"
         return
     if hasattr(mod, "add_arguments"):
         mod.add_arguments(p)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fewscan",
         description="Few-shot medical imaging with MAML. Every stage is an MLflow run; see `fewscan ui`.",
     )
@@ -134,14 +167,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--suite", help="file the run under this suite's MLflow experiment (default: the dataset's)"
     )
-    _add_common_stage_args(p, None)
+    _add_common_stage_args(p, None, "ingest")
     if wanted == "ingest":
         _stage_extra_args("ingest", p)
 
     for stage, upstream in (("episodes", "ingest"), ("meta-train", "episodes"), ("evaluate", "meta-train")):
         p = sub.add_parser(stage, help=SHORT_HELP[stage], description=STAGE_HELP[stage])
         p.add_argument("suite", help="task suite YAML (e.g. tasks/demo.yaml, or a bare name: demo)")
-        _add_common_stage_args(p, upstream)
+        _add_common_stage_args(p, upstream, stage)
         if stage == "meta-train":
             p.add_argument(
                 "--resume",
@@ -166,7 +199,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="meta-model: a meta-train run id, models:/NAME@ALIAS, NAME@ALIAS or models:/NAME/VERSION "
         "(default: the latest finished meta-train run of the suite)",
     )
-    _add_common_stage_args(p, None)
+    _add_common_stage_args(p, None, "adapt")
     if wanted == "adapt":
         _stage_extra_args("adapt", p)
 
@@ -174,13 +207,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "predict",
         help="new scans -> a CSV of class probabilities, with an adapted model",
         description="Predict with an adapted model: one CSV row per scan (path, predicted class, one "
-        "probability column per class); an unreadable file gets a row with its error.",
+        "probability column per class); an unreadable file gets a row with its error. The last line says "
+        "where the CSV was written; an existing file is never replaced without --overwrite.",
     )
     p.add_argument(
         "--model", required=True, help="adapted model URI (models:/NAME@ALIAS, runs:/ID/model, ...)"
     )
     p.add_argument("--input", required=True, type=Path, help="a scan file or a folder of scans")
-    p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    p.add_argument(
+        "--output", type=Path, default=None, help="CSV to write (default: predictions.csv in this folder)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the --output CSV if it already exists")
     p.add_argument(
         "--salt-file",
         type=Path,
@@ -221,7 +258,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a suite value, e.g. --set episodes.k_shot=[1] (repeatable)",
+        help=f"override a suite value, e.g. --set {SET_EXAMPLES['run']} (repeatable)",
     )
 
     p = sub.add_parser(
@@ -267,34 +304,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ commands
+# Each command validates its command line, suite and manifest first and imports the stage machinery
+# (pipeline.stages, .tracking, .chain: torch and mlflow) only after, so a config error costs no heavy import.
 def _stage_overrides(stage: str, args: argparse.Namespace) -> list[str]:
-    from pipeline import stages
-
     out = list(getattr(args, "overrides", []) or [])
-    mod = stages.module(stage)
+    mod = stage_configs.options(stage)
     if hasattr(mod, "overrides_from_args"):
         out += list(mod.overrides_from_args(args))
     return out
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipeline import stages
     from pipeline.suite import dataset_name, find_file, load_manifest
 
     path = find_file(args.manifest, "data_manifests")
     cfg = load_manifest(path, _stage_overrides("ingest", args))
+    from pipeline import stages  # validated: now torch and mlflow
+
     stages.execute_stage("ingest", cfg, upstream={}, suite=args.suite, dataset=dataset_name(cfg, path))
     return 0
 
 
 def _single_stage(stage: str, args: argparse.Namespace) -> int:
-    from pipeline import stages, tracking
     from pipeline.suite import dataset_name, load_manifest, load_suite
 
     suite = load_suite(args.suite)
     cfg = suite.stage_config(stage, _stage_overrides(stage, args))
     dataset = dataset_name(load_manifest(suite.manifest_path), suite.manifest_path)
-    (up_stage,) = stages.UPSTREAM[stage]
+    from pipeline import stages, tracking  # validated: now torch and mlflow
+
+    (up_stage,) = stage_configs.UPSTREAM[stage]
     upstream = {
         up_stage: tracking.resolve_upstream(up_stage, args.from_run, suite=suite.name, dataset=dataset)
     }
@@ -331,31 +370,52 @@ def _recorded_upstream(run_id: str, stage: str) -> str:
     return str(rid)
 
 
+def _check_sets_exist(cfg: Any, args: argparse.Namespace, overrides: list[str], suite: Path | None) -> None:
+    """A support or query set that does not exist is refused here, before a run starts, naming the path as
+    the user typed it and where it was typed. Inside the run, a path in an error message would be recorded
+    in MLflow (tag fewscan.error), so the stage can only name it by its salted key (docs/adapt.md)."""
+    for key in ("support", "query"):
+        path = getattr(cfg, key, None)
+        if path is None or Path(path).exists():
+            continue
+        if getattr(args, key, None) is not None:
+            where = f"--{key}"
+        elif any(o.strip().startswith(f"{key}=") for o in overrides):
+            where = f"--set {key}"
+        else:
+            where = f"adapt.{key} in {suite}"
+        raise ConfigError(
+            f"{where}: {path} not found (relative paths resolve against {Path.cwd()}); give a folder with "
+            "one subfolder per class, or a CSV with the columns path,label (docs/adapt.md)"
+        )
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from pipeline import stages, tracking
-    from pipeline.config import validate
+    from pipeline.config import apply_overrides, validate
     from pipeline.suite import load_suite
 
-    mod = stages.module("adapt")
     overrides = _stage_overrides("adapt", args)
+    suite_path: Path | None = None
     if args.suite:
         suite = load_suite(args.suite)
         cfg = suite.stage_config("adapt", overrides)
         suite_name: str | None = suite.name
+        suite_path = suite.path
     else:
-        from pipeline.config import apply_overrides
-
-        cfg = validate(apply_overrides({}, overrides), mod.CONFIG, "command line")
+        cfg = validate(apply_overrides({}, overrides), stage_configs.config_model("adapt"), "command line")
         suite_name = None
-    if args.model:
-        run_id = tracking.resolve_model_ref(args.model)
-        meta = tracking.UpstreamRun.from_id(run_id, "meta-train")
-    elif suite_name:
-        meta = tracking.latest_run("meta-train", suite=suite_name)
-    else:
+    if not args.model and not suite_name:
         raise FewscanError(
             "adapt needs a meta-model: pass --model REF or a suite whose meta-train run exists"
         )
+    _check_sets_exist(cfg, args, overrides, suite_path)
+    from pipeline import stages, tracking  # validated: now torch and mlflow
+
+    if args.model:
+        run_id = tracking.resolve_model_ref(args.model)
+        meta = tracking.UpstreamRun.from_id(run_id, "meta-train")
+    else:
+        meta = tracking.latest_run("meta-train", suite=str(suite_name))
     suite_tag = suite_name or meta.tags.get(tracking.TAG_SUITE)
     stages.execute_stage(
         "adapt",
@@ -367,15 +427,36 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.adapt.predict import predict
+def predict_output(output: Path | None, overwrite: bool) -> Path:
+    """Where `fewscan predict` writes: --output as typed, else predictions.csv in the working folder (shown
+    in full, since the user did not type it). An existing file is refused without --overwrite: a second
+    predict must not silently replace the results of the first."""
+    path = output if output is not None else Path.cwd() / "predictions.csv"
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+    if path.exists() and not overwrite:
+        what = "--output" if output is not None else "the default --output"
+        raise ConfigError(
+            f"{what} {path} already exists; give another --output PATH, or --overwrite to replace it"
+        )
+    return path
 
+
+def cmd_predict(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if not args.input.exists():
+        raise ConfigError(
+            f"--input {args.input} not found (relative paths resolve against {Path.cwd()}); "
+            "give a scan file or a folder of scans"
+        )
+    output = predict_output(args.output, args.overwrite)
+    from pipeline.adapt.predict import predict  # validated: now torch and mlflow
+
     summary = predict(
         args.model,
         args.input,
-        args.output,
+        output,
         threads=args.threads,
         salt_file=args.salt_file,
         local_report_dir=args.local_report_dir,
@@ -384,15 +465,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         # a CSV of nothing but errors is no result: a script checking the exit code must see it
         raise DataError(
             f"none of the {summary['n_scans']} scan(s) under --input could be read, so nothing was predicted; "
-            f"the error column of --output says why for each (wrong format, or not the model's modality)"
+            f"the error column of {output} says why for each (wrong format, or not the model's modality)"
         )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.suite import load_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    # every stage's config and the manifest, before the chain (torch, mlflow) is imported
+    for stage in stage_configs.ORDER:
+        if stage != "adapt" or suite.cfg.adapt is not None:
+            cfg = suite.stage_config(stage)
+            if stage == "adapt":
+                _check_sets_exist(cfg, args, [], suite.path)
     from pipeline.chain import run_chain
 
-    run_chain(args.suite, args.overrides, force=args.force, wait_timeout_s=args.wait_timeout)
+    run_chain(suite, force=args.force, wait_timeout_s=args.wait_timeout)
     return 0
 
 
@@ -409,6 +499,10 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.suite:
+        from pipeline.suite import load_suite
+
+        load_suite(args.suite)  # a missing or invalid suite is reported before mlflow is imported
     from pipeline.status import status_lines
 
     print("\n".join(status_lines(args.suite)), flush=True)
@@ -441,7 +535,66 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: binding beyond loopback exposes the runs to your network", file=sys.stderr)
-    return subprocess.call(cmd)
+    return serve_until_stopped(cmd)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def serve_until_stopped(cmd: list[str], grace_s: float = 10.0) -> int:
+    """Run `cmd` (the MLflow server) in a process group of its own and stop the whole group when this
+    process gets SIGTERM, SIGINT or SIGHUP, or returns for any reason. The server forks workers (uvicorn,
+    gunicorn, huey): stopping only the process we started left them answering on the port. Its own group
+    also keeps a terminal's Ctrl-C from reaching the server twice. Returns the exit status (128 + the
+    signal when stopped by one). A SIGKILL of this process cannot be caught: the group then stays up."""
+    proc = subprocess.Popen(cmd, start_new_session=True)  # new session => new process group, id = its pid
+    got: list[int] = []
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        got.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        _stop_group(proc, grace_s)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + got[0] if got else rc
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the process group; False when no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # macOS: a group of zombies only; nothing left to stop
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM to the group, then SIGKILL to what is left after `grace_s`, and reap our child."""
+    import time
+
+    if _signal_group(proc.pid, signal.SIGTERM):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if proc.poll() is None:
+                time.sleep(0.1)
+                continue
+            if not _signal_group(proc.pid, 0):  # leader reaped and no member left
+                break
+            time.sleep(0.1)
+        else:
+            _signal_group(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 COMMANDS: dict[str, Any] = {
@@ -477,8 +630,6 @@ def _main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; no warning spam without it
-    from pipeline.chain import StageFailed
-
     try:
         return int(COMMANDS[args.command](args) or 0)
     except StageFailed as err:

@@ -28,3 +28,9 @@ class UpstreamError(FewscanError):
 
 class TrackingError(FewscanError):
     """The MLflow store cannot be reached or stays locked past the retry budget."""
+
+
+class StageFailed(FewscanError):
+    """A stage of the chain failed; the message names the stage, the error and the FAILED run. The CLI exits
+    1 for it (not 2: the input was valid). Defined here, not in chain.py, so that the CLI can catch it
+    without importing the chain (torch, mlflow) before a command is validated."""

@@ -17,25 +17,15 @@ from typing import Any
 
 from pipeline import claims, distributed, tracking
 from pipeline.progress import log
+from pipeline.stage_configs import ORDER as ORDER
+from pipeline.stage_configs import PACKAGES
+from pipeline.stage_configs import SECTIONS as SECTIONS
+from pipeline.stage_configs import UPSTREAM as UPSTREAM
 from pipeline.tracking import StageResult, UpstreamRun
 
-ORDER = ("ingest", "episodes", "meta-train", "adapt", "evaluate")
-MODULES = {
-    "ingest": "pipeline.ingest.stage",
-    "episodes": "pipeline.episodes.stage",
-    "meta-train": "pipeline.metatrain.stage",
-    "adapt": "pipeline.adapt.stage",
-    "evaluate": "pipeline.evaluate.stage",
-}
-# The key of each stage's section in a suite file (ingest is configured by the data manifest).
-SECTIONS = {"episodes": "episodes", "meta-train": "meta_train", "adapt": "adapt", "evaluate": "evaluate"}
-UPSTREAM = {
-    "ingest": (),
-    "episodes": ("ingest",),
-    "meta-train": ("episodes",),
-    "adapt": ("meta-train",),
-    "evaluate": ("meta-train",),
-}
+# The stage order, upstreams and suite sections are in stage_configs.py, which the CLI reads without
+# importing torch or mlflow; the module of each stage is `<package>.stage`.
+MODULES = {stage: f"{package}.stage" for stage, package in PACKAGES.items()}
 # Stages whose runs benefit from MLflow system metrics (CPU, memory, GPU) in the UI.
 SYSTEM_METRICS = {"meta-train", "evaluate"}
 

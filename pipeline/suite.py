@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import field_validator
 
+from pipeline import stage_configs
 from pipeline.config import StrictModel, apply_overrides, read_yaml, validate
 from pipeline.errors import ConfigError
 
@@ -75,17 +76,15 @@ class Suite:
         return find_file(self.cfg.dataset, "data_manifests")
 
     def stage_config(self, stage: str, extra_overrides: list[str] | None = None) -> Any:
-        """The validated config of one stage (ingest: the data manifest)."""
-        from pipeline import stages
-
-        mod = stages.module(stage)
+        """The validated config of one stage (ingest: the data manifest). Imports the stage's config model
+        only, not the stage (torch, mlflow): commands validate every config before those imports."""
         if stage == "ingest":
             return load_manifest(self.manifest_path, extra_overrides)
-        section = stages.SECTIONS[stage]
+        section = stage_configs.SECTIONS[stage]
         data = getattr(self.cfg, section) or {}
         if extra_overrides:
             data = override_section(stage, data, extra_overrides)
-        return validate(data, mod.CONFIG, f"{self.path} (section '{section}')")
+        return validate(data, stage_configs.config_model(stage), f"{self.path} (section '{section}')")
 
 
 def override_section(stage: str, section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -93,9 +92,7 @@ def override_section(stage: str, section: dict[str, Any], overrides: list[str]) 
     when it has one, so that an override does not silently combine with suite values that belong to what
     it replaces (e.g. `adapt --support DIR` and the suite's query set of another support set; docs/tasks.md,
     "Command-line overrides")."""
-    from pipeline import stages
-
-    hook = getattr(stages.module(stage), "compose_section", None)
+    hook = getattr(stage_configs.options(stage), "compose_section", None)
     if hook is None:
         return apply_overrides(section, overrides)
     return dict(hook(dict(section), list(overrides)))
@@ -104,9 +101,7 @@ def override_section(stage: str, section: dict[str, Any], overrides: list[str]) 
 def _override_suite(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`section.key=value` overrides of a whole suite (`fewscan run --set`); each stage section's go
     through `override_section`, the rest (name, dataset, ...) are applied as they are."""
-    from pipeline import stages
-
-    by_section = {section: stage for stage, section in stages.SECTIONS.items()}
+    by_section = {section: stage for stage, section in stage_configs.SECTIONS.items()}
     rest: list[str] = []
     mine: dict[str, list[str]] = {}
     for o in overrides:
@@ -134,14 +129,11 @@ def load_suite(ref: str | Path, overrides: list[str] | None = None) -> Suite:
 
 
 def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Any:
-    from pipeline import stages
-
-    mod = stages.module("ingest")
     p = find_file(path, "data_manifests")
     data = read_yaml(p)
     if overrides:
         data = apply_overrides(data, overrides)
-    return validate(data, mod.CONFIG, str(p))
+    return validate(data, stage_configs.config_model("ingest"), str(p))
 
 
 def dataset_name(manifest_cfg: Any, manifest_path: Path) -> str:

@@ -8,9 +8,9 @@ Every scan is preprocessed exactly like the meta-model's training data (inside t
 a scan's probabilities do not depend on which other scans are in the same batch.
 
 Nothing goes to MLflow. The CSV is the user's own local result and keeps each scan's clear path (that is
-how a row is matched to its file). stderr, which ends up in terminals and CI logs, never shows a path: it
-names a file by its salted file key (ingest's `salted_key(salt, "file", path)`, ingest's salt file) and
-points at `<local_report_dir>/predict.paths.json` (local only, next to the salt), which maps the key back.
+how a row is matched to its file). stderr, which ends up in terminals and CI logs, shows no path found in
+the data, only the --output the user typed: it names a scanned file by its salted file key (ingest's
+`salted_key(salt, "file", path)`, ingest's salt file) and points at `<local_report_dir>/predict.paths.json` (local only, next to the salt), which maps the key back.
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def predict(
     }
     per_class = ", ".join(f"{c}: {n}" for c, n in summary["predicted"].items())
     err = f"; {n_err} unreadable (see the error column)" if n_err else ""
-    out = ledger.cite(output_csv, "predict: the --output CSV")
+    # --output as the user typed it (the CLI passes the full path of its default): a path the user gave is
+    # shown back; only paths found in the data (the scans under --input) are named by their salted keys
     log(
-        f"predicted {len(rows) - n_err}/{len(rows)} scans ({per_class}){err} -> --output {out} in {elapsed:.1f} s"
+        f"predicted {len(rows) - n_err}/{len(rows)} scans ({per_class}){err}, written to {output_csv} in {elapsed:.1f} s"
     )
     return summary

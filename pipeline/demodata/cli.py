@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.demodata.generate import DEFAULT_MIN_PER_FINDING, MODALITIES, generate_study, one_line
-from pipeline.demodata.render import DEFAULT_CONSPICUITY
+# the defaults only: the generator (numpy, pydicom) is imported when it runs, not to build --help
+from pipeline.demodata.defaults import DEFAULT_CONSPICUITY, DEFAULT_MIN_PER_FINDING, MODALITIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.demodata.generate import generate_study, one_line
+
     summary = generate_study(
         args.out,
         n_images=args.images,

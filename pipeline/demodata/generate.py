@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.demodata import ct as ctmod
+from pipeline.demodata.defaults import DEFAULT_MIN_PER_FINDING, MODALITIES
 from pipeline.demodata.dicomio import write_radiograph, write_text_sr
 from pipeline.demodata.labels import label_row, write_labels
 from pipeline.demodata.plan import ImagePlan, plan_patients_labels, realize
@@ -31,8 +32,6 @@ from pipeline.demodata.vendors import VENDORS
 from pipeline.errors import ConfigError, DataError
 from pipeline.progress import log, progress
 
-MODALITIES = ("DX", "CR", "CT")
-DEFAULT_MIN_PER_FINDING = 40  # images; with 1.5 disease images per patient, ~27 distinct patients
 JUNK_RATE = 0.01
 JUNK_KINDS = ("truncated", "sr", "not_dicom", "missing_image")
 CHUNK = 16  # images per pool task: amortises pickling, keeps progress lively

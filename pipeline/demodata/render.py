@@ -11,18 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.demodata.anatomy import Scene, compose, make_grid, patient_params, render_anatomy, visit_params
+
+# the findings' strength against the anatomy, and why 3.0: defaults.py
+from pipeline.demodata.defaults import DEFAULT_CONSPICUITY as DEFAULT_CONSPICUITY
 from pipeline.demodata.findings import FINDING_FUNCS
 from pipeline.demodata.prevalence import FINDINGS
 from pipeline.demodata.vendors import Vendor, encode
 
 STREAM_PATIENT, STREAM_FINDING, STREAM_IMAGE = 1, 2, 3
-
-# How strongly findings show against the anatomy. At 1.0 the findings are as faint as the anatomy model
-# draws them, and at the demo's 64x64 a Conv-4 trained with full supervision on the 7 common findings
-# barely beats chance (macro AUC about 0.61 on held-out scans); at 3.0 it reaches about 0.9 — the positive
-# control the demo needs so that a few-shot comparison measures transfer, not noise. Measured figures and
-# the study behind the choice: benchmarks/RESULTS.md (section "demo study").
-DEFAULT_CONSPICUITY = 3.0
 
 
 def finding_rng(seed: int, patient: int, finding: str) -> np.random.Generator:

@@ -4,7 +4,6 @@ fewscan.stage=evaluate). Thin: loads the upstream artifacts, calls `evaluation.r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,10 @@ from pipeline.episodes.episode import load_episodes
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import evaluation, plots, report
 from pipeline.evaluate.config import EvaluateConfig
+
+# the command-line hooks live in options.py (no torch: the CLI validates before importing it)
+from pipeline.evaluate.options import add_arguments as add_arguments
+from pipeline.evaluate.options import overrides_from_args as overrides_from_args
 from pipeline.ingest.store import ImageStore
 from pipeline.meta.device import pick_device
 from pipeline.meta.model_io import META_FILE, load_meta_model
@@ -33,45 +36,6 @@ def run_name(cfg: EvaluateConfig) -> str:
     methods = ",".join(cfg.methods) if cfg.methods else "all methods"
     cap = f" max={cfg.max_episodes}" if cfg.max_episodes else ""
     return f"evaluate {methods} seeds={','.join(map(str, cfg.seeds))}{cap}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("evaluate options (override the suite's evaluate: section)")
-    g.add_argument("--seeds", dest="ev_seeds", metavar="S[,S...]", help="evaluation seeds, e.g. 0,1,2")
-    g.add_argument(
-        "--max-episodes",
-        dest="ev_max_episodes",
-        type=int,
-        metavar="N",
-        help="test episodes per kind and k_shot",
-    )
-    g.add_argument(
-        "--methods", dest="ev_methods", metavar="M[,M...]", help="meta-trained methods to evaluate"
-    )
-    g.add_argument(
-        "--val-episodes", dest="ev_val_episodes", type=int, metavar="N", help="validation episodes per group"
-    )
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ConfigError(f"{flag} takes integers separated by commas, e.g. 0,1,2 (got '{text}')") from None
-
-
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    if getattr(args, "ev_seeds", None):
-        out.append(f"seeds={_ints(args.ev_seeds, '--seeds')}")
-    if getattr(args, "ev_max_episodes", None) is not None:
-        out.append(f"max_episodes={args.ev_max_episodes}")
-    if getattr(args, "ev_methods", None):
-        names = [m.strip() for m in args.ev_methods.split(",") if m.strip()]
-        out.append(f"methods=[{','.join(names)}]")
-    if getattr(args, "ev_val_episodes", None) is not None:
-        out.append(f"val_episodes={args.ev_val_episodes}")
-    return out
 
 
 def _meta_models(models_dir: Path, wanted: list[str] | None, device: Any) -> dict[str, Any]:

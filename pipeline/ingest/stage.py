@@ -6,7 +6,6 @@ index as a dataset input, and returns the one-line summary.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -19,6 +18,10 @@ from pipeline.errors import DataError, TrackingError
 from pipeline.ingest.build import IngestSummary, build_store
 from pipeline.ingest.discover import discover
 from pipeline.ingest.manifest import IngestConfig
+
+# the command-line hooks live in options.py (no torch: the CLI validates before importing it)
+from pipeline.ingest.options import add_arguments as add_arguments
+from pipeline.ingest.options import overrides_from_args as overrides_from_args
 from pipeline.names import metric_key
 from pipeline.progress import log
 from pipeline.tracking import StageResult, StageRun, UpstreamRun
@@ -30,22 +33,6 @@ UPSTREAM: tuple[str, ...] = ()
 def run_name(cfg: IngestConfig) -> str:
     p = cfg.preprocess
     return f"ingest {cfg.name} {p.spatial_dims}D {'x'.join(map(str, p.image_size))}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
-    parser.add_argument(
-        "--no-cache", action="store_true", help="decode every file again (ignore the local decode cache)"
-    )
-
-
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    out = []
-    if getattr(args, "workers", None) is not None:
-        out.append(f"workers={int(args.workers)}")
-    if getattr(args, "no_cache", False):
-        out.append("cache_dir=null")
-    return out
 
 
 def fingerprint_inputs(cfg: IngestConfig) -> str:

@@ -30,70 +30,19 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 from torch.func import vmap
 
-from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
 from pipeline.meta import protonet
 from pipeline.meta.inner import LRSpec, adapt, detach_lr, forward
 from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
 from pipeline.meta.models import FewShotNet
 
-METHODS: tuple[str, ...] = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "protonet")
-
-
-class InnerConfig(StrictModel):
-    """The inner loop shared by the gradient-based methods."""
-
-    steps: int = Field(default=3, ge=0, description="inner steps during meta-training")
-    eval_steps: int | None = Field(
-        default=None, ge=0, description="inner steps at adaptation/evaluation (default: steps)"
-    )
-    lr: float = Field(
-        default=0.01,
-        gt=0,
-        description="inner learning rate (initial value when learned); scale ~ 1/feature size: 0.01 for Conv-4's "
-        "512 flattened features at 64x64 (MAML paper, miniImageNet), ~0.1 for 64 features (32x32, 16 filters)",
-    )
-    second_order: bool = Field(
-        default=False, description="full second-order meta-gradient for maml/metasgd/mamlpp/anil"
-    )
-    checkpoint: bool = Field(
-        default=False, description="memory-bounded second order: recompute inner steps in backward"
-    )
-    clip_grad: float | None = Field(
-        default=None,
-        gt=0,
-        description="clip each inner step's gradient to this norm (meta-training AND adaptation); null = off. "
-        "Bounds the step when a large inner lr meets a few support scans (docs/evaluation.md, 'Stable MAML settings')",
-    )
-    tasks: Literal["auto", "vmap", "loop", "threads"] = Field(
-        default="auto",
-        description="how the tasks of a meta-batch run: auto (vmap on CUDA, CPU worker threads when torch has "
-        "more than one thread, else a loop), vmap, loop, threads",
-    )
-
-
-class MAMLPlusPlusConfig(StrictModel):
-    """MAML++ fixes (used by method `mamlpp`)."""
-
-    multi_step_loss: bool = True
-    msl_anneal: float = Field(
-        default=0.3,
-        ge=0,
-        le=1,
-        description="fraction of training over which the multi-step "
-        "loss weights move from uniform to the last step only (0.03/steps floor)",
-    )
-    derivative_order_anneal: float = Field(
-        default=0.5,
-        ge=0,
-        le=1,
-        description="fraction of training run first-order "
-        "before switching to second order (if inner.second_order)",
-    )
+# The configuration models live in specs.py (no torch); re-exported here.
+from pipeline.meta.specs import METHODS as METHODS
+from pipeline.meta.specs import InnerConfig as InnerConfig
+from pipeline.meta.specs import MAMLPlusPlusConfig as MAMLPlusPlusConfig
 
 
 @dataclass(frozen=True)

@@ -42,43 +42,22 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
 from pipeline.meta.fastops import Conv2d2, GroupNorm2, MaxPoolReLU2, group_norm_pool_relu
 
-NormPolicy = Literal["group", "instance", "layer", "batch_transductive", "none"]
-HeadPolicy = Literal["shared", "zero", "proto"]
-NORM_POLICIES: tuple[str, ...] = ("group", "instance", "layer", "batch_transductive", "none")
-
-
-class ModelSpec(StrictModel):
-    """Which network to build. Serialised verbatim into `meta_model.json`."""
-
-    backbone: str = Field(
-        default="conv4", description="'conv4', or a MONAI network class name, e.g. 'DenseNet121'"
-    )
-    filters: int = Field(default=32, ge=1, description="conv4: channels of every block")
-    blocks: int = Field(default=4, ge=1, le=8, description="conv4: number of conv-norm-relu-pool blocks")
-    pool: Literal["flatten", "avg"] = Field(
-        default="flatten", description="conv4: flatten the last map, or average it"
-    )
-    norm: NormPolicy = "group"
-    norm_groups: int = Field(
-        default=8, ge=1, description="groups for norm=group (reduced to a divisor of the channels)"
-    )
-    head: HeadPolicy = "proto"
-    embed_dim: int = Field(
-        default=64, ge=1, description="MONAI backbones: width of the feature vector the net outputs"
-    )
-    options: dict[str, Any] = Field(default_factory=dict, description="MONAI backbones: constructor options")
+# The configuration models live in specs.py (no torch, so a suite is validated before torch is imported);
+# re-exported here, where the code that builds the networks has always found them.
+from pipeline.meta.specs import NORM_POLICIES as NORM_POLICIES
+from pipeline.meta.specs import HeadPolicy as HeadPolicy
+from pipeline.meta.specs import ModelSpec as ModelSpec
+from pipeline.meta.specs import NormPolicy as NormPolicy
 
 
 # --------------------------------------------------------------------------------------------- norms

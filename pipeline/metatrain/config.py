@@ -7,8 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel
-from pipeline.meta.algorithms import METHODS, InnerConfig, MAMLPlusPlusConfig
-from pipeline.meta.models import ModelSpec
+from pipeline.meta.specs import METHODS, InnerConfig, MAMLPlusPlusConfig, ModelSpec
 
 
 class OuterSection(StrictModel):

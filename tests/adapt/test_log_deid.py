@@ -98,7 +98,7 @@ def served(meta_model_dir: Path, sets: dict[str, Path], monkeypatch: pytest.Monk
     return clf
 
 
-def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
+def test_predict_stderr_names_no_data_path_while_the_csv_keeps_them(
     served: AdaptedClassifier, sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from pipeline.adapt.predict import predict
@@ -114,10 +114,9 @@ def test_predict_stderr_names_no_path_while_the_csv_keeps_them(
     assert summary["n_errors"] == 1 and summary["n_scans"] == 16
 
     err = capsys.readouterr().err
-    assert "DOE" not in err and "JOHN" not in err and str(tmp_path / NAME) not in err
-    k_out = salted_key(("a" * 64).encode(), "file", str(out.resolve()))
-    assert f"--output file {k_out} (clear path in {reports / 'predict.paths.json'})" in err
-    assert _mapped(reports / "predict.paths.json")[k_out] == str(out.resolve())
+    # the --output the user typed is shown as typed; the files found under --input are named by key only
+    assert f"written to {out} in " in err
+    assert "_junk.dcm" not in err and str(inp) not in err
     # the CSV is the user's own local result: its rows keep the clear paths
     rows = list(csv.DictReader(out.open()))
     assert any(r["path"].endswith(f"{NAME}_junk.dcm") and r["error"] for r in rows)
@@ -146,9 +145,16 @@ def test_predict_command_passes_salt_file_report_dir_and_threads(
         main([*args, "--salt-file", str(salt_file), "--local-report-dir", str(reports), "--threads", "1"])
         == 0
     )
-    k_out = salted_key(("b" * 64).encode(), "file", str(out.resolve()))
-    assert _mapped(reports / "predict.paths.json")[k_out] == str(out.resolve())
     assert len(list(csv.DictReader(out.open()))) == 15
-    assert NAME not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert NAME not in err and f"written to {out}" in err  # the --output as typed, no path from the data
+    # a folder of no scans is refused; its path is recorded under the salt's key in --local-report-dir
+    notes = tmp_path / NAME / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no scans here")
+    opts = ["--salt-file", str(salt_file), "--local-report-dir", str(reports), "--overwrite"]
+    assert main([*args[:-4], "--input", str(notes), "--output", str(out), *opts]) == 2
+    k_notes = salted_key(("b" * 64).encode(), "file", str(notes.resolve()))
+    assert _mapped(reports / "predict.paths.json")[k_notes] == str(notes.resolve())
     assert main([*args, "--threads", "0"]) == 2  # a clear configuration error, not a crash
     assert "--threads must be >= 1" in capsys.readouterr().err

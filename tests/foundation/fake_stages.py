@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from pipeline.config import StrictModel
 from pipeline.tracking import StageResult
 
@@ -45,3 +47,13 @@ MODULES = {
     "adapt": _make("adapt", ("meta-train",), SectionCfg),
     "evaluate": _make("evaluate", ("meta-train",), SectionCfg),
 }
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the pipeline use these stages: their modules, and their config models and (absent) command-line
+    hooks, which suite loading reads from pipeline.stage_configs without importing the stage modules."""
+    from pipeline import stage_configs, stages
+
+    monkeypatch.setattr(stages, "module", lambda name: MODULES[name])
+    monkeypatch.setattr(stage_configs, "config_model", lambda name: MODULES[name].CONFIG)
+    monkeypatch.setattr(stage_configs, "options", lambda name: SimpleNamespace())

@@ -24,7 +24,7 @@ evaluate: {{value: 1}}
 
 @pytest.fixture
 def fake_suite(tmp_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(stages, "module", lambda name: fake_stages.MODULES[name])
+    fake_stages.install(monkeypatch)
     fake_stages.CALLS.clear()
     (tmp_store / "m.yaml").write_text("name: fakedata\nsize: 8\n")
     suite = tmp_store / "suite.yaml"

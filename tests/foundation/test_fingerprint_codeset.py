@@ -205,7 +205,7 @@ def test_kernel_switch_and_device_change_only_engine_stages(monkeypatch: pytest.
 def test_chain_reuses_until_the_code_set_or_the_kernels_change(
     tmp_store: Path, pkg_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stages, "module", lambda name: fake_stages.MODULES[name])
+    fake_stages.install(monkeypatch)
     (tmp_store / "m.yaml").write_text("name: fakedata\nsize: 8\n")
     suite = tmp_store / "suite.yaml"
     suite.write_text(SUITE.format(manifest=tmp_store / "m.yaml"))

@@ -36,14 +36,14 @@ def test_ui_server_inherits_telemetry_off(tmp_path: Path, monkeypatch) -> None:
 
     seen: dict[str, str | None] = {}
 
-    def fake_call(cmd: list[str], **kw: object) -> int:
-        env = kw.get("env") or os.environ
-        seen["v"] = env.get("MLFLOW_DISABLE_TELEMETRY")  # type: ignore[union-attr]
+    def fake_serve(cmd: list[str]) -> int:
+        # serve_until_stopped starts the server with this process's environment (Popen without env=)
+        seen["v"] = os.environ.get("MLFLOW_DISABLE_TELEMETRY")
         return 0
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(cli, "serve_until_stopped", fake_serve)
     assert cli.main(["ui"]) == 0
     assert seen["v"] == "true"
 
