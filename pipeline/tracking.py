@@ -563,6 +563,12 @@ def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
     if target.is_file() or (target.is_dir() and marker.exists()):
         return target
     dest.mkdir(parents=True, exist_ok=True)
+    # One download however many processes ask at once (torchrun's ranks share this cache: docs/scaling.md):
+    # the first to hold the run's lock downloads, the others wait for it and then find the artifact complete.
+    lock = _lock(dest / ".download.lock")
+    if target.is_file() or (target.is_dir() and marker.exists()):
+        os.close(lock)
+        return target
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".dl-"))
     try:
         got = retry(
@@ -584,7 +590,17 @@ def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
         raise UpstreamError(f"run {run_id} has no artifact '{rel}': {err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)  # releases it
     return target
+
+
+def _lock(path: Path) -> int:
+    """An exclusive `flock` on `path` (created if missing), held until the returned descriptor is closed."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 @dataclass
