@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+import torch.distributed as dist
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
@@ -38,8 +41,37 @@ class Finished:
     seconds: float
 
 
-def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: float = 90, **env: str) -> Finished:
-    """`python -m torch.distributed.run --nproc_per_node N` on loopback; killed after `timeout` s."""
+def require(ok: bool, why: str) -> None:
+    """Skip a test whose prerequisite (gloo, a free port, a program) is missing here, but fail under CI
+    (`CI` set, as .ci/run does): the two-rank tests are the only check of the distributed path and must
+    not vanish from CI unnoticed."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI is set: a missing prerequisite of this test is a failure, not a skip)")
+    pytest.skip(why)
+
+
+def require_gloo() -> None:
+    """torch.distributed with the gloo backend, which every multi-process test here uses on CPU."""
+    require(
+        dist.is_available() and dist.is_gloo_available(),
+        "this torch build has no torch.distributed gloo backend (the CPU wheels from pytorch.org have it)",
+    )
+
+
+def torchrun(
+    script: Path | str,
+    args: list[str],
+    nproc: int = 2,
+    timeout: float = 90,
+    cwd: Path = REPO,
+    **env: str,
+) -> Finished:
+    """`python -m torch.distributed.run --nproc_per_node N SCRIPT ARGS` (what the `torchrun` command runs)
+    on loopback, in `cwd`; killed after `timeout` s. SCRIPT is a path, or `-m MODULE` as one string."""
+    require_gloo()
+    target = script.split() if isinstance(script, str) and script.startswith("-m ") else [str(script)]
     cmd = [
         sys.executable,
         "-m",
@@ -52,12 +84,12 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: float = 90,
         str(free_port()),
         "--max_restarts",
         "0",
-        str(script),
+        *target,
         *args,
     ]
     t0 = time.monotonic()
     p = subprocess.run(
-        cmd, cwd=REPO, env=job_env(**env), capture_output=True, text=True, timeout=timeout, check=False
+        cmd, cwd=cwd, env=job_env(**env), capture_output=True, text=True, timeout=timeout, check=False
     )
     return Finished(p.returncode, p.stdout + p.stderr, time.monotonic() - t0)
 
@@ -67,6 +99,7 @@ def plain_ranks(
 ) -> list[Finished]:
     """`world` plain Python processes with the torchrun variables set by hand (as a scheduler like
     `srun` would, no elastic agent watching them). Each is killed after `timeout` s."""
+    require_gloo()
     port = str(free_port())
     t0 = time.monotonic()
     procs = [
