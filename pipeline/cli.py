@@ -532,7 +532,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if tracking.is_default_store():
         tracking.client()  # creates ./mlflow/ and the database if they are missing
         cmd += ["--default-artifact-root", tracking.default_artifact_root()]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop); in its model-training view:", flush=True)
+    print("\n".join(tracking.ui_lines(base)), flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: binding beyond loopback exposes the runs to your network", file=sys.stderr)
     return serve_until_stopped(cmd)

@@ -60,8 +60,10 @@ def run_demo(quick: bool = False, force: bool = False, regenerate: bool = False)
         results = json.loads(up.artifact("results.json").read_text())
         lines[1:1] = ["", *learned_table(results), ""]
     lines += [
-        f"  runs:     {tracking.run_url(result.experiment_id, result.parent_run_id)}",
-        "  open the MLflow UI with:  fewscan ui   (then browse the experiment 'fewscan/" + suite_name + "')",
+        f"  runs:     {tracking.experiment_url(result.experiment_id)}",
+        "  open the MLflow UI with:  fewscan ui   (then the runs link above: experiment 'fewscan/"
+        + suite_name
+        + "', model-training view)",
     ]
     print("\n".join(lines), flush=True)
     return 0

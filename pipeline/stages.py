@@ -150,10 +150,11 @@ def execute_stage(
         result: StageResult = mod.execute(cfg, run, upstream)
         elapsed = time.monotonic() - t0
         line = f"{stage} finished in {elapsed:.1f} s: {result.summary}"
-        run.set_description(f"{line}\n\nrun id: {run.run_id}")
+        run.describe(line, upstream)  # summary, links to the upstream runs, evaluate's report
         metrics = {k: float(v) for k, v in (result.metrics or {}).items()}
         metrics["stage_seconds"] = elapsed
         run.log_metrics(metrics)
+        run.publish_view()  # its key metrics become columns of the experiment's run table
         run_id, url = run.run_id, run.ui_url
     print(f"{line} | run {run_id} | {url}", flush=True)
     return Outcome(stage, run_id, False, result.summary)

@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from pipeline import __version__, codeset
+from pipeline import __version__, codeset, ui_view
 from pipeline.errors import TrackingError, UpstreamError
 from pipeline.progress import log
 
@@ -461,12 +461,15 @@ def experiment_id(name: str) -> str:
         else:
             if user:
                 _sign_experiment(new_id, user)
+            present_experiment(new_id)  # a model-training experiment, not GenAI (pipeline/ui_view.py)
             return new_id
     if user and not _is_owned(exp, user):
         raise TrackingError(_not_owned_message(name, user))
     found_id = str(exp.experiment_id)
     if exp.lifecycle_stage == "deleted":
         retry(lambda: c.restore_experiment(found_id), "restore a deleted experiment")
+    if exp.tags.get(ui_view.TAG_KIND) != ui_view.KIND:  # made by an older fewscan
+        present_experiment(found_id)
     return found_id
 
 
@@ -482,7 +485,58 @@ def ui_base() -> str:
 
 
 def run_url(experiment: str, run_id: str) -> str:
-    return f"{ui_base()}/#/experiments/{experiment}/runs/{run_id}"
+    """A run's page in the UI's model-training view (pipeline/ui_view.py)."""
+    return f"{ui_base()}/{ui_view.run_path(experiment, run_id)}"
+
+
+def experiment_url(experiment: str, base: str | None = None) -> str:
+    """An experiment's run table with fewscan's key-metric columns, in the model-training view."""
+    return f"{(base or ui_base()).rstrip('/')}/{ui_view.runs_path(experiment)}"
+
+
+def ui_lines(base: str) -> list[str]:
+    """Where a researcher opens the UI served at `base`: each fewscan experiment's run table in the
+    model-training view (without `workflowType` in the URL, MLflow 3.17 opens in its GenAI view)."""
+    try:
+        exps = list(client().search_experiments(filter_string="name LIKE 'fewscan/%'", max_results=100))
+    except Exception:  # noqa: BLE001 - the links are a convenience; the UI starts without them
+        exps = []
+    lines = [
+        f"  {e.name}: {experiment_url(str(e.experiment_id), base)}"
+        for e in sorted(exps, key=lambda e: e.name)
+    ]
+    return lines or [f"  all experiments: {base.rstrip('/')}/#/experiments?{ui_view.WORKFLOW}"]
+
+
+def present_experiment(exp_id: str, description: str | None = None) -> None:
+    """Tag experiment `exp_id` as model training (earlier MLflow 3 UIs open it in that view; 3.17 follows
+    the URL, pipeline/ui_view.py) and set its description when given; unchanged tags are not rewritten."""
+    c = client()
+    exp = retry(lambda: c.get_experiment(exp_id), "read an experiment")
+    want = {ui_view.TAG_KIND: ui_view.KIND}
+    if description is not None:
+        want[TAG_NOTE] = description
+    for k, v in want.items():
+        if exp.tags.get(k) != v:
+            retry(partial(c.set_experiment_tag, exp_id, k, v), "describe the experiment")
+
+
+def lineage(upstream: dict[str, UpstreamRun]) -> list[ui_view.Link]:
+    """The upstream runs of a stage and theirs, back to ingest, nearest first (each stage once)."""
+    out: list[ui_view.Link] = []
+    todo = list(upstream.values())
+    seen: set[str] = set()
+    while todo:
+        up = todo.pop(0)
+        if up.run_id in seen:
+            continue
+        seen.add(up.run_id)
+        out.append(ui_view.Link(up.stage, up.tags.get("mlflow.runName", ""), up.experiment_id, up.run_id))
+        for key, rid in sorted(up.tags.items()):
+            if key.startswith(TAG_UPSTREAM) and rid not in seen:
+                with contextlib.suppress(UpstreamError):  # a deleted upstream run: the link is left out
+                    todo.append(UpstreamRun.from_id(rid, expect_stage=key[len(TAG_UPSTREAM) :]))
+    return out
 
 
 # ----------------------------------------------------------------------------------- fingerprints
@@ -848,6 +902,38 @@ class StageRun:
     def set_description(self, text: str) -> None:
         self.set_tags({TAG_NOTE: text})
 
+    def describe(self, summary: str, upstream: dict[str, UpstreamRun]) -> None:
+        """The run's description in the UI: `summary`, links to its upstream runs back to ingest and, for
+        a run that wrote `report.md` (evaluate), its first plots and as much of the report as fits."""
+        report = self.outdir / "report.md"
+        plots = sorted(p.relative_to(self.outdir).as_posix() for p in self.outdir.glob("plots/*.png"))
+        if report.is_file():  # the plots in the order the report lists them
+            text = report.read_text()
+            plots.sort(key=lambda p: (text.find(p) if p in text else len(text), p))
+        self.set_tags(
+            {
+                TAG_NOTE: ui_view.stage_description(
+                    summary,
+                    self.experiment_id,
+                    self.run_id,
+                    lineage(upstream),
+                    report=report.read_text() if report.is_file() else None,
+                    plots=ui_view.write_previews(self.outdir, plots[: ui_view.MAX_PLOTS]),
+                )
+            }
+        )
+
+    def publish_view(self) -> None:
+        """Add this run's key metrics to the columns of its experiment's shared run-table view."""
+        c = client()
+        run = retry(lambda: c.get_run(self.run_id), "read the run")
+        exp = retry(lambda: c.get_experiment(self.experiment_id), "read the experiment")
+        state = ui_view.view_state(exp.tags.get(ui_view.TAG_VIEW), run.data.metrics)
+        if state != exp.tags.get(ui_view.TAG_VIEW):
+            retry(
+                partial(c.set_experiment_tag, self.experiment_id, ui_view.TAG_VIEW, state), "set the run view"
+            )
+
     # -- files
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(local_path)
@@ -1183,6 +1269,9 @@ def chain_run(suite: str, dataset: str | None, config: dict[str, Any]) -> Iterat
     """The parent run of `fewscan run`: stage runs nest under it; reused ones are linked by tag."""
     c = client()
     exp_id = experiment_id(experiment_name(suite, dataset))
+    present_experiment(
+        exp_id, ui_view.experiment_description(suite, config.get("description", ""), dataset, exp_id)
+    )
     tags = {"fewscan.chain": "true", TAG_SUITE: suite, "fewscan.version": __version__, **lease_tags()}
     if dataset:
         tags[TAG_DATASET] = dataset
