@@ -16,3 +16,15 @@ _os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # validates a logged model) are off unless the user sets these variables. Warnings still reach the user.
 _os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# OpenMP threads must not spin (docs/scaling.md, "CPU threads and worker pools"). torch's CPU build here
+# uses GNU OpenMP (libgomp; `torch.__config__.parallel_info()`), whose idle threads busy-wait for a while
+# after each parallel region. On a machine whose other processes want the same cores, spinning threads
+# steal the time the working ones need and a stage slows down far more than the load explains (issue 17:
+# x28 for a x8 load). PASSIVE makes them sleep at once (libgomp's spin count becomes 0); the cost on an
+# idle machine is a wake-up per parallel region. It must be set before the OpenMP runtime loads, i.e.
+# before torch is imported, which is why it is here; a program that imported torch first keeps its setting.
+# KMP_BLOCKTIME is the same knob for Intel's OpenMP (a torch built against libiomp5). A user who wants
+# spinning sets OMP_WAIT_POLICY=ACTIVE.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("KMP_BLOCKTIME", "0")

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from pipeline.adapt.support import (
     read_scan_bytes,
     write_json_atomic,
 )
+from pipeline.cpus import torch_threads as torch_threads  # re-exported: adapt and predict use it from here
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
 from pipeline.meta.model_io import MetaModel, load_meta_model, load_tensors
@@ -58,20 +58,6 @@ VERSION = 2
 CARD_FILE = "adapted.json"
 STATE_FILE = "adapted_state.pth"
 META_DIR = "meta_model"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` intra-op CPU threads (None: leave torch's setting), restoring the previous value."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def decode_blob(v: bytes | bytearray | str) -> bytes:

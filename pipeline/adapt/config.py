@@ -62,7 +62,8 @@ class AdaptConfig(StrictModel):
     seed: int = 0
     # Scans per forward pass when scoring the query set.
     batch_size: int = Field(default=64, ge=1)
-    # CPU threads for torch during adaptation and scoring (restored afterwards); None = torch's default.
+    # CPU threads for torch during adaptation and scoring (restored afterwards); None = the CPUs this process
+    # may use (pipeline/cpus.py: FEWSCAN_CPUS, OMP_NUM_THREADS, affinity, cgroup quota).
     # A 5-shot adaptation is a few tiny batches: on a busy CPU, 1 thread avoids intra-op contention
     # (measured 0.5 s vs 1.3-4.2 s with 2 threads at load 11 on 2 cores; benchmarks/RESULTS.md (adapt)).
     threads: int | None = Field(default=None, ge=1, le=256)

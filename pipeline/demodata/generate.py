@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cpus import available_cpus
 from pipeline.demodata import ct as ctmod
 from pipeline.demodata.defaults import DEFAULT_MIN_PER_FINDING, MODALITIES
 from pipeline.demodata.dicomio import write_radiograph, write_text_sr
@@ -102,12 +103,6 @@ def write_demo_salt(out: Path, seed: int) -> Path:
         tmp.write_text(want)
         os.replace(tmp, path)
     return path
-
-
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use (containers, taskset)
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _mp_context() -> BaseContext:
@@ -252,7 +247,7 @@ def generate_study(
     junk_images, strays = _plan_junk(images, normal_only, rng, first_image=len(images) + len(adapt) + 1000)
     _prepare_out(out)
     to_write = images + adapt + [im for im in junk_images if im.extra["junk"] == "truncated"]
-    n_workers = workers if workers is not None else min(_available_cpus(), 8)
+    n_workers = workers if workers is not None else min(available_cpus(), 8)
     n_workers = max(1, n_workers)
     log(f"demo study: {len(images)} {'series' if ct else 'images'} of {size}x{size} {modality}, "
         f"{len(by_patient)} patients, + {len(adapt)} adapt, {len(junk_images) + len(strays)} junk; "

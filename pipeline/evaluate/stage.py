@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import load_episodes
 from pipeline.errors import ConfigError, DataError, UpstreamError
@@ -128,8 +127,13 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # Threads sized from the CPUs this process may use, and restored afterwards so that the setting does
+    # not leak into whatever runs next in this process (docs/scaling.md, "CPU threads and worker pools").
+    with torch_threads(cfg.threads):
+        return _execute(cfg, run, upstream)
+
+
+def _execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
     inputs = load_inputs(cfg, upstream)
     run.log_params(
         {

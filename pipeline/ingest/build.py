@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.cpus import available_cpus, torch_threads
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
@@ -120,7 +121,9 @@ def _mp_context() -> Any:
 def _pool_map(tasks: list[Task], workers: int, desc: str) -> Iterator[dict[str, Any]]:
     """Results in task order; decoding spread over `workers` processes (1 = in this process)."""
     if workers <= 1 or len(tasks) < MIN_PARALLEL_TASKS:
-        yield from progress(map(run_task, tasks), total=len(tasks), desc=desc)
+        # Decoding in this process sets torch to one thread (preprocess.py); the caller's setting comes back.
+        with torch_threads(1):
+            yield from progress(map(run_task, tasks), total=len(tasks), desc=desc)
         return
     ctx = _mp_context()
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
@@ -144,7 +147,8 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     salt = load_or_create_salt(cfg.salt_file)
-    nproc = workers if workers is not None else (cfg.workers or os.cpu_count() or 1)
+    # one decode process per CPU this process may use (affinity, cgroup quota; each runs torch single-threaded)
+    nproc = workers if workers is not None else (cfg.workers or available_cpus())
     lab = cfg.labels
     clash = [c for c in lab.group_columns if c in INDEX_COLUMNS]
     if clash:

@@ -162,7 +162,7 @@ class IngestConfig(StrictModel):
     # salted hashes: the salt lives outside the store and outside MLflow; generated on first use
     salt_file: Path = Path(".fewscan/salt")
     cache_dir: Path | None = Path(".fewscan/cache/ingest")  # null disables the decode cache
-    workers: int = Field(default=0, ge=0)  # 0 = all cores
+    workers: int = Field(default=0, ge=0)  # 0 = the CPUs this process may use (pipeline/cpus.py)
     # the local-only report (clear paths, next to the salt): never uploaded
     local_report_dir: Path = Path(".fewscan/reports")
     # where a finished store is kept when recording it in MLflow fails (never uploaded)

@@ -83,7 +83,7 @@ class MetaTrainConfig(StrictModel):
     )
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU)")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = torch's default")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = available CPUs")
     register_as: str | None = Field(
         default=None, description="registered model name; default fewscan-<suite>-meta"
     )

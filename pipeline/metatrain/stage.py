@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays, stack_episodes
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.episode import Episode, load_episodes
@@ -148,15 +149,12 @@ def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun
     store = ImageStore.open(ingest_up.artifact("store"))
     split = ep_up.read_json("split.json")
     val_all = load_episodes(ep_up.artifact("episodes/val.jsonl"))
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        # The scratch folder (checkpoints, model folders before upload) goes when the stage ends, failed or not.
-        with tempfile.TemporaryDirectory(prefix="fewscan-metatrain-") as scratch:
-            return _execute(cfg, run, ep_up, ingest_up, store, split, val_all, Path(scratch))
-    finally:
-        torch.set_num_threads(threads)
+    # Intra-op threads sized from the CPUs this process may use (the task-thread pool takes its size from
+    # them and runs each task with one), restored when the stage ends (docs/scaling.md, "CPU threads and
+    # worker pools").
+    # The scratch folder (checkpoints, model folders before upload) goes when the stage ends, failed or not.
+    with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="fewscan-metatrain-") as scratch:
+        return _execute(cfg, run, ep_up, ingest_up, store, split, val_all, Path(scratch))
 
 
 def _execute(

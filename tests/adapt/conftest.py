@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,16 @@ def _one_torch_thread():
     """32x32 Conv-4 forwards are tiny: on the shared 2-core CI machine, intra-op threads only contend
     (measured: 130 ms per single-scan forward with 2 threads under load, 14 ms with 1)."""
     threads = torch.get_num_threads()
+    env = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    # a stage without `threads:` sizes torch from OMP_NUM_THREADS (pipeline/cpus.py): one thread there too
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")
