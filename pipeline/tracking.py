@@ -649,11 +649,15 @@ def _artifact_path(run_id: str, artifact_uri: str, rel: str) -> Path:
 
 
 def _lock(path: Path) -> int:
-    """An exclusive `flock` on `path` (created if missing), held until the returned descriptor is closed."""
+    """An exclusive `flock` on `path` (created if missing), held until the returned descriptor is closed.
+    On a file system without locks (an NFS mount without a lock service) it goes on unlocked, as before."""
     import fcntl
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        log(f"artifact cache: no file lock in {path.parent} ({err.strerror}): processes may download twice")
     return fd
 
 

@@ -66,3 +66,28 @@ def test_concurrent_processes_download_an_artifact_once_into_the_shared_cache(tm
     # nothing half-written is left beside the cached copy
     left = sorted(p.name for p in (tmp_path / "cache" / "r1").iterdir())
     assert left == [".complete", ".download.lock", "store"], left
+
+
+def test_a_cache_on_a_file_system_without_locks_still_downloads(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+    import fcntl
+
+    import mlflow.artifacts
+
+    from pipeline import tracking
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    def fake_download(run_id: str, artifact_path: str, dst_path: str, tracking_uri: str | None = None) -> str:
+        out = Path(dst_path) / artifact_path
+        out.mkdir(parents=True)
+        (out / "images.npy").write_bytes(b"x")
+        return str(out)
+
+    monkeypatch.setenv("FEWSCAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
+    run = tracking.UpstreamRun("r2", "ingest", {}, {}, "mlflow-artifacts:/1/r2/artifacts")
+    assert sorted(p.name for p in run.artifact("store").iterdir()) == ["images.npy"]
+    assert "no file lock" in capsys.readouterr().err
