@@ -231,7 +231,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="where predict.paths.json maps those keys back to paths (local only; default .fewscan/reports)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads while scoring (default: torch's)"
+        "--threads", type=int, default=None, help="torch CPU threads for scoring (default: all available)"
     )
 
     p = sub.add_parser(

@@ -66,7 +66,8 @@ def predict(
 ) -> dict[str, Any]:
     """Predict every scan under `input_path` (a file or a folder) with the adapted model at `model_uri`.
 
-    `threads`: torch CPU threads while scoring (None: torch's default; 1 is fastest on a busy CPU).
+    `threads`: torch CPU threads while scoring (None: the available CPUs, pipeline/cpus.py; 1 is fastest on a
+    busy CPU).
     `model_uri`: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/adapted_model`, or a local
     folder holding the saved pyfunc model. `salt_file`, `local_report_dir`: as in the adapt config (ingest's
     salt; where `predict.paths.json` maps the file keys of log lines to paths). Returns a summary dict
