@@ -11,7 +11,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: one per CPU)")
     parser.add_argument(
         "--no-cache", action="store_true", help="decode every file again (ignore the local decode cache)"
     )
