@@ -23,6 +23,7 @@ counting. Only the run that computed a stage executes it, so a model is register
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -111,17 +112,26 @@ def acquire(
         return time.monotonic() - t0
 
     while True:
+        # the live runs first, then the finished ones: a run that finishes between the two reads is then
+        # seen finished, never missed (and mistaken for one that died)
+        live = tracking.running_with_fingerprint(stage, fp, suite=suite, dataset=dataset)
         rid = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
         if rid:
             return Claim(reuse_id=rid, waited_for=waited_for, waited_s=waited())
-        live = tracking.running_with_fingerprint(stage, fp, suite=suite, dataset=dataset)
         if not live:
             if waited_for:
                 log(
                     f"{stage}: run {waited_for} ended {_status(waited_for)} without finishing; computing {stage} here"
                 )
             mine = create()
-            winner = _contend(stage, fp, mine, suite=suite, dataset=dataset)
+            try:
+                winner = _contend(stage, fp, mine, suite=suite, dataset=dataset)
+            except BaseException as err:  # Ctrl-C or a store error while claiming: leave no claim behind
+                with contextlib.suppress(Exception):
+                    tracking.withdraw_run(
+                        mine, f"stopped while claiming the {stage}: {type(err).__name__}: {err}"
+                    )
+                raise
             if winner is None:
                 return Claim(run_id=mine, waited_for=waited_for, waited_s=waited())
             tracking.withdraw_run(
@@ -152,12 +162,13 @@ def _contend(stage: str, fp: str, mine: str, *, suite: str | None, dataset: str 
     ticket = 1 + max([t for r in seen if (t := _ticket(r)) is not None], default=0)
     tracking.set_run_tag(mine, TAG_CLAIM, str(ticket))
     while True:
-        done = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)
+        running = tracking.running_with_fingerprint(stage, fp, suite=suite, dataset=dataset)
+        done = tracking.find_reusable(stage, fp, suite=suite, dataset=dataset)  # after: see `acquire`
         if done:
             return done
         queue: list[tuple[int, str]] = []
         choosing = False
-        for run in tracking.running_with_fingerprint(stage, fp, suite=suite, dataset=dataset):
+        for run in running:
             t = _ticket(run)
             if run.info.run_id == mine:
                 continue

@@ -246,43 +246,77 @@ def test_a_dead_claim_does_not_block(
     assert "waiting for run" not in capsys.readouterr().err
 
 
-def test_claims_racing_in_threads_elect_one(fake_suite: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """Four claimants at once (threads: the same live pid): one computes, the others reuse its run."""
+def _claim_run(fp: str, claim: str | None) -> str:
+    """A live RUNNING ingest run of this process with fingerprint `fp` and claim tag `claim` (None: none)."""
+    tags = tracking.stage_tags(
+        "ingest", fp=fp, upstream={}, suite="fake", dataset="fakedata", parent_run_id=None
+    )
+    if claim is not None:
+        tags[claims.TAG_CLAIM] = claim
+    return str(tracking.create_stage_run(tags, "claim", "fake", "fakedata").info.run_id)
+
+
+def test_the_smallest_ticket_computes_and_a_run_without_a_claim_comes_first(
+    fake_suite: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(claims, "POLL_S", 0.05)
-    fp = "c" * 24
-    tracking.client()
-    go = threading.Barrier(4)
-    results: list[claims.Claim] = []
-    errors: list[BaseException] = []
+    c = tracking.client()
+    fp = "d" * 24
+    first = _claim_run(fp, "1")
+    mine = _claim_run(fp, claims.CHOOSING)
+    assert claims._contend("ingest", fp, mine, suite="fake", dataset="fakedata") == first
+    assert c.get_run(mine).data.tags[claims.TAG_CLAIM] == "2"  # one above the largest ticket seen
+    c.set_terminated(first, "FAILED")  # the claim ahead failed: the next one computes
+    assert claims._contend("ingest", fp, mine, suite="fake", dataset="fakedata") is None
+    # a live run that computes regardless (a single-stage command, a resume) is ahead of every claim
+    fp2 = "e" * 24
+    plain = _claim_run(fp2, None)
+    other = _claim_run(fp2, claims.CHOOSING)
+    assert claims._contend("ingest", fp2, other, suite="fake", dataset="fakedata") == plain
+    # and a finished run ends every contention: it is reused
+    c.set_terminated(plain, "FINISHED")
+    assert claims._contend("ingest", fp2, other, suite="fake", dataset="fakedata") == plain
 
-    def create() -> str:
-        tags = {
-            **tracking.stage_tags(
-                "ingest", fp=fp, upstream={}, suite="fake", dataset="fakedata", parent_run_id=None
-            ),
-            claims.TAG_CLAIM: claims.CHOOSING,
-        }
-        return str(tracking.create_stage_run(tags, "race", "fake", "fakedata").info.run_id)
 
-    def claimant() -> None:
-        try:
-            go.wait()
-            claim = claims.acquire("ingest", fp, suite="fake", dataset="fakedata", create=create)
-            results.append(claim)
-            if claim.run_id:
-                time.sleep(0.5)  # "computes"
-                tracking.client().set_terminated(claim.run_id, "FINISHED")
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
+def test_a_claim_still_choosing_is_waited_out_and_a_tie_goes_to_the_smaller_run_id(
+    fake_suite: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two claims that read each other before either took a ticket take the same ticket."""
+    monkeypatch.setattr(claims, "POLL_S", 0.05)
+    c = tracking.client()
+    fp = "f" * 24
+    other = _claim_run(fp, claims.CHOOSING)
+    mine = _claim_run(fp, claims.CHOOSING)
+    set_tag = tracking.set_run_tag
+    took: list[float] = []
 
-    threads = [threading.Thread(target=claimant) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    winners = [r.run_id for r in results if r.run_id]
-    assert len(winners) == 1 and len(results) == 4
-    assert all(r.reuse_id == winners[0] for r in results if not r.run_id)
-    live = [r for r in _stage_runs() if r.data.tags.get("fewscan.fingerprint") == fp]
-    assert [r.info.run_id for r in live] == winners
+    def take_ticket(run_id: str, key: str, value: str) -> None:
+        set_tag(run_id, key, value)
+        # this claim has read the store and taken its ticket; the other takes its own (1: it saw no
+        # ticket either) a moment later
+        took.append(time.monotonic())
+        threading.Timer(0.5, lambda: c.set_tag(other, claims.TAG_CLAIM, "1")).start()
+
+    monkeypatch.setattr(tracking, "set_run_tag", take_ticket)
+    got = claims._contend("ingest", fp, mine, suite="fake", dataset="fakedata")
+    assert time.monotonic() - took[0] >= 0.5  # waited while the other was choosing
+    assert c.get_run(mine).data.tags[claims.TAG_CLAIM] == "1"
+    assert got == (other if other < mine else None)
+
+
+def test_a_claim_interrupted_while_choosing_is_withdrawn(
+    fake_suite: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "set_run_tag", interrupted)  # the ticket is never written
+    with pytest.raises(KeyboardInterrupt):
+        run_chain(str(fake_suite))
+    assert _stage_runs() == []  # nothing RUNNING or KILLED left visible as the ingest run
+    (gone,) = _stage_runs(ViewType.DELETED_ONLY)
+    assert gone.info.status == "KILLED"
+    assert gone.data.tags["fewscan.error"] == "stopped while claiming the ingest: KeyboardInterrupt: "
