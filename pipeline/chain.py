@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import claims, stages, tracking
+from pipeline import claims, stages, tracking, ui_view
 from pipeline.errors import ConfigError
 from pipeline.errors import StageFailed as StageFailed
 from pipeline.progress import log
@@ -96,7 +96,11 @@ def run_chain(
             f"{' (' + ', '.join(ran) + ')' if ran else ''}, reused {len(reused)}"
             f"{' (' + ', '.join(reused) + ')' if reused else ''}"
         )
-        parent.set_description(summary)
+        parent.set_description(  # with a link to each stage run (pipeline/ui_view.py)
+            ui_view.chain_description(
+                summary, parent.experiment_id, [(s, o.run_id, o.reused) for s, o in outcomes.items()]
+            )
+        )
         parent_id, exp_id = parent.run_id, parent.experiment_id
     print(f"{summary} | parent run {parent_id} | {tracking.run_url(exp_id, parent_id)}", flush=True)
     return ChainResult(parent_id, outcomes, exp_id)

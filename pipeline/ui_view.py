@@ -254,6 +254,17 @@ def stage_description(
     return text[:MAX_DESCRIPTION]
 
 
+def chain_description(summary: str, experiment_id: str, runs: Sequence[tuple[str, str, bool]]) -> str:
+    """The chain run's description: its summary line, then a link to each stage run it ran or reused
+    (`runs`: stage, run id, reused), in chain order."""
+    lines = [summary.replace("\n", " "), ""]
+    lines += [
+        f"- {stage}: [{run_id}]({run_path(experiment_id, run_id)})" + (" (reused)" if reused else "")
+        for stage, run_id, reused in runs
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def experiment_description(suite: str, description: str, dataset: str | None, experiment_id: str) -> str:
     """The suite's experiment's description: the suite's own words, its dataset, where to look first."""
     lines = [f"**{_md_text(suite)}**" + (f": {description.strip()}" if description.strip() else "")]

@@ -95,6 +95,11 @@ def test_run_descriptions_link_upstream_runs_back_to_ingest_and_hold_the_report(
         stages_linked.append(run.data.tags["fewscan.stage"])
         assert run.info.run_id == chain.outcomes[run.data.tags["fewscan.stage"]].run_id
     assert stages_linked == ["meta-train", "episodes", "ingest"]
+    # the chain run links every stage run
+    parent_note = c.get_run(chain.parent_run_id).data.tags["mlflow.note.content"]
+    assert re.findall(r"^- ([\w-]+): \[(\w+)\]\(#/experiments/\w+/runs/(\w+)\?", parent_note, re.M) == [
+        (stage, o.run_id, o.run_id) for stage, o in chain.outcomes.items()
+    ]
     # episodes links only ingest
     ep_note = c.get_run(chain.outcomes["episodes"].run_id).data.tags["mlflow.note.content"]
     assert re.findall(r"runs/(\w+)\?workflowType", ep_note) == [chain.outcomes["ingest"].run_id]
