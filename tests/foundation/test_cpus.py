@@ -215,3 +215,27 @@ def test_stage_threads_restored_when_the_stage_ends(
     finally:
         torch.set_num_threads(original)
     assert seen == [threads or 2] * 2
+
+
+def test_ingest_sizes_its_decode_pool_from_the_available_cpus(
+    fake_host: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `workers:` in the manifest: one decode process per available CPU (a quota of 3 on 8 cores), and
+    decoding in this process leaves torch's thread setting as it found it."""
+    from pipeline.ingest import build as build_mod
+    from tests.ingest.helpers import make_study, manifest
+
+    make_study(tmp_path / "s")
+    (fake_host / "cpu.max").write_text("300000 100000\n")
+    seen: list[int] = []
+    real = build_mod._pool_map
+
+    def spy(tasks: list[object], workers: int, desc: str) -> object:
+        seen.append(workers)
+        return real(tasks, 1, desc)  # decode here (this test checks the size, not the pool)
+
+    monkeypatch.setattr(build_mod, "_pool_map", spy)
+    before = torch.get_num_threads()
+    build_mod.build_store(manifest(tmp_path / "s", cache_dir=None, workers=0), tmp_path / "out")
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == before
