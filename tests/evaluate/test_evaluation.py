@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,17 @@ def test_every_method_is_evaluated_and_reported(spied: tuple[dict[str, Any], lis
         assert set(comp["ranking"]) == set(res["methods"]) and comp["n_episodes"] == 6
         for m in res["methods"]:
             s = res["results"][m][gk]["per_seed"]["0"]
-            assert s["n_episodes"] == 6 and 0.0 <= s["acc"]["mean"] <= 1.0 and s["acc"]["ci95"] is not None
-            assert s["ece"] is not None and s["auc"] is not None
+            assert s["n_episodes"] == 6 and s["n_queries"] == 6 * 2 * 3
+            acc = s["acc"]
+            # the interval is the mean's over the 6 episodes: 1.96 std / sqrt(6)
+            assert acc["n"] == 6 and 0.0 <= acc["mean"] <= 1.0
+            assert acc["ci95"] == pytest.approx(1.96 * acc["std"] / math.sqrt(6))
+            # calibration pooled over the 36 queries, AUC averaged over the episodes that define one
+            assert 0.0 <= s["ece"] <= 1.0 and sum(s["reliability"]["count"]) == 6 * 2 * 3
+            assert 0.0 <= s["auc"]["mean"] <= 1.0 and 1 <= s["auc"]["n"] <= 6
             if gk.startswith("binary"):
-                assert s["sens"] is not None and s["spec"] is not None
+                for rate in ("sens", "spec"):
+                    assert 0.0 <= s[rate]["mean"] <= 1.0 and 1 <= s[rate]["n"] <= 6, rate
                 assert set(s["per_condition"]) == {"Delta", "Epsilon"}
     # baselines run per seed, meta-learned methods once (no randomness at test time)
     assert set(res["results"]["finetune"]["binary.k2"]["per_seed"]) == {"0", "1"}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.cli import build_parser, main
 from pipeline.errors import ConfigError
 from pipeline.suite import load_manifest, load_suite
 
@@ -31,9 +32,18 @@ def test_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word sequences
     assert f"fewscan {cmd}" in out
-    assert len(out.split()) > 30  # a real description, not just a usage line
+    # a real description, and every input explained: each argument has its own help text, shown
+    sub = next(a for a in build_parser([cmd, "--help"])._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices[cmd]
+    assert p.description and " ".join(p.description.split())[:60] in out, cmd
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        assert action.help and action.help != argparse.SUPPRESS, f"fewscan {cmd}: {name} has no help"
+        assert str(name) in out and " ".join(str(action.help).split())[:40] in out, (cmd, name)
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
