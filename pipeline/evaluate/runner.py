@@ -86,14 +86,9 @@ class EpisodeOutcome:
             self.sens = self.spec = None
 
     def class_recall(self) -> dict[str, float]:
-        """Recall of every class in this episode, by condition name."""
-        pred = self.probs.argmax(axis=1)
-        out = {}
-        for c, name in enumerate(self.classes):
-            m = self.y == c
-            if m.any():
-                out[name] = float(np.mean(pred[m] == c))
-        return out
+        """Recall of every class present in this episode's queries, by condition name."""
+        recalls = metrics.class_recalls(self.probs.argmax(axis=1), self.y, list(range(len(self.classes))))
+        return {name: r for name, r in zip(self.classes, recalls) if r is not None}
 
     def correct(self) -> np.ndarray:
         """(q,) 1.0 where the query row's argmax is its label, else 0.0."""

@@ -95,6 +95,12 @@ def test_condition_vs_rest_on_three_classes() -> None:
     assert metrics.condition_sensitivity_specificity(pred, y) == (0.5, pytest.approx(2 / 3))
     assert metrics.condition_sensitivity_specificity(pred[2:], y[2:]) == (None, pytest.approx(2 / 3))
     assert metrics.class_recalls(np.array([], dtype=int), np.array([], dtype=int), [0, 1]) == [None, None]
+    # per class of a 3-way episode, a class without queries (2) has no recall rather than 0
+    assert metrics.class_recalls(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 1]), [0, 1, 2]) == [
+        0.5,
+        0.5,
+        None,
+    ]
 
 
 def test_balanced_accuracy_matches_sklearn_without_its_warning() -> None:
