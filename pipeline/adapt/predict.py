@@ -9,8 +9,9 @@ a scan's probabilities do not depend on which other scans are in the same batch.
 
 Nothing goes to MLflow. The CSV is the user's own local result and keeps each scan's clear path (that is
 how a row is matched to its file). stderr, which ends up in terminals and CI logs, shows no path found in
-the data, only the --output the user typed: it names a scanned file by its salted file key (ingest's
-`salted_key(salt, "file", path)`, ingest's salt file) and points at `<local_report_dir>/predict.paths.json` (local only, next to the salt), which maps the key back.
+the data, only the --input and --output the user typed: it names a scanned file by its salted file key
+(ingest's `salted_key(salt, "file", path)`, ingest's salt file) and points at
+`<local_report_dir>/predict.paths.json` (local only, next to the salt), which maps the key back.
 """
 
 from __future__ import annotations

@@ -249,10 +249,11 @@ def list_inputs(source: Path, ledger: PathLedger | None = None) -> list[ScanRef]
         _fail(ConfigError, "input not found (give a scan file or a folder of scans)", source, ledger)
     files = _files_under(source)
     if not files:
+        # `source` is the --input the user typed (predict; nothing goes to MLflow): shown as typed
         _fail(
             DataError,
-            "the input folder holds no scan files (only hidden files or reports/notes such as .txt, .csv, "
-            ".json); give the folder that holds the scans",
+            f"--input {source}: the folder holds no scan files (only hidden files or reports/notes such as "
+            ".txt, .csv, .json); give the folder that holds the scans",
             source,
             ledger,
         )

@@ -90,3 +90,14 @@ def test_predict_refuses_to_replace_results_before_predicting(
     assert "already exists" in err and "--overwrite" in err and len(calls) == 1
     assert (tmp_path / "predictions.csv").read_text() == "earlier results\n"
     assert main([*args, "--overwrite"]) == 0 and len(calls) == 2
+
+
+def test_a_predict_input_without_scans_is_named_as_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no scans here")
+    err = _err(["predict", "--model", "m@current", "--input", "notes"], capsys)
+    assert "error: --input notes: the folder holds no scan files" in err
+    assert not (tmp_path / "predictions.csv").exists()
