@@ -172,7 +172,11 @@ def test_live_runs_failed_runs_and_the_run_to_resume(fake_suite: Path) -> None: 
     with pytest.raises(StageFailed):
         run_chain(str(fake_suite), overrides=["meta_train.fail=true"], force=True)
     resumable = tracking.latest_unfinished("meta-train", "fake")
-    assert resumable is not None
+    (failed_mt,) = c.search_runs(
+        [tracking.experiment_id("fewscan/fake")],
+        "tags.`fewscan.stage` = 'meta-train' and attributes.status = 'FAILED'",
+    )
+    assert resumable == failed_mt.info.run_id
     assert resumable not in {d.run.run_id for d in gc_runs.plan("fake").doomed}
 
 

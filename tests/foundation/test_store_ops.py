@@ -135,7 +135,9 @@ def test_lease_by_heartbeat_age_for_another_host() -> None:
     now = time.time()
     other = {tracking.TAG_HOST: "elsewhere", tracking.TAG_PID: "1", tracking.TAG_HEARTBEAT: str(int(now))}
     assert tracking.lease_gone(other, now) is None
-    assert tracking.lease_gone(other, now + tracking.LEASE_TIMEOUT_S + 60) is not None
+    why = tracking.lease_gone(other, now + tracking.LEASE_TIMEOUT_S + 60)
+    assert why is not None and "(pid 1 on elsewhere) sent no heartbeat for" in why
+    assert f"FEWSCAN_LEASE_TIMEOUT_S={tracking.LEASE_TIMEOUT_S:.0f} s" in why
     assert tracking.lease_gone({}, now + 10**6) is None  # a run without a lease (older fewscan): left alone
 
 

@@ -49,7 +49,7 @@ def require(ok: bool, why: str) -> None:
         return
     if os.environ.get("CI"):
         pytest.fail(f"{why} (CI is set: a missing prerequisite of this test is a failure, not a skip)")
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=True)
 
 
 def require_gloo() -> None:

@@ -114,3 +114,16 @@ def test_follower_run_records_nothing() -> None:
     assert run.own_artifact("checkpoints/last.pt") is None
     assert run.register_model("models/maml", "x") == ""
     assert run.resumed is False and run.run_id == ""
+
+
+def test_a_missing_prerequisite_skips_here_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-rank tests cannot vanish from CI: `require` skips only where CI is not set."""
+    from .helpers import require
+
+    require(True, "never raised")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no gloo here"):
+        require(False, "no gloo here")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no gloo here \(CI is set: .* a failure, not a skip\)"):
+        require(False, "no gloo here")
