@@ -79,7 +79,7 @@ def _demo_suite(tmp_path: Path, extra: str = "", manifest: str | None = None) ->
     return _suite(tmp_path, text + extra)
 
 
-@pytest.mark.parametrize("command", ["episodes", "meta-train", "evaluate", "run", "status", "adapt"])
+@pytest.mark.parametrize("command", ["episodes", "meta-train", "evaluate", "run", "status", "adapt", "gc"])
 def test_a_missing_suite_file_fails_before_heavy_imports(command: str, tmp_path: Path) -> None:
     rc, err, imported = _run([command, "no_such_suite.yaml"], tmp_path)
     assert rc == 2
