@@ -129,6 +129,9 @@ def test_fit_works_for_any_n_way_and_checks_labels():
             y = torch.arange(n_way).repeat(2)
             proba = method.predict_proba(method.fit(x, y, n_way), x)
             assert proba.shape == (2 * n_way, n_way)
+            # a probability per class for every scan: non-negative rows summing to one
+            assert bool((proba >= 0).all())
+            torch.testing.assert_close(proba.sum(1), torch.ones(2 * n_way), rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="labels must lie in"):
             method.fit(torch.randn(2, 1, 16, 16), torch.tensor([0, 5]), 2)
 
