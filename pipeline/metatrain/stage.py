@@ -349,5 +349,14 @@ def _execute(
         + (f"; AT CHANCE on validation: {', '.join(at_chance)}" if at_chance else "")
     )
     metrics = {f"{m}.best_val_acc": r["best_val_acc"] for m, r in results.items()}
-    metrics.update({f"{m}.best_val_acc_seed_mean": float(np.nanmean(v)) for m, v in seed_vals.items()})
+    # NaN when no seed was validated (no validation episodes; ranks > 0 under torchrun never validate),
+    # without numpy's "Mean of empty slice" warning on the terminal
+    metrics.update(
+        {
+            f"{m}.best_val_acc_seed_mean": float(np.mean([x for x in v if not np.isnan(x)]))
+            if any(not np.isnan(x) for x in v)
+            else float("nan")
+            for m, v in seed_vals.items()
+        }
+    )
     return StageResult(summary=summary, metrics=metrics)
