@@ -518,7 +518,21 @@ def present_experiment(exp_id: str, description: str | None = None) -> None:
         want[TAG_NOTE] = description
     for k, v in want.items():
         if exp.tags.get(k) != v:
-            retry(partial(c.set_experiment_tag, exp_id, k, v), "describe the experiment")
+            set_experiment_tag(exp_id, k, v, "describe the experiment")
+
+
+def set_experiment_tag(exp_id: str, key: str, value: str, what: str) -> None:
+    """Set an experiment tag. Two commands that write a tag the experiment does not have yet (two chains
+    opening a fresh experiment, or finishing their first stages, together) both insert it, and the
+    database refuses the second insert (UNIQUE constraint, an MlflowException). The tag exists then, and
+    writing it again updates it."""
+    c = client()
+    try:
+        retry(partial(c.set_experiment_tag, exp_id, key, value), what)
+    except MlflowException:
+        if key not in retry(lambda: c.get_experiment(exp_id), what).tags:
+            raise
+        retry(partial(c.set_experiment_tag, exp_id, key, value), what)
 
 
 def lineage(upstream: dict[str, UpstreamRun]) -> list[ui_view.Link]:
@@ -934,9 +948,7 @@ class StageRun:
         exp = retry(lambda: c.get_experiment(self.experiment_id), "read the experiment")
         state = ui_view.view_state(exp.tags.get(ui_view.TAG_VIEW), run.data.metrics)
         if state != exp.tags.get(ui_view.TAG_VIEW):
-            retry(
-                partial(c.set_experiment_tag, self.experiment_id, ui_view.TAG_VIEW, state), "set the run view"
-            )
+            set_experiment_tag(self.experiment_id, ui_view.TAG_VIEW, state, "set the run view")
 
     # -- files
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import ViewType
 
-from pipeline import claims, stages, tracking
+from pipeline import claims, stages, tracking, ui_view
 from pipeline.chain import run_chain
 from pipeline.cli import main
 from pipeline.suite import load_suite
@@ -320,3 +320,35 @@ def test_a_claim_interrupted_while_choosing_is_withdrawn(
     (gone,) = _stage_runs(ViewType.DELETED_ONLY)
     assert gone.info.status == "KILLED"
     assert gone.data.tags["fewscan.error"] == "stopped while claiming the ingest: KeyboardInterrupt: "
+
+
+def test_an_experiment_tag_written_by_another_command_at_the_same_time_is_no_error(
+    tmp_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two chains opening a fresh experiment both insert its tags; the database refuses the second insert."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client()
+    exp = c.create_experiment("fewscan/tags")
+    real = c.set_experiment_tag
+    calls: list[str] = []
+
+    def other_was_first(exp_id: str, key: str, value: str) -> None:
+        calls.append(value)
+        if len(calls) == 1:  # the other command's insert lands first; ours is refused
+            real(exp_id, key, "theirs")
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key")
+        real(exp_id, key, value)
+
+    monkeypatch.setattr(c, "set_experiment_tag", other_was_first)
+    tracking.present_experiment(exp)  # what every command does when it opens the suite's experiment
+    assert (
+        calls == [ui_view.KIND, ui_view.KIND] and c.get_experiment(exp).tags[ui_view.TAG_KIND] == ui_view.KIND
+    )
+
+    def refused(exp_id: str, key: str, value: str) -> None:
+        raise MlflowException("refused for another reason")
+
+    monkeypatch.setattr(c, "set_experiment_tag", refused)
+    with pytest.raises(MlflowException, match="refused for another reason"):
+        tracking.set_experiment_tag(exp, "k2", "v", "tag")  # the tag is not there: a real error
