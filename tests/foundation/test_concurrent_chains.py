@@ -33,12 +33,7 @@ from tests.foundation import fake_stages
 from pipeline import tracking
 from pipeline.chain import run_chain
 
-mp = pytest.MonkeyPatch()
-if hasattr(fake_stages, "install"):  # the fake stages as the fixture `fake_suite` installs them
-    fake_stages.install(mp)
-else:
-    from pipeline import stages
-    mp.setattr(stages, "module", lambda name: fake_stages.MODULES[name])
+fake_stages.install(pytest.MonkeyPatch())  # as the fixture `fake_suite` does
 
 
 def slow(stage, execute):
