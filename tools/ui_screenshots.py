@@ -14,7 +14,8 @@ no extra package), and writes one PNG per view under --out:
     ui-metatrain.png  the meta-train run's learning curves
 
 It checks what each view must show (the model-training view, not GenAI; the run names; the report) and
-exits 1 naming the view that did not, so it doubles as a check of docs/ui.md on a new MLflow release.
+that the evaluate run's link to its ingest run opens that run, and exits 1 naming what did not work, so it
+doubles as a check of docs/ui.md on a new MLflow release.
 The MLflow Assistant side panel, which MLflow 3.17 opens by default, is closed before each screenshot.
 """
 
@@ -247,6 +248,27 @@ def shoot(
     log(f"{out.name}: {len(data) // 1000} KB from {url}")
 
 
+def follow_link(cdp: CDP, run_id: str, must_show: str) -> None:
+    """On the open page, click the description's link to run `run_id` (in this tab: the UI opens
+    description links in a new one) and check that the run's page shows `must_show`."""
+    found = cdp.js(
+        "(() => { const a = [...document.querySelectorAll('a')].find(a => (a.getAttribute('href') || '')"
+        f".startsWith('#/experiments/') && a.getAttribute('href').includes('/runs/{run_id}?'));"
+        " if (!a) return false; a.removeAttribute('target'); a.click(); return true; })()"
+    )
+    if not found:
+        raise RuntimeError(f"the evaluate run's description has no link to run {run_id}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        if run_id in (cdp.js("location.href") or "") and must_show in (
+            cdp.js("document.body.innerText") or ""
+        ):
+            log(f"lineage link to {must_show!r} opens its run")
+            return
+    raise RuntimeError(f"the lineage link to run {run_id} did not open a page showing {must_show!r}")
+
+
 def latest_run(store: Path, stage: str) -> tuple[str, str, str]:
     """(experiment id, run id, run name) of the newest FINISHED `stage` run in the store."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(store / 'mlflow' / 'mlflow.db').resolve()}"
@@ -282,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     exp_id, ev_id, ev_name = latest_run(args.store, "evaluate")
-    _, mt_id, mt_name = latest_run(args.store, "meta-train")
+    from pipeline import tracking
+
+    # the evaluate run's own upstream runs, not merely the newest of each stage
+    ups = {ln.stage: ln for ln in tracking.lineage({"evaluate": tracking.UpstreamRun.from_id(ev_id)})}
+    if "meta-train" not in ups or "ingest" not in ups:
+        raise RuntimeError(f"evaluate run {ev_id} records no meta-train or ingest upstream run")
+    mt_id, mt_name = ups["meta-train"].run_id, ups["meta-train"].name
+    in_id, in_name = ups["ingest"].run_id, ups["ingest"].name
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log(f"starting fewscan ui on {base} for {args.store}")
@@ -325,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, url, must, search, width in shots:
             shoot(cdp, url, args.out / name, must, search, width)
+            if name == "ui-evaluate.png":  # the lineage back to ingest is a link a researcher can follow
+                follow_link(cdp, in_id, in_name)
     finally:
         if browser is not None:
             browser.terminate()
