@@ -176,6 +176,7 @@ def start_browser() -> tuple[subprocess.Popen[str], CDP, str]:
         ],
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: Debian's `chromium` is a script that forks the browser
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 follow_link(cdp, in_id, in_name)
     finally:
         if browser is not None:
-            browser.terminate()
+            os.killpg(browser.pid, signal.SIGTERM)  # the browser and every process it started
             browser.wait(timeout=30)
             shutil.rmtree(profile, ignore_errors=True)
         ui.send_signal(signal.SIGTERM)  # fewscan ui stops its server's whole process group
