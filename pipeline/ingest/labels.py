@@ -56,7 +56,7 @@ class LabelTable:
 
     def join_value(self, rel: str, item: dict[str, Any]) -> str:
         if self.join == "file_name":
-            return PurePosixPath(rel).name
+            return rel.rpartition("/")[2]  # rel is a POSIX path relative to the scan root
         if self.join == "relative_path":
             return rel
         return str(
@@ -121,31 +121,54 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
     kind = HASHED_JOINS.get(cfg.join)
     errors = LabelErrors(Path(cfg.path).name)  # type: ignore[arg-type]
     first_row: dict[str, int] = {}  # key -> data row that first named it (for conflict messages)
-    for i, rec in enumerate(df.to_dict("records")):
-        raw = str(rec[cfg.key_column]).strip()
+    # A table of 100k rows repeats its label cells (hundreds of distinct combinations), patients (a few
+    # scans each), ages and sexes: each distinct value is parsed or hashed once. Columns are read as
+    # lists, not as one dict per row (pandas' to_dict("records") alone cost seconds at NIH's size).
+    label_cols = list(cfg.label_columns or []) if cfg.format == "one_hot" else [cfg.label_column or ""]
+    cells: dict[tuple[str, ...], tuple[list[str], str] | str] = {}  # cells -> (labels, excluded) | error
+    patients: dict[str, str] = {}
+    ages: dict[str, str] = {}
+    sexes: dict[str, str] = {}
+
+    def column(name: str | None) -> list[Any]:
+        return df[name].tolist() if name else [None] * len(df)
+
+    key_col = column(cfg.key_column)
+    lab_cols = [column(c) for c in label_cols]
+    pat_col, age_col, sex_col = column(cfg.patient_column), column(cfg.age_column), column(cfg.sex_column)
+    group_cols = {c: column(c) for c in cfg.group_columns}
+    for i in range(len(df)):
+        raw = str(key_col[i]).strip()
         if not raw:
             continue
         if cfg.join == "relative_path":
             raw = PurePosixPath(raw.replace("\\", "/")).as_posix().lstrip("./")
         key = salted_key(salt, kind, raw) if kind else raw
-        try:
-            labs, excluded = row_labels(rec, cfg)
-        except LabelParseError as e:
-            errors.add(i + 1, str(e))
+        cell = tuple(col[i] for col in lab_cols)
+        parsed = cells.get(cell)
+        if parsed is None:
+            try:
+                parsed = row_labels(dict(zip(label_cols, cell)), cfg)
+            except LabelParseError as e:
+                parsed = str(e)
+            cells[cell] = parsed
+        if isinstance(parsed, str):
+            errors.add(i + 1, parsed)
             continue
-        pk = (
-            salted_key(salt, "patient", str(rec[cfg.patient_column]).strip())
-            if cfg.patient_column and str(rec[cfg.patient_column]).strip()
-            else ""
-        )
+        labs, excluded = parsed
+        pk = ""
+        if cfg.patient_column:
+            pid = str(pat_col[i]).strip()
+            if pid:
+                pk = patients.get(pid) or patients.setdefault(pid, salted_key(salt, "patient", pid))
         if kind == "patient":
             pk = key
         row = Row(
-            labs,
+            list(labs),
             pk,
-            age_bin(rec[cfg.age_column]) if cfg.age_column else "",
-            sex_code(rec[cfg.sex_column]) if cfg.sex_column else "",
-            {c: str(rec[c]).strip() for c in cfg.group_columns},
+            _memo(ages, age_col[i], age_bin) if cfg.age_column else "",
+            _memo(sexes, sex_col[i], sex_code) if cfg.sex_column else "",
+            {c: str(v[i]).strip() for c, v in group_cols.items()},
         )
         row.excluded = excluded
         first_row.setdefault(key, i + 1)
@@ -170,6 +193,15 @@ def load_table(cfg: LabelsConfig, salt: bytes) -> LabelTable:
             stems.setdefault(strip_ext(k), []).append(k)
         table.by_stem = {s: ks[0] for s, ks in stems.items() if len(ks) == 1}
     return table
+
+
+def _memo(seen: dict[str, str], value: Any, fn: Any) -> str:
+    """fn(value), computed once per distinct value (values are the table's cells, as strings)."""
+    v = str(value)
+    out = seen.get(v)
+    if out is None:
+        out = seen[v] = fn(v)
+    return out
 
 
 def folder_label(rel: str) -> str | None:
