@@ -24,8 +24,9 @@ from pathlib import Path
 PACKAGE = "pipeline"
 ROOT = Path(__file__).resolve().parent
 # Relative to ROOT. The stage runner (stages.py), the command line (cli.py), the MLflow layer
-# (tracking.py) and the progress log (progress.py): see the module docstring.
-ORCHESTRATION = frozenset({"cli.py", "stages.py", "tracking.py", "progress.py"})
+# (tracking.py), the progress log (progress.py) and the run descriptions the MLflow UI shows (ui_view.py,
+# text about finished runs, reached only through tracking.py): see the module docstring.
+ORCHESTRATION = frozenset({"cli.py", "stages.py", "tracking.py", "progress.py", "ui_view.py"})
 DEPENDENCIES_NAME = "CODE_DEPENDENCIES"
 
 
