@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.evaluate import summary
-from pipeline.evaluate.runner import EpisodeOutcome
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 
-def outcomes(correct: np.ndarray, keys: np.ndarray) -> list[EpisodeOutcome]:
-    """Binary episodes whose query rows are right where `correct` (E, q) is True; keys (E, q) scan keys."""
-    e, q = correct.shape
-    y = np.tile([0, 1], q // 2)
-    out = []
-    for i in range(e):
-        pred = np.where(correct[i], y, 1 - y)
-        probs = np.eye(2)[pred] * 0.8 + 0.1  # (q, 2), argmax = pred
-        out.append(EpisodeOutcome(i, "binary", 5, ["c", "n"], y, probs, [str(k) for k in keys[i]]))
-    return out
+# the test's builder of binary episodes with planted correctness: one definition of the fixture data
+from tests.evaluate.test_bootstrap import _outcomes as outcomes
 
 
 def main() -> None:

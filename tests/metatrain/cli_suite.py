@@ -10,8 +10,14 @@ since the command reads the dataset name from it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
+import torch
+
+from pipeline import distributed
 
 from .test_resume_settings import _upstream_runs
 from .world import build_world
@@ -35,3 +41,13 @@ def write_suite(root: Path, meta_train: dict[str, Any]) -> Path:
     # JSON is YAML: the section is written exactly as given
     suite.write_text(f"name: {SUITE}\ndataset: tiny_manifest.yaml\nmeta_train: {json.dumps(meta_train)}\n")
     return suite
+
+
+@pytest.fixture
+def single_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`pipeline.cli.main` in this process, as `fewscan` runs it: a fresh distributed context (the CLI
+    makes the process-wide one) and this process's torch thread count restored afterwards."""
+    monkeypatch.setattr(distributed, "_current", None)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

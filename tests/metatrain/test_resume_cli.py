@@ -11,16 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from pipeline import cli, distributed, tracking
+from pipeline import cli, tracking
 
-from .cli_suite import SUITE, write_suite
+from .cli_suite import SUITE, single_process, write_suite  # noqa: F401 - single_process is a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +38,6 @@ META_TRAIN: dict[str, Any] = {
     "seeds": [0],
     "device": "cpu",
 }
-
-
-@pytest.fixture
-def single_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`pipeline.cli.main` in this process: a fresh distributed context, torch's thread count restored."""
-    monkeypatch.setattr(distributed, "_current", None)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fewscan(cwd: Path, *args: str) -> subprocess.Popen[str]:
@@ -88,7 +78,8 @@ def _kill_at_first_checkpoint(proc: subprocess.Popen[str], store: Path, timeout:
 
 
 def test_sigkilled_meta_train_resumed_through_the_command_equals_an_uninterrupted_run(
-    tmp_store: Path, single_process: None
+    tmp_store: Path,
+    single_process: None,  # noqa: F811 - the fixture imported above
 ) -> None:
     suite = write_suite(tmp_store, META_TRAIN)
     exp = tracking.experiment_id(f"fewscan/{SUITE}")

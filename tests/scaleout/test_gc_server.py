@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_tracking_server import Server, _create_user, _grant, server  # noqa: F401 - the server fixture
+from .test_tracking_server import Server, _create_user, _grant, become_user, server  # noqa: F401 - the server fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +28,7 @@ def test_gc_on_a_server_removes_only_the_users_own_superseded_runs(
     monkeypatch.chdir(tmp_path)
 
     def become(user: str) -> None:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pw[user])
-        monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(tmp_path / f"{user}.key"))
-        monkeypatch.setattr(tracking, "_client", None)
-        monkeypatch.setattr(tracking, "_client_uri", None)
+        become_user(monkeypatch, server, user, pw[user], tmp_path)
 
     def ingest(suite: str, payload: str) -> str:
         with tracking.stage_run(

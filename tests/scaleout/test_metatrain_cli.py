@@ -4,15 +4,14 @@ against `fewscan meta-train SUITE` in one process with the same global meta-batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from pipeline import cli, distributed, tracking
-from tests.metatrain.cli_suite import SUITE, write_suite
+from pipeline import cli, tracking
+from tests.metatrain.cli_suite import SUITE, single_process, write_suite  # noqa: F401 - single_process is a fixture
 
 from .helpers import torchrun
 
@@ -34,16 +33,6 @@ META_TRAIN: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def single_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`pipeline.cli.main` in this process, as `fewscan` runs it: a fresh distributed context (the CLI
-    makes the process-wide one) and this process's torch thread count restored afterwards."""
-    monkeypatch.setattr(distributed, "_current", None)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _runs() -> list[Any]:
     return list(
         tracking.client().search_runs(
@@ -59,7 +48,9 @@ def _artifacts(run_id: str) -> Path:
 
 
 def test_torchrun_meta_train_command_makes_one_run_equal_to_one_process(
-    tmp_store: Path, single_process: None, capsys: pytest.CaptureFixture[str]
+    tmp_store: Path,
+    single_process: None,  # noqa: F811 - the fixture imported above
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     suite = write_suite(tmp_store, META_TRAIN)
     job = torchrun("-m pipeline.cli", ["meta-train", suite.name], cwd=tmp_store, timeout=240)

@@ -318,6 +318,21 @@ def test_quick_demo_chain_runs_against_the_server(
     assert mv.run_id == ids["meta-train"]
 
 
+def become_user(
+    monkeypatch: pytest.MonkeyPatch, server: Server, user: str, password: str, key_dir: Path
+) -> None:
+    """This process acts as `user` on the server from now on: credentials, an owner key of its own, and a
+    fresh tracking client (fewscan caches one per URI)."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(key_dir / f"{user}.key"))
+    monkeypatch.setattr(tracking, "_client", None)
+    monkeypatch.setattr(tracking, "_client_uri", None)
+
+
 def _create_user(server: Server, name: str) -> str:
     password = secrets.token_urlsafe(18)
     code, text = server.request(
@@ -362,12 +377,7 @@ def test_another_users_planted_runs_are_never_used(
     monkeypatch.chdir(tmp_path)
 
     def become(user: str) -> MlflowClient:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pw[user])
-        monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(tmp_path / f"{user}.key"))
-        monkeypatch.setattr(tracking, "_client", None)
-        monkeypatch.setattr(tracking, "_client_uri", None)
+        become_user(monkeypatch, server, user, pw[user], tmp_path)
         return MlflowClient(tracking_uri=server.url)
 
     fp = "e" * 24
