@@ -4,11 +4,10 @@ fewscan.stage=evaluate). Thin: loads the upstream artifacts, calls `evaluation.r
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import load_episodes
@@ -93,15 +92,8 @@ def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evalua
 def write_outputs(results: dict[str, Any], outdir: Path) -> None:
     """plots/*.png, results.json, report.md into outdir (JSON and report written atomically)."""
     results["plots"] = plots.write_all(results, outdir)
-    _atomic(outdir / "results.json", json.dumps(results, indent=1, sort_keys=False, default=float))
-    _atomic(outdir / "report.md", report.render(results))
-
-
-def _atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_json(outdir / "results.json", results, indent=1, sort_keys=False, default=float)
+    atomic.write_text(outdir / "report.md", report.render(results))
 
 
 def headline(results: dict[str, Any]) -> str:
