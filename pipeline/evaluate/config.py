@@ -128,7 +128,14 @@ class EvaluateConfig(StrictModel):
     curve_episodes: int = Field(default=100, ge=0)
     ece_bins: int = Field(default=10, ge=2, le=100)
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null = available CPUs")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "CPU threads: episodes run on this many task threads with one torch thread each, the "
+            "baselines' pretraining on this many torch threads; null = the CPUs this process may use"
+        ),
+    )
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     meta: MetaSearchConfig = Field(default_factory=MetaSearchConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

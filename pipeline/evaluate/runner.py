@@ -8,10 +8,13 @@ adaptation run); curves and step grids then cost one adaptation instead of one p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ class EpisodeLike(Protocol):
 # Query rows come in the order of `query_keys(ep)`: class by class in `ep.classes`, each class's scans
 # as listed (the order `pipeline.episodes.batch.episode_arrays` produces).
 Loader = Callable[[Any], Arrays]
+T = TypeVar("T")
 
 
 def query_keys(ep: EpisodeLike) -> list[str]:
@@ -185,6 +189,70 @@ def _trajectory(
     return [states[s] for s in steps]
 
 
+def _device(method: Method) -> torch.device:
+    """Where `method`'s tensors live (CPU when it holds none that say otherwise)."""
+    params = getattr(method, "params", None)
+    if isinstance(params, dict) and params:
+        return next(iter(params.values())).device
+    model = getattr(method, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def map_episodes(
+    method: Method, episodes: Sequence[EpisodeLike], work: Callable[[Method, EpisodeLike], T], desc: str
+) -> list[T]:
+    """`[work(method, ep) for ep in episodes]`, in episode order, with a progress line.
+
+    On the CPU the episodes are spread over task threads, as many as torch's intra-op threads in force
+    (evaluate's `threads`, sized from the CPUs this process may use: `pipeline/cpus.py`), and each episode
+    runs with ONE intra-op thread on the thread's own copy of the method (`functional_call` swaps a module's
+    tensors in place, so threads cannot share one). An episode is a few small scans: intra-op threads
+    only add synchronisation there, and on a busy machine their barriers turn a proportional slowdown into
+    a collapse (issue 17; benchmarks/RESULTS.md, "A busy machine"). Since every episode runs single-threaded
+    whatever the thread count, the results do not depend on it (tests/evaluate/test_runner_threads.py).
+    """
+    workers = min(torch.get_num_threads(), len(episodes))
+    label = desc or getattr(method, "name", "episodes")
+    if _device(method).type != "cpu":
+        return [work(method, ep) for ep in progress(episodes, total=len(episodes), desc=label)]
+    if workers <= 1:
+        with _one_intra_op_thread():
+            return [work(method, ep) for ep in progress(episodes, total=len(episodes), desc=label)]
+    local = threading.local()
+
+    def one(ep: EpisodeLike) -> T:
+        torch.set_num_threads(1)
+        m = getattr(local, "method", None)
+        if m is None:
+            m = local.method = copy.deepcopy(method)
+        return work(m, ep)
+
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fewscan-episode")
+    try:
+        return list(progress(pool.map(one, episodes), total=len(episodes), desc=label))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(before)
+
+
+class _one_intra_op_thread:
+    """Run the block with one intra-op thread (restored after), so that one task thread computes exactly
+    what each of several would."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        if self.before != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self.before:
+            torch.set_num_threads(self.before)
+
+
 def run_episodes(
     method: Method,
     episodes: Sequence[EpisodeLike],
@@ -192,25 +260,25 @@ def run_episodes(
     steps: int | None = None,
     desc: str = "",
 ) -> list[EpisodeOutcome]:
-    """Adapt `method` on each episode's support set and predict its query set."""
-    out = []
-    for ep in progress(episodes, total=len(episodes), desc=desc or method.name):
+    """Adapt `method` on each episode's support set and predict its query set (episodes spread over task
+    threads: `map_episodes`)."""
+
+    def one(m: Method, ep: EpisodeLike) -> EpisodeOutcome:
         x_s, y_s, x_q, y_q = load(ep)
         n_way = len(ep.classes)
-        adapted = fit(method, x_s, y_s, n_way, steps)
+        adapted = fit(m, x_s, y_s, n_way, steps)
         y = y_q.cpu().numpy().copy()
-        out.append(
-            EpisodeOutcome(
-                ep.id,
-                ep.kind,
-                int(ep.k_shot),
-                list(ep.classes),
-                y,
-                _probs(method, adapted, x_q, n_way),
-                _checked_query_keys(ep, y),
-            )
+        return EpisodeOutcome(
+            ep.id,
+            ep.kind,
+            int(ep.k_shot),
+            list(ep.classes),
+            y,
+            _probs(m, adapted, x_q, n_way),
+            _checked_query_keys(ep, y),
         )
-    return out
+
+    return map_episodes(method, episodes, one, desc=desc or method.name)
 
 
 def accuracy_by_steps(
@@ -218,12 +286,17 @@ def accuracy_by_steps(
 ) -> dict[int, np.ndarray]:
     """Per-episode query accuracy after each inner-step count in `steps`: {steps: (n_episodes,)}."""
     grid = sorted(set(int(s) for s in steps))
-    accs = np.zeros((len(grid), len(episodes)))
-    for j, ep in enumerate(progress(episodes, total=len(episodes), desc=desc or f"{method.name} steps")):
+
+    def one(m: Method, ep: EpisodeLike) -> list[float]:
         x_s, y_s, x_q, y_q = load(ep)
         n_way = len(ep.classes)
-        for i, state in enumerate(_trajectory(method, x_s, y_s, n_way, grid)):
-            accs[i, j] = metrics.accuracy(_probs(method, state, x_q, n_way), y_q.numpy())
+        return [
+            metrics.accuracy(_probs(m, state, x_q, n_way), y_q.numpy())
+            for state in _trajectory(m, x_s, y_s, n_way, grid)
+        ]
+
+    per_episode = map_episodes(method, episodes, one, desc=desc or f"{method.name} steps")
+    accs = np.array(per_episode, dtype=np.float64).reshape(len(episodes), len(grid)).T
     return {s: accs[i] for i, s in enumerate(grid)}
 
 
