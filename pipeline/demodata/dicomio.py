@@ -6,7 +6,6 @@ same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pipeline.atomic import atomic_open
 from pipeline.demodata.phi import dicom_date
 from pipeline.demodata.plan import ImagePlan
 
@@ -88,7 +88,7 @@ def base_dataset(
 
 
 def finish_and_write(ds: Dataset, path: Path, *, rle: bool, implicit: bool) -> None:
-    """Attach file meta, optionally RLE-encode, and write atomically (temp file + os.replace)."""
+    """Attach file meta, optionally RLE-encode, and write atomically (`pipeline/atomic.py`)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -101,10 +101,8 @@ def finish_and_write(ds: Dataset, path: Path, *, rle: bool, implicit: bool) -> N
             ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
         except (RuntimeError, ValueError):  # pylibjpeg-rle missing: pydicom's own (slower) encoder
             ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
 
 
 def set_pixels(ds: Dataset, stored: np.ndarray, bits_stored: int, signed: bool = False) -> None:

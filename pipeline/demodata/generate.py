@@ -7,9 +7,8 @@ pixels are byte-identical for a seed whatever the number of workers.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import os
+import re
 import shutil
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import atomic
 from pipeline.cpus import available_cpus
 from pipeline.demodata import ct as ctmod
 from pipeline.demodata.defaults import DEFAULT_MIN_PER_FINDING, MODALITIES
@@ -71,13 +71,17 @@ def _write_chunk(
             target = path if path.is_file() else sorted(path.iterdir())[0]
             data = target.read_bytes()
             keep = int(len(data) * (0.35 + 0.3 * ((im.index * 7919) % 100) / 100))
-            target.write_bytes(data[:keep])
+            atomic.write_bytes(target, data[:keep])
         done.append({"index": im.index, **info})
     return done
 
 
-OWN_ENTRIES = {"dicom", "adapt", "labels.csv", "study.json", "labels.csv.part", "study.json.part",
-               ".fewscan-demo.json", "salt", "salt.part"}  # fmt: skip
+OWN_FILES = ("labels.csv", "study.json", ".fewscan-demo.json", "salt")
+# "*.part": the temp names of the generator before pipeline/atomic.py, still accepted in a folder it wrote
+OWN_ENTRIES = {"dicom", "adapt", *OWN_FILES, "labels.csv.part", "study.json.part", "salt.part"}
+# a write killed midway leaves its temp file beside the target, named `.<target>.<random>.tmp` by atomic.py
+_OWN_TEMP = re.compile(r"\.(?:{})\.\w+\.tmp".format("|".join(map(re.escape, OWN_FILES))))
+_REPLACED = ("labels.csv", "study.json", "labels.csv.part", "study.json.part")  # the salt and marker stay
 DEMO_SALT_FILE = "salt"
 
 
@@ -99,9 +103,7 @@ def write_demo_salt(out: Path, seed: int) -> Path:
     path = Path(out) / DEMO_SALT_FILE
     want = demo_salt(seed) + "\n"
     if not path.is_file() or path.read_text() != want:
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(want)
-        os.replace(tmp, path)
+        atomic.write_text(path, want)
     return path
 
 
@@ -113,12 +115,16 @@ def _mp_context() -> BaseContext:
     return mp.get_context("spawn")
 
 
+def _is_own(name: str) -> bool:
+    return name in OWN_ENTRIES or _OWN_TEMP.fullmatch(name) is not None
+
+
 def _prepare_out(out: Path) -> None:
     """Refuse to write into a folder that holds anything else; replace a previous (or partial) study."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; --out must name a folder")
     if out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        foreign = sorted(p.name for p in out.iterdir() if not _is_own(p.name))
         if foreign:
             raise DataError(
                 f"{out} holds files that are not a generated study ({', '.join(foreign[:3])}); "
@@ -126,8 +132,9 @@ def _prepare_out(out: Path) -> None:
             )
         for sub in ("dicom", "adapt"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        for f in ("labels.csv", "study.json", "labels.csv.part", "study.json.part"):
-            (out / f).unlink(missing_ok=True)
+        for p in out.iterdir():
+            if p.name in _REPLACED or _OWN_TEMP.fullmatch(p.name):
+                p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -183,9 +190,9 @@ def _write_strays(seed: int, out: Path, strays: list[dict], rng: np.random.Gener
                 seed, replace(host, index=1_000_000 + s["n"]), study_dir / f"SR{s['n']:06d}.dcm", text
             )
         elif s["n"] % 2:  # an export log next to the images
-            (study_dir / "EXPORT.LOG").write_text("export job finished\nfiles: see index\n", encoding="ascii")
+            atomic.write_text(study_dir / "EXPORT.LOG", "export job finished\nfiles: see index\n")
         else:  # a stray binary blob with an image-like name and no DICOM preamble
-            (study_dir / f"I9{s['n']:06d}").write_bytes(rng.bytes(2048))
+            atomic.write_bytes(study_dir / f"I9{s['n']:06d}", rng.bytes(2048))
 
 
 def generate_study(
@@ -302,10 +309,8 @@ def generate_study(
               "adapt_support_per_class": adapt_support_per_class,
               "adapt_query_per_class": adapt_query_per_class, "n_patients": n_patients,
               "conspicuity": conspicuity, "labels_unit": "series" if ct else "image"}  # fmt: skip
-    tmp = out / "study.json.part"
-    tmp.write_text(json.dumps({"generator": "fewscan.demodata", "parameters": params, "summary": summary},
-                              indent=2), encoding="utf-8")  # fmt: skip
-    os.replace(tmp, out / "study.json")
+    study = {"generator": "fewscan.demodata", "parameters": params, "summary": summary}
+    atomic.write_json(out / "study.json", study, indent=2)
     write_demo_salt(out, seed)
     return summary
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.demodata.plan import ImagePlan
 
 COLUMNS = (
@@ -53,6 +53,4 @@ def write_labels(path: Path, rows: list[dict[str, object]]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, buf.getvalue())

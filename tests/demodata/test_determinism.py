@@ -55,4 +55,4 @@ def test_regenerating_into_the_same_folder_replaces_the_study(tmp_path):
     generate_study(tmp_path / "s", seed=2, workers=1, **SMALL)  # type: ignore[arg-type]
     second = _pixels(tmp_path / "s")
     assert first != second
-    assert not list((tmp_path / "s").rglob("*.part"))
+    assert not list((tmp_path / "s").rglob("*.part")) and not list((tmp_path / "s").rglob("*.tmp"))

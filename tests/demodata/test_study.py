@@ -166,6 +166,32 @@ def test_refuses_a_foreign_folder(tmp_path):
     assert (tmp_path / "thesis.docx").read_text() == "mine"
 
 
+def test_temp_files_of_a_killed_write_do_not_make_the_folder_foreign(tmp_path):
+    from pipeline.atomic import atomic_open
+    from pipeline.demodata.generate import _prepare_out
+    from pipeline.errors import DataError
+
+    def leftover(name):  # the temp file atomic_open makes for `name`, as a kill mid-write leaves it
+        before = {p.name for p in tmp_path.iterdir()}
+        with pytest.raises(KeyboardInterrupt), atomic_open(tmp_path / name) as f:
+            (temp,) = {p.name for p in tmp_path.iterdir()} - before
+            f.write("half")
+            raise KeyboardInterrupt
+        (tmp_path / temp).write_text("half")
+        return temp
+
+    (tmp_path / "salt").write_text("s\n")
+    (tmp_path / "labels.csv").write_text("old")
+    left = [leftover("labels.csv"), leftover(".fewscan-demo.json"), leftover("study.json")]
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in left) and len(set(left)) == 3
+    _prepare_out(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["salt"]  # the salt is rewritten only if it differs
+    foreign = leftover("thesis.docx")
+    with pytest.raises(DataError, match="not a generated study"):
+        _prepare_out(tmp_path)
+    assert (tmp_path / foreign).read_text() == "half"
+
+
 def test_bad_arguments_name_the_fix(tmp_path):
     from pipeline.demodata.generate import generate_study
     from pipeline.errors import ConfigError
