@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import atomic, tracking
 from pipeline.chain import run_chain
 from pipeline.errors import ConfigError
 from pipeline.evaluate.report import learned_table
@@ -33,9 +32,7 @@ def ensure_demo_data(suite_name: str, regenerate: bool = False) -> Path:
         return out
     log(f"generating the synthetic study into {out} ({dd})")
     generate_study(out, **dd)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dd, sort_keys=True))
-    os.replace(tmp, marker)
+    atomic.write_json(marker, dd, sort_keys=True)
     return out
 
 
