@@ -114,6 +114,9 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-800:]}")
+        # not pipeline/atomic.py: the compiler writes the file itself (by name, not through a file object),
+        # so the rename of its finished output is all that is left to do; the flock in `_file_lock` keeps
+        # concurrent builds from racing (docs/ARCHITECTURE.md principle 12)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

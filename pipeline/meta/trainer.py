@@ -10,7 +10,6 @@ last checkpoint ends with bit-identical weights and metrics (tested in tests/met
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import re
 import time
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
+from pipeline.atomic import atomic_open
 from pipeline.errors import DataError
 from pipeline.meta.algorithms import MetaLearner
 from pipeline.meta.methods import FewShotMethod
@@ -222,11 +222,9 @@ class MetaTrainer:
         self.state = TrainState(ck["step"], ck["best_val"], ck["best_step"], list(ck["history"]))
 
     def save(self, path: Path) -> Path:
-        """Atomic write (temp file + rename): a kill mid-write leaves the previous checkpoint intact."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Atomic write (`pipeline/atomic.py`): a kill mid-write leaves the previous checkpoint intact."""
+        with atomic_open(path, "wb") as f:
+            torch.save(self.state_dict(), f)
         return path
 
     def load(self, path: Path) -> None:
