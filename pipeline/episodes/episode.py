@@ -9,13 +9,12 @@ The label of a scan is the position of its class in `classes`; for binary episod
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_open
 from pipeline.errors import DataError
 
 
@@ -83,21 +82,13 @@ class Episode:
 
 
 def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> int:
-    """Write one episode per line, atomically (temp file + os.replace). Returns the count."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    """Write one episode per line, atomically (`pipeline/atomic.py`). Returns the count."""
     n = 0
-    try:
-        with os.fdopen(fd, "w") as f:
-            for ep in episodes:
-                f.write(ep.to_json())
-                f.write("\n")
-                n += 1
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        for ep in episodes:
+            f.write(ep.to_json())
+            f.write("\n")
+            n += 1
     return n
 
 
