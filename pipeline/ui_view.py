@@ -1,7 +1,7 @@
 """What a researcher sees of fewscan's runs in the MLflow UI: its mode, the run table's columns, the
 descriptions of experiments and runs (docs/ui.md).
 
-Pure text and JSON, no mlflow: `pipeline/tracking.py` writes what these functions return.
+Pure text and JSON, no mlflow: the tracking layer (`pipeline/tracking/`) writes what these functions return.
 
 - **Mode.** MLflow 3 opens in its GenAI mode (traces, an AI assistant, "evaluation runs") unless the URL
   says `workflowType=machine_learning` (3.17: a URL parameter, else the browser's last choice) or, in
@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+from pipeline.atomic import atomic_open
 
 TAG_KIND = "mlflow.experimentKind"
 KIND = "custom_model_development"  # MLflow's name for the model-training experiment type
@@ -144,16 +146,13 @@ def write_previews(outdir: Path, plots: Sequence[str]) -> list[str]:
     out = []
     for rel in plots:
         dst = outdir / PREVIEW_DIR / Path(rel).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_suffix(".tmp.png")
         try:
-            with Image.open(outdir / rel) as im:
+            with Image.open(outdir / rel) as im, atomic_open(dst, "wb") as f:
                 im.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 4))
-                im.save(tmp, optimize=True)
+                im.save(f, format="PNG", optimize=True)
         except OSError:  # not an image PIL reads: shown as it is rather than failing the stage
             out.append(rel)
             continue
-        tmp.replace(dst)
         out.append(dst.relative_to(outdir).as_posix())
     return out
 

@@ -39,6 +39,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
+
 WIDTH, HEIGHT = 1400, 900
 MAX_PNG_BYTES = 300_000
 
@@ -243,9 +245,7 @@ def shoot(
     data = base64.b64decode(cdp.call("Page.captureScreenshot", format="png")["data"])
     if len(data) > MAX_PNG_BYTES:
         raise RuntimeError(f"{out.name}: {len(data)} bytes, over {MAX_PNG_BYTES}; choose a calmer view")
-    tmp = out.with_suffix(".png.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic.write_bytes(out, data)
     log(f"{out.name}: {len(data) // 1000} KB from {url}")
 
 

@@ -157,3 +157,14 @@ def test_run_names_are_escaped_in_links() -> None:
     assert (
         md == r"Upstream: ingest [study \[v2\] \*x\*](#/experiments/3/runs/abc?workflowType=machine_learning)"
     )
+
+
+def test_previews_are_narrow_copies_and_an_unreadable_plot_is_shown_as_it_is(tmp_path: Path) -> None:
+    (tmp_path / "plots").mkdir()
+    Image.new("RGB", (2000, 1000), "white").save(tmp_path / "plots" / "wide.png")
+    (tmp_path / "plots" / "broken.png").write_bytes(b"not a png")
+    got = ui_view.write_previews(tmp_path, ["plots/wide.png", "plots/broken.png"])
+    assert got == [f"{ui_view.PREVIEW_DIR}/wide.png", "plots/broken.png"]
+    with Image.open(tmp_path / got[0]) as im:
+        assert im.format == "PNG" and im.size == (ui_view.PREVIEW_WIDTH, ui_view.PREVIEW_WIDTH // 2)
+    assert sorted(p.name for p in (tmp_path / ui_view.PREVIEW_DIR).iterdir()) == ["wide.png"]  # no temp left
