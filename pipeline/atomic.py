@@ -19,27 +19,46 @@ from typing import IO, Any, Literal, overload
 
 @overload
 def atomic_open(
-    path: str | Path, mode: Literal["w"] = "w", *, private: bool = False, newline: str | None = None
+    path: str | Path,
+    mode: Literal["w"] = "w",
+    *,
+    private: bool = False,
+    newline: str | None = None,
+    durable: bool = True,
 ) -> contextlib.AbstractContextManager[IO[str]]: ...
 @overload
 def atomic_open(
-    path: str | Path, mode: Literal["wb"], *, private: bool = False, newline: str | None = None
+    path: str | Path,
+    mode: Literal["wb"],
+    *,
+    private: bool = False,
+    newline: str | None = None,
+    durable: bool = True,
 ) -> contextlib.AbstractContextManager[IO[bytes]]: ...
 def atomic_open(
-    path: str | Path, mode: str = "w", *, private: bool = False, newline: str | None = None
+    path: str | Path,
+    mode: str = "w",
+    *,
+    private: bool = False,
+    newline: str | None = None,
+    durable: bool = True,
 ) -> contextlib.AbstractContextManager[IO[Any]]:
     """`with atomic_open(path) as f: ...` writes `path` atomically; an exception inside leaves it untouched.
 
     mode: "w" (text, UTF-8) or "wb". private: the file is created 0600 (owner only), for local reports that
     hold clear paths (docs/ARCHITECTURE.md principle 10); otherwise it gets the usual umask-derived mode.
-    The parent folder is created if missing."""
+    The parent folder is created if missing. durable=False skips the fsync (the rename stays atomic, so a
+    reader still never sees half a file, but a power cut may lose the write): only for a cache entry, whose
+    loss is a miss, written once per decoded file, where an fsync each would cost more than the decode."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
-    return _atomic_open(Path(path), mode, private, newline)
+    return _atomic_open(Path(path), mode, private, newline, durable)
 
 
 @contextlib.contextmanager
-def _atomic_open(path: Path, mode: str, private: bool, newline: str | None) -> Iterator[IO[Any]]:
+def _atomic_open(
+    path: Path, mode: str, private: bool, newline: str | None, durable: bool
+) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -55,7 +74,8 @@ def _atomic_open(path: Path, mode: str, private: bool, newline: str | None) -> I
         with f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline import atomic, tracking
+from pipeline.artifacts import ResultsFile, read_artifact
 from pipeline.chain import run_chain
 from pipeline.errors import ConfigError
 from pipeline.evaluate.report import learned_table
@@ -54,7 +55,7 @@ def run_demo(quick: bool = False, force: bool = False, regenerate: bool = False)
             lines.append(f"  report:   {up.artifact('report.md')}")
         except Exception:  # noqa: BLE001 - a remote store has no local path to print
             lines.append(f"  report:   report.md in evaluate run {ev.run_id}")
-        results = json.loads(up.artifact("results.json").read_text())
+        results = read_artifact(ResultsFile, up.artifact(ResultsFile.FILE))
         lines[1:1] = ["", *learned_table(results), ""]
     lines += [
         f"  runs:     {tracking.experiment_url(result.experiment_id)}",

@@ -153,7 +153,7 @@ class AdaptedClassifier:
     @property
     def per_scan(self) -> bool:
         """True when the network normalises over the batch (BatchNorm on batch stats): score one by one."""
-        return str(self.meta_model.meta.get("normalization", "group")) == "batch_transductive"
+        return self.meta_model.meta.normalization == "batch_transductive"
 
     @classmethod
     def load(cls, folder: str | Path) -> AdaptedClassifier:

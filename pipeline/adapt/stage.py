@@ -1,7 +1,8 @@
 """`fewscan adapt`: a meta-model + a few labelled scans of a new condition -> a registered, servable model.
 
-1. The meta-model: `models/<method>` of the upstream meta-train run, with the ingest preprocessing it
-   was trained on (from `meta_model.json`; the ingest run's store for the modalities and salt id).
+1. The meta-model: `models/<method>` of the upstream meta-train run, with the facts of the ingest it was
+   trained on (preprocessing, modalities, normal label, salt id), recorded in its `meta_model.json` by
+   meta-train: adapt reads no other run.
 2. The support set (and optional query set): every scan through that preprocessing; unreadable scans
    are reported and skipped if every class keeps `min_per_class`; a scan of another modality/geometry
    refuses the set.
@@ -57,6 +58,7 @@ from pipeline.adapt.support import (
     order_classes,
     write_json_atomic,
 )
+from pipeline.artifacts import IngestFacts
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import metrics as M
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
@@ -188,42 +190,27 @@ def _primary_method(params: dict[str, str], available: list[str]) -> str | None:
     return available[0] if len(available) == 1 else None
 
 
-def _ingest_facts(mt: UpstreamRun, mm: MetaModel) -> dict[str, Any]:
-    """Modalities, normal label and salt id of the ingest the meta-model was trained on (best effort)."""
-    rid = mm.meta.get("ingest_run_id")
-    try:
-        ing = UpstreamRun.from_id(str(rid), "ingest") if rid else mt.upstream("episodes").upstream("ingest")
-        store = ing.read_json("store/store.json")
-    except UpstreamError as err:
-        log(f"adapt: the meta-model's ingest run is not reachable ({err}); modality is not checked")
-        return {}
-    facts: dict[str, Any] = {"ingest_run_id": ing.run_id, "store": store}
-    try:
-        import pandas as pd
-
-        idx = pd.read_parquet(ing.artifact("store/scan_index.parquet"), columns=["modality", "patient_key"])
-        mods = {str(m).strip().upper() for m in idx["modality"].dropna() if str(m).strip()}
-        facts["modalities"] = frozenset(mods) if mods else None
-        facts["patient_keys"] = set(idx["patient_key"].dropna().astype(str)) - {""}
-    except (UpstreamError, OSError, KeyError, ValueError) as err:
-        log(f"adapt: cannot read the ingest scan index ({err}); modality is not checked")
+def ingest_facts(mm: MetaModel) -> IngestFacts:
+    """The ingest facts the meta-model records (meta_model.json `ingest`, pipeline/artifacts.py)."""
+    facts = mm.meta.ingest
+    if facts is None or not facts.preprocessing:
+        raise UpstreamError(
+            "the meta-model records no ingest facts (meta_model.json 'ingest': preprocessing, modalities, salt "
+            "id; written by meta-train since meta_model.json schema_version 2), so it cannot read new scans "
+            "the way its training data was read. It was trained by an older fewscan: re-run meta-train with "
+            "this fewscan"
+        )
     return facts
 
 
-def scan_spec(mm: MetaModel, facts: dict[str, Any]) -> ScanSpec:
-    prep = mm.meta.get("preprocessing")
-    if not isinstance(prep, dict) or not prep:
-        raise UpstreamError(
-            "the meta-model records no ingest preprocessing (meta_model.json 'preprocessing'); it cannot "
-            "read new scans the way its training data was read. Re-run meta-train with this fewscan"
-        )
-    store_prep = (facts.get("store") or {}).get("preprocessing")
-    if isinstance(store_prep, dict) and store_prep != prep:
-        raise UpstreamError(
-            f"the meta-model's preprocessing differs from its ingest run {facts.get('ingest_run_id')}'s; "
-            "its lineage is inconsistent — re-run meta-train on that ingest"
-        )
-    return ScanSpec(preprocessing=dict(prep), shape=tuple(mm.image_shape), modalities=facts.get("modalities"))
+def scan_spec(mm: MetaModel, facts: IngestFacts) -> ScanSpec:
+    """How to read a new scan for this meta-model: its ingest preprocessing, input shape and modalities
+    (none recorded: the modality is not checked)."""
+    return ScanSpec(
+        preprocessing=dict(facts.preprocessing),
+        shape=tuple(mm.image_shape),
+        modalities=frozenset(facts.modalities) or None,
+    )
 
 
 # ------------------------------------------------------------------------------------ adaptation
@@ -322,10 +309,9 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     mt = upstream["meta-train"]
     method_name, mm_dir = choose_method(mt, cfg.method)
     mm = load_meta_model(mm_dir, device=pick_device())
-    facts = _ingest_facts(mt, mm)
+    facts = ingest_facts(mm)
     spec = scan_spec(mm, facts)
-    store = facts.get("store") or {}
-    normal = str(store.get("normal_label") or mm.meta.get("normal_label") or DEFAULT_NORMAL)
+    normal = facts.normal_label or mm.meta.normal_label or DEFAULT_NORMAL
     salt = load_or_create_salt(cfg.salt_file)
     # stderr names a file only by its salted key; this local-only file maps keys back to clear paths
     ledger = PathLedger(salt, Path(cfg.local_report_dir) / LEDGER_FILE)
@@ -441,8 +427,9 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
             log(
                 f"query: {overlap_support} query patient(s) also appear in the support set: metrics are optimistic"
             )
-        if store.get("salt_id") == salt_id(salt) and facts.get("patient_keys"):
-            seen = len(q_pat & facts["patient_keys"])
+        trained_on = mm.training_patients() if facts.salt_id == salt_id(salt) else None
+        if trained_on:
+            seen = len(q_pat & trained_on)
             headline["query_patients_in_meta_training_data"] = float(seen)
             if seen:
                 log(
@@ -477,9 +464,9 @@ def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
         "decision": rule,
         "support_counts": support.counts(),
         "meta_train_run_id": mt.run_id,
-        "ingest_run_id": facts.get("ingest_run_id") or mm.meta.get("ingest_run_id"),
+        "ingest_run_id": facts.run_id,
         "adapt_run_id": run.run_id,
-        "normalization": mm.meta.get("normalization"),
+        "normalization": mm.meta.normalization,
     }
     with tempfile.TemporaryDirectory(prefix="fewscan-adapt-") as tmpname:
         tmp = Path(tmpname)

@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pipeline import atomic
+from pipeline.artifacts import SplitFile, write_artifact
 from pipeline.episodes.audit import audit
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.episode import Episode, write_episodes
@@ -46,29 +45,16 @@ def build_episodes(index: pd.DataFrame, meta: dict[str, Any], cfg: EpisodesConfi
     """Split, fixed val/test episodes and the leakage audit for one scan index (reads no image)."""
     table = LabelTable.from_index(index, normal_label_of(meta), meta.get("label_names"), cfg.group_by)
     split, warnings = build_split(table, cfg)
+    # the samplers read the split as meta-train and evaluate will read split.json: through its model
+    typed = SplitFile.model_validate(split)
     val: list[Episode] = []
     if cfg.val_episodes > 0:
         val = fixed_episodes(
-            EpisodeSampler(split, index, cfg, "val", table=table), cfg.val_episodes, cfg.seed
+            EpisodeSampler(typed, index, cfg, "val", table=table), cfg.val_episodes, cfg.seed
         )
-    test = fixed_episodes(EpisodeSampler(split, index, cfg, "test", table=table), cfg.test_episodes, cfg.seed)
+    test = fixed_episodes(EpisodeSampler(typed, index, cfg, "test", table=table), cfg.test_episodes, cfg.seed)
     report = audit(split, {"val": val, "test": test}, index, cfg, table=table)
     return Built(split, val, test, report, warnings)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # json.dumps, not json.dump: dump always takes json's pure-Python encoder (1 s of CPU for
-            # the split.json of a 112k-scan index); dumps uses the C one, for the same text
-            f.write(json.dumps(obj) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(built: Built, outdir: Path) -> dict[str, Path]:
@@ -79,8 +65,9 @@ def write_outputs(built: Built, outdir: Path) -> dict[str, Path]:
         "test": outdir / "episodes" / "test.jsonl",
         "audit": outdir / "leakage_audit.json",
     }
-    write_json(paths["audit"], built.audit)
-    write_json(paths["split"], built.split)
+    atomic.write_json(paths["audit"], built.audit)
+    # split.json through its model (pipeline/artifacts.py): what is written is what the readers parse
+    write_artifact(paths["split"], SplitFile.model_validate(built.split))
     write_episodes(paths["val"], built.val)
     write_episodes(paths["test"], built.test)
     return paths

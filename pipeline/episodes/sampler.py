@@ -15,12 +15,13 @@ once per (class, other classes) and cached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.artifacts import SplitFile
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.episode import Episode, load_episodes
 from pipeline.episodes.labels import LabelTable, eligible
@@ -77,7 +78,8 @@ class _PatientGroups:
 
 
 class EpisodeSampler:
-    """Samples episodes from one pool (`"train"`, `"val"` or `"test"`) of a split (the `split.json` dict).
+    """Samples episodes from one pool (`"train"`, `"val"` or `"test"`) of a split (`split.json`'s model,
+    `pipeline.artifacts.SplitFile`, or the dict `build_split` returns).
 
     Not thread-safe (it keeps a scratch mask of the patients taken by the episode being drawn): use one
     sampler per thread; DataLoader worker processes each get their own copy.
@@ -85,17 +87,19 @@ class EpisodeSampler:
 
     def __init__(
         self,
-        split: dict[str, Any],
+        split: SplitFile | Mapping[str, Any],
         index: pd.DataFrame,
         cfg: EpisodesConfig,
         pool: str = "train",
         table: LabelTable | None = None,
         rotations: Sequence[int] = (0,),
     ):
-        if pool not in split.get("pools", {}):
-            raise DataError(f"split has no pool '{pool}' (pools: {sorted(split.get('pools', {}))})")
+        # split.json's model (pipeline/artifacts.py); a plain dict (build_split's) is validated into it
+        split = split if isinstance(split, SplitFile) else SplitFile.model_validate(split)
+        if pool not in split.pools:
+            raise DataError(f"split has no pool '{pool}' (pools: {sorted(split.pools)})")
         self.cfg, self.pool = cfg, pool
-        self.normal = str(split["normal_label"])
+        self.normal = split.normal_label
         if table is None:
             table = LabelTable.from_index(index, self.normal, group_by=cfg.group_by)
         elif cfg.group_by is not None and table.group_by != cfg.group_by:
@@ -103,18 +107,18 @@ class EpisodeSampler:
                 f"the label table is grouped by {table.group_by!r}, the episodes by {cfg.group_by!r}"
             )
         self.table = table
-        pool_lists: dict[str, list[str]] = split["pools"][pool]
+        pool_lists: dict[str, list[str]] = split.pools[pool]
         self.conditions = sorted(c for c in pool_lists if c != self.normal)
         # Episodes within a group (docs/tasks.md): per group value, the conditions that can fill a class
         # inside it (split.json "groups", written by the episodes stage with the same group_by).
         self.by_group: dict[str, list[str]] = {}
         if cfg.group_by is not None:
-            if split.get("group_by") != cfg.group_by or "groups" not in split:
+            if split.group_by != cfg.group_by or split.groups is None:
                 raise DataError(
                     f"episodes grouped by '{cfg.group_by}' need a split built with episodes.group_by: "
-                    f"{cfg.group_by} (this split.json has group_by {split.get('group_by')!r}); re-run episodes"
+                    f"{cfg.group_by} (this split.json has group_by {split.group_by!r}); re-run episodes"
                 )
-            self.by_group = {g: list(c) for g, c in split["groups"][pool].items() if c}
+            self.by_group = {g: list(c) for g, c in split.groups.get(pool, {}).items() if c}
         rots = tuple(sorted(set(int(r) for r in rotations)))
         if not rots or any(r not in ROTATIONS for r in rots):
             raise DataError(
@@ -299,7 +303,7 @@ class TrainSampler(EpisodeSampler):
 
     def __init__(
         self,
-        split: dict[str, Any],
+        split: SplitFile | Mapping[str, Any],
         index: pd.DataFrame,
         cfg: EpisodesConfig,
         table: LabelTable | None = None,

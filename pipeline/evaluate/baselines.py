@@ -25,7 +25,6 @@ kept by any of our normalization policies), at a fraction of the cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit
 from torch import Tensor, nn
 
+from pipeline.artifacts import SplitFile
 from pipeline.errors import DataError
 from pipeline.evaluate import metrics
 from pipeline.evaluate.config import PretrainConfig
@@ -59,14 +59,14 @@ class PretrainData:
     n_multi_label_dropped: int
 
 
-def pretrain_data(split: Mapping[str, Any], index: pd.DataFrame, rows_for: Any) -> PretrainData:
+def pretrain_data(split: SplitFile, index: pd.DataFrame, rows_for: Any) -> PretrainData:
     """The traditional classifier's training set: every train-pool scan with exactly one label.
 
     Multi-label policy: a scan with two or more findings is left out (its class is ambiguous for a
     single-label softmax classifier, and it may carry a finding of a rare condition). Normal scans
     (the normal label alone) are a class of their own.
     """
-    pools = split.get("pools", {}).get("train")
+    pools = split.pools.get("train")
     if not pools:
         raise DataError("split.json has no train pool; the traditional baseline needs the meta-train pool")
     classes = sorted(pools)

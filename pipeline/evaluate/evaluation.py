@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.artifacts import SplitFile
 from pipeline.errors import DataError
 from pipeline.evaluate import baselines, runner, summary
 from pipeline.evaluate.config import EvaluateConfig
@@ -45,17 +46,13 @@ class Inputs:
     meta_models: dict[str, MetaModel]  # folder name under models/ → loaded meta-model
     val: list[Any]  # Episode
     test: list[Any]
-    split: dict[str, Any]
+    split: SplitFile
     store: Any  # ImageStore: .images, .index, .rows_for
     load: Loader  # episode → (x_s, y_s, x_q, y_q)
     provenance: dict[str, str]  # meta_train_run, episodes_run, ingest_run
     device: torch.device = torch.device("cpu")
     # method → {meta-training seed → meta-model} for the seeds after the first (meta-train's seeds/ folder)
     meta_seed_models: dict[str, dict[int, MetaModel]] = field(default_factory=dict)
-
-
-def _pool_keys(split: dict[str, Any], pool: str) -> set[str]:
-    return {k for keys in split.get("pools", {}).get(pool, {}).values() for k in keys}
 
 
 @dataclass
@@ -72,11 +69,11 @@ class MethodPlan:
 
 def meta_seed(mm: MetaModel) -> int:
     """The meta-training seed a meta-model was trained with (0 for models written before seeds existed)."""
-    return int(mm.meta.get("meta_train_seed", 0))
+    return int(mm.meta.meta_train_seed or 0)
 
 
 def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig, one_seed: bool = True) -> MethodPlan:
-    if mm.meta["method"] == "protonet":
+    if mm.meta.method == "protonet":
         return MethodPlan(
             name,
             FAMILY_META,
@@ -86,16 +83,17 @@ def _meta_plan(name: str, mm: MetaModel, cfg: EvaluateConfig, one_seed: bool = T
             [None],
             one_seed,
         )
-    inner = mm.meta["inner"]
-    trained = int(inner.get("eval_steps") or inner["steps"])
+    inner = mm.meta.inner
+    trained = int(inner.eval_steps or inner.steps)
     steps: list[int | None] = list(sorted(cfg.meta.steps)) if cfg.meta.steps else [trained]
-    lr = "learned per-layer/step" if inner.get("learned_lr") else f"{inner.get('lr')}"
+    # learned_lr is "none" for the plain MAML family (a non-empty string: test the value, not truth)
+    lr = "learned per-layer/step" if inner.learned_lr not in (None, "none") else f"{inner.lr}"
     return MethodPlan(
         name,
         FAMILY_META,
-        f"{mm.meta['method']} meta-learned initialization ({mm.meta['model'].get('backbone')}, head "
-        f"{mm.meta.get('head')}, norm {mm.meta.get('normalization')}), adapted on the support set with "
-        f"inner lr {lr}, trained with {inner['steps']} inner steps; test-time steps from {steps}",
+        f"{mm.meta.method} meta-learned initialization ({mm.meta.model.backbone}, head "
+        f"{mm.meta.head}, norm {mm.meta.normalization}), adapted on the support set with "
+        f"inner lr {lr}, trained with {inner.steps} inner steps; test-time steps from {steps}",
         [Candidate({}, lambda: mm.method())],
         steps,
         one_seed,
@@ -108,7 +106,7 @@ def _spec_of(inputs: Inputs) -> tuple[ModelSpec, int, tuple[int, ...]]:
         raise DataError("the meta-train run has no trained model under models/; nothing to compare with")
     mm = next(iter(inputs.meta_models.values()))
     shape = mm.image_shape
-    return ModelSpec.model_validate(mm.meta["model"]), int(shape[0]), tuple(int(s) for s in shape[1:])
+    return mm.meta.model, int(shape[0]), tuple(int(s) for s in shape[1:])
 
 
 def _finetune_plan(pre: baselines.Pretrained, cfg: EvaluateConfig) -> MethodPlan:
@@ -169,8 +167,8 @@ def run(
     inputs: Inputs, cfg: EvaluateConfig, on_method_done: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Evaluate every method; return the results dict (the content of results.json)."""
-    val_keys = _pool_keys(inputs.split, "val")
-    test_keys = _pool_keys(inputs.split, "test")
+    val_keys = inputs.split.pool_keys("val")
+    test_keys = inputs.split.pool_keys("test")
     # The test files must hold test-pool scans only (a swapped or foreign file is refused).
     runner.assert_from_pool(inputs.test, test_keys, "test")
     test_groups = {g: _first(eps, cfg.max_episodes) for g, eps in runner.group_episodes(inputs.test).items()}
@@ -412,7 +410,6 @@ def assemble(
                 seed=[cfg.bootstrap.seed, zlib.crc32(gk.encode())],
             )
     split = inputs.split
-    conds = split.get("conditions", {})
     return {
         "setup": {
             **inputs.provenance,
@@ -421,10 +418,10 @@ def assemble(
                 m: [meta_seed(mm), *sorted(inputs.meta_seed_models.get(m, {}))]
                 for m, mm in inputs.meta_models.items()
             },
-            "normal_label": split.get("normal_label"),
-            "test_conditions": sorted(c for c, i in conds.items() if i.get("split") == "test"),
-            "val_conditions": sorted(c for c, i in conds.items() if i.get("split") == "val"),
-            "train_conditions": sorted(c for c, i in conds.items() if i.get("split") == "train"),
+            "normal_label": split.normal_label,
+            "test_conditions": split.conditions_in("test"),
+            "val_conditions": split.conditions_in("val"),
+            "train_conditions": split.conditions_in("train"),
             "n_test_episodes": n_test,
             "n_way": n_way,
             "queries": distinct,
@@ -455,7 +452,7 @@ def training_warnings(inputs: Inputs, pretrain: dict[str, Any]) -> list[str]:
         (n, mm) for n, by in inputs.meta_seed_models.items() for mm in by.values()
     ]
     for name, mm in models:
-        acc = mm.meta.get("best_val_acc")
+        acc = mm.meta.best_val_acc
         if chance is not None and acc is not None and acc < chance + 0.02:
             out.append(
                 f"{name} (meta-training seed {meta_seed(mm)}) ended at validation accuracy {acc:.3f}, chance "

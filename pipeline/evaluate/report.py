@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.artifacts import ResultsFile
 from pipeline.evaluate.metrics import MeanCI
 
 PCT = 100.0
@@ -502,14 +503,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def learned_table(results: dict[str, Any]) -> list[str]:
+def learned_table(results: ResultsFile) -> list[str]:
     """A short plain-text table for the terminal (`fewscan demo`): each method's test accuracy per setting,
     with its seed + patient interval, the chance level, and the differences whose paired interval excludes
     zero. The report (`render`) has the full verdicts; this only says, at a glance, what was learned."""
-    comps = results["comparisons"]
+    comps = results.comparisons
     if not comps:
         return []
-    setup = results["setup"]
+    setup = results.setup
     groups = list(comps)
     first = comps[groups[0]]
     order = sorted(first["acc"], key=lambda m: -first["acc"][m]["mean"])
@@ -522,15 +523,15 @@ def learned_table(results: dict[str, Any]) -> list[str]:
 
     def title(gk: str) -> str:
         kind, _, k = gk.partition(".k")
-        n_way = (setup.get("n_way") or {}).get(gk)
+        n_way = setup.n_way.get(gk)
         return f"{'binary' if kind == 'binary' else f'{n_way}-way'} {k}-shot"
 
     head = ["method", *(title(g) for g in groups)]
     rows = [[m, *(cell(comps[g], m) for g in groups)] for m in order]
-    rows.append(["chance", *(f"{PCT / ((setup.get('n_way') or {}).get(g) or 2):.1f}" for g in groups)])
+    rows.append(["chance", *(f"{PCT / (setup.n_way.get(g) or 2):.1f}" for g in groups)])
     width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in width)
-    conds = ", ".join(setup.get("test_conditions") or [])
+    conds = ", ".join(setup.test_conditions)
     out = [
         f"What was learned: test accuracy (%) on {conds} with a 95% seed + patient interval",
         ("  " + fmt.format(*head)).rstrip(),
@@ -545,6 +546,6 @@ def learned_table(results: dict[str, Any]) -> list[str]:
         out.append(
             f"  {title(g)}: " + ("; ".join(clear) if clear else "no difference whose interval excludes 0")
         )
-    if results.get("warnings"):
-        out.append(f"  {len(results['warnings'])} training warning(s): see the report's verdict")
+    if results.warnings:
+        out.append(f"  {len(results.warnings)} training warning(s): see the report's verdict")
     return out

@@ -4,10 +4,12 @@ fewscan.stage=evaluate). Thin: loads the upstream artifacts, calls `evaluation.r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
+from pipeline.artifacts import ResultsFile, SplitFile, read_artifact, write_artifact
 from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import load_episodes
@@ -81,7 +83,8 @@ def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evalua
         meta_seed_models=_seed_models(mt, list(meta_models), device),
         val=load_episodes(ep.artifact("episodes/val.jsonl")),
         test=load_episodes(ep.artifact("episodes/test.jsonl")),
-        split=ep.read_json("split.json"),
+        # through split.json's model: a split of another fewscan version fails here, naming the field
+        split=read_artifact(SplitFile, ep.artifact(SplitFile.FILE)),
         store=store,
         load=lambda e: episode_arrays(e, store, device),
         provenance={"meta_train_run": mt.run_id, "episodes_run": ep.run_id, "ingest_run": ing.run_id},
@@ -89,18 +92,22 @@ def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evalua
     )
 
 
-def write_outputs(results: dict[str, Any], outdir: Path) -> None:
-    """plots/*.png, results.json, report.md into outdir (JSON and report written atomically)."""
+def write_outputs(results: dict[str, Any], outdir: Path) -> ResultsFile:
+    """plots/*.png, results.json, report.md into outdir (JSON and report written atomically). results.json
+    goes through its model (pipeline/artifacts.py), so what is written is what its readers parse."""
     results["plots"] = plots.write_all(results, outdir)
-    atomic.write_json(outdir / "results.json", results, indent=1, sort_keys=False, default=float)
+    # numpy scalars as plain numbers (json's default=float), NaN kept, then the typed model
+    typed = ResultsFile.model_validate(json.loads(json.dumps(results, default=float)))
+    write_artifact(outdir / ResultsFile.FILE, typed, indent=1)
     atomic.write_text(outdir / "report.md", report.render(results))
+    return typed
 
 
-def headline(results: dict[str, Any]) -> str:
+def headline(results: ResultsFile) -> str:
     """One line per run: each group's winner, its episode CI and, when present, which leads the patient-level
     bootstrap does not support (else whether the episode intervals overlap)."""
     parts = []
-    for gk, comp in results["comparisons"].items():
+    for gk, comp in results.comparisons.items():
         w = comp["winner"]
         a = comp["acc"][w]
         ci = f"±{a['ci95'] * 100:.1f}" if a["ci95"] is not None else ""
@@ -114,8 +121,8 @@ def headline(results: dict[str, Any]) -> str:
             tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
             note = f" (overlaps {','.join(tied)})" if tied else " (separated)"
         parts.append(f"{gk}: {w} {a['mean'] * 100:.1f}{ci}%" + note)
-    n = sum(results["setup"]["n_test_episodes"].values())
-    return f"{len(results['methods'])} methods on {n} test episodes; " + "; ".join(parts)
+    n = sum(results.setup.n_test_episodes.values())
+    return f"{len(results.methods)} methods on {n} test episodes; " + "; ".join(parts)
 
 
 def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
@@ -142,12 +149,12 @@ def _execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun
     results = evaluation.run(inputs, cfg)
     for w in results.get("warnings") or []:
         log(f"evaluate: WARNING: {w}")
-    write_outputs(results, run.outdir)
+    typed = write_outputs(results, run.outdir)
     chosen = {
         metric_key("chosen", m, *gk.split(".")): {k: v for k, v in sel["chosen"].items() if k != "val_acc"}
-        for m, by_seed in results["selection"].items()
+        for m, by_seed in typed.selection.items()
         for gk, sel in next(iter(by_seed.values())).items()
     }
     run.log_params(chosen)
     # logged by the framework with the run (names: test.<method>.<kind>.k<k>.<metric>)
-    return StageResult(summary=headline(results), metrics=evaluation.key_metrics(results))
+    return StageResult(summary=headline(typed), metrics=evaluation.key_metrics(results))

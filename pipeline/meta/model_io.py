@@ -5,10 +5,14 @@ state_dict.pth: the `FewShotNet` state dict, plus learned inner learning rates u
     `inner_lr.<step>.<parameter name>` (`<step>` = `all` for Meta-SGD's per-parameter rates, or the
     step index 0.. for MAML++'s per-layer per-step rates). Plain `torch.save` of a dict of tensors, i.e.
     exactly what `mlflow.pytorch.log_state_dict` writes, so either writer may be used.
-meta_model.json: {"format": "fewscan-meta-model", "version": 1, "method", "model": ModelSpec,
-    "in_channels", "image_shape": [C, *spatial], "spatial_dims", "head", "normalization",
-    "inner": {"steps", "eval_steps", "lr", "learned_lr", "trainable", "second_order"},
-    "ingest_run_id", "preprocessing", "label_names", ...extra}
+meta_model.json: `pipeline.artifacts.MetaModelFile`, written and read through that model: {"format":
+    "fewscan-meta-model", "version": 1, "schema_version": 2, "method", "model": ModelSpec, "in_channels",
+    "image_shape": [C, *spatial], "spatial_dims", "head", "normalization", "inner": {"steps", "eval_steps",
+    "lr", "learned_lr", "trainable", "second_order"}, "ingest_run_id", "preprocessing", "label_names",
+    "ingest": {the ingest facts adapt needs}, ...extra}
+ingest_patients.txt (optional, named by `ingest.patients_file`): the salted patient keys of the ingest,
+    one a line, for adapt's check that a query patient was not in the meta-model's data. Beside the JSON,
+    not in it: an adapted model copies meta_model.json and has no use for the list.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline import atomic
+from pipeline.artifacts import META_FORMAT, IngestFacts, MetaModelFile, parse_artifact
 from pipeline.errors import DataError
 from pipeline.meta.inner import LossFn, LRSpec
 from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
 from pipeline.meta.models import FewShotNet, ModelSpec, build_model
 
-FORMAT = "fewscan-meta-model"
-VERSION = 1
+FORMAT = META_FORMAT
+VERSION = MetaModelFile.VERSION
 STATE_FILE = "state_dict.pth"
-META_FILE = "meta_model.json"
+META_FILE = MetaModelFile.FILE
+PATIENTS_FILE = "ingest_patients.txt"
 
 
 def lr_to_state(lr: LRSpec) -> dict[str, Tensor]:
@@ -75,47 +82,57 @@ def meta_model_files(
     inner: Mapping[str, Any],
     inner_lr: LRSpec | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    ingest: IngestFacts | None = None,
+) -> tuple[dict[str, Tensor], MetaModelFile]:
     """The two things a meta-model folder holds: (state dict, meta_model.json content).
 
     `image_shape` is (C, *spatial) of the images the model was trained on; `inner` must hold at least
-    `steps` and `lr`; `extra` adds provenance (ingest_run_id, preprocessing, label_names, ...).
+    `steps` and `lr`; `extra` adds provenance (ingest_run_id, preprocessing, label_names, ...); `ingest`
+    the facts adapt reads instead of the ingest run (meta-train records them).
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if inner_lr is not None:
         state.update(lr_to_state(inner_lr))
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "method": method,
-        "model": model_spec.model_dump(),
-        "in_channels": int(image_shape[0]),
-        "image_shape": [int(s) for s in image_shape],
-        "spatial_dims": len(image_shape) - 1,
-        "head": model_spec.head,
-        "normalization": model_spec.norm,
-        "inner": dict(inner),
-    }
-    meta.update(dict(extra or {}))
+    meta = MetaModelFile.model_validate(
+        {
+            **dict(extra or {}),
+            "format": FORMAT,
+            "version": VERSION,
+            "schema_version": MetaModelFile.SCHEMA_VERSION,
+            "method": method,
+            "model": model_spec,
+            "in_channels": int(image_shape[0]),
+            "image_shape": [int(s) for s in image_shape],
+            "spatial_dims": len(image_shape) - 1,
+            "head": model_spec.head,
+            "normalization": model_spec.norm,
+            "inner": dict(inner),
+            "ingest": ingest,
+        }
+    )
     return state, meta
 
 
-def save_meta_model(folder: str | Path, model: FewShotNet, **kw: Any) -> Path:
-    """Write `state_dict.pth` and `meta_model.json` into `folder` atomically; kw as `meta_model_files`."""
+def save_meta_model(
+    folder: str | Path, model: FewShotNet, *, patient_keys: Sequence[str] | None = None, **kw: Any
+) -> Path:
+    """Write `state_dict.pth` and `meta_model.json` into `folder` atomically; kw as `meta_model_files`.
+    `patient_keys` (with `ingest=`): the ingest's salted patient keys, written to PATIENTS_FILE."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, meta = meta_model_files(model, **kw)
+    if patient_keys is not None and meta.ingest is not None:
+        atomic.write_text(folder / PATIENTS_FILE, "".join(f"{k}\n" for k in sorted(set(patient_keys))))
+        meta.ingest = meta.ingest.model_copy(update={"patients_file": PATIENTS_FILE})
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
         torch.save(state, f)
     os.replace(f.name, folder / STATE_FILE)
-    write_json_atomic(folder / META_FILE, meta)
+    atomic.write_text(folder / META_FILE, meta.model_dump_json(indent=2) + "\n")
     return folder
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=2, sort_keys=True, default=str)
 
 
 @dataclass
@@ -123,16 +140,27 @@ class MetaModel:
     """A loaded meta-model: the network with its meta-learned parameters, and its description."""
 
     model: FewShotNet
-    meta: dict[str, Any]
+    meta: MetaModelFile
     inner_lr: LRSpec
+    folder: Path | None = None
 
     @property
     def name(self) -> str:
-        return str(self.meta["method"])
+        return self.meta.method
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["image_shape"])
+        return tuple(self.meta.image_shape)
+
+    def training_patients(self) -> set[str] | None:
+        """The salted patient keys of the ingest it was trained on (None when the folder records none)."""
+        ing = self.meta.ingest
+        if ing is None or ing.patients_file is None or self.folder is None:
+            return None
+        path = self.folder / ing.patients_file
+        if not path.is_file():
+            return None
+        return {line for line in path.read_text().splitlines() if line}
 
     def method(
         self,
@@ -144,18 +172,18 @@ class MetaModel:
         """The method to adapt with: learned inner rates unless `lr` overrides them; `steps` defaults to the
         recorded `inner.eval_steps` (else `inner.steps`); `loss_fn` replaces the inner loop's cross-entropy
         (gradient methods; ProtoNet has no inner loop)."""
-        if self.meta["method"] == "protonet":
+        if self.meta.method == "protonet":
             return ProtoNetMethod(self.model, name="protonet", batch_size=batch_size)
-        inner = self.meta["inner"]
-        n = steps if steps is not None else int(inner.get("eval_steps") or inner["steps"])
+        inner = self.meta.inner
+        n = steps if steps is not None else int(inner.eval_steps or inner.steps)
         return GradientMethod(
             self.model,
             steps=n,
             lr=self.inner_lr if lr is None else lr,
-            trainable=inner.get("trainable", "all"),
+            trainable=inner.trainable,
             name=self.name,
             batch_size=batch_size,
-            clip_grad=inner.get("clip_grad"),
+            clip_grad=inner.clip_grad,
             loss_fn=loss_fn,
         )
 
@@ -188,19 +216,32 @@ def load_meta_model(folder: str | Path, device: str | torch.device = "cpu") -> M
             f"{folder} is not a meta-model folder: it needs {META_FILE} and {STATE_FILE} "
             f"(the models/<method> artifact folder of a meta-train run)"
         )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path} is not a fewscan meta-model (format={meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise DataError(
-            f"{meta_path} has version {meta['version']}; this fewscan reads up to {VERSION}, upgrade it"
-        )
-    spec = ModelSpec.model_validate(meta["model"])
-    shape = meta["image_shape"]
+    text = meta_path.read_bytes()
+    # format and version first, as older fewscan versions check them: a file that is not a meta-model
+    # at all gets that message, not a list of missing fields
+    fmt, version = _format_of(text)
+    if fmt != FORMAT:
+        raise DataError(f"{meta_path} is not a fewscan meta-model (format={fmt!r})")
+    if version > VERSION:
+        raise DataError(f"{meta_path} has version {version}; this fewscan reads up to {VERSION}, upgrade it")
+    meta = parse_artifact(MetaModelFile, text, str(meta_path))
+    spec = meta.model
+    shape = meta.image_shape
     model = build_model(spec, int(shape[0]), tuple(shape[1:]))
     state = load_tensors(state_path)
     model_state = {k: v for k, v in state.items() if not k.startswith("inner_lr.")}
     model.load_state_dict(model_state, strict=True)
     model.to(device).eval()
-    lr = lr_from_state({k: v.to(device) for k, v in state.items()}, float(meta["inner"]["lr"]))
-    return MetaModel(model=model, meta=meta, inner_lr=lr)
+    lr = lr_from_state({k: v.to(device) for k, v in state.items()}, meta.inner.lr)
+    return MetaModel(model=model, meta=meta, inner_lr=lr, folder=folder)
+
+
+def _format_of(text: bytes) -> tuple[Any, int]:
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return None, 0
+    if not isinstance(raw, dict):
+        return None, 0
+    v = raw.get("version", 0)
+    return raw.get("format"), v if isinstance(v, int) else 0

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.artifacts import IngestFacts, SplitFile, read_artifact
 from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays, stack_episodes
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.episode import Episode, load_episodes
 from pipeline.episodes.sampler import TrainSampler
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError
 from pipeline.ingest.store import ImageStore
 from pipeline.meta import native
 from pipeline.meta.algorithms import MetaLearner, make_algorithm
@@ -61,14 +62,11 @@ def run_name(cfg: MetaTrainConfig) -> str:
 
 # ------------------------------------------------------------------------------------------ helpers
 def train_episodes_config(
-    split: dict[str, Any], cfg: MetaTrainConfig, method: str | None = None
+    split: SplitFile, cfg: MetaTrainConfig, method: str | None = None
 ) -> EpisodesConfig:
     """The episode shapes of the episodes run (recorded in split.json), with meta_train.train_episodes
     overrides, then its per_method overrides for `method`. Episodes within a group (split.json
     `group_by`) stay within a group in meta-training too (docs/tasks.md)."""
-    missing = [k for k in ("kinds", "k_shots", "q_query") if k not in split]
-    if missing:
-        raise DataError(f"split.json of the episodes run lacks {missing}; re-run the episodes stage")
     te = cfg.train_episodes
     pm = te.per_method.get(method or "")
 
@@ -76,16 +74,16 @@ def train_episodes_config(
         return next((v for v in (getattr(pm, key, None), getattr(te, key)) if v is not None), None)
 
     return EpisodesConfig(
-        kinds=pick("kinds") or list(split["kinds"]),
-        k_shot=pick("k_shot") or list(split["k_shots"]),
-        q_query=pick("q_query") or int(split["q_query"]),
-        n_way=pick("n_way") or int(split.get("n_way", 3)),
-        multilabel=split.get("multilabel", "exclusive_in_episode"),
-        group_by=split.get("group_by"),
+        kinds=pick("kinds") or list(split.kinds),
+        k_shot=pick("k_shot") or list(split.k_shots),
+        q_query=pick("q_query") or split.q_query,
+        n_way=pick("n_way") or split.n_way,
+        multilabel=split.multilabel,
+        group_by=split.group_by,
     )
 
 
-def train_samplers(split: dict[str, Any], index: Any, cfg: MetaTrainConfig) -> dict[str, TrainSampler]:
+def train_samplers(split: SplitFile, index: Any, cfg: MetaTrainConfig) -> dict[str, TrainSampler]:
     """One meta-training sampler per method (methods with the same episode settings share one), with
     meta_train.train_episodes.rotations (docs/tasks.md, "Rotated classes")."""
     out: dict[str, TrainSampler] = {}
@@ -109,6 +107,28 @@ def pick_val_episodes(episodes: list[Episode], limit: int | None) -> list[Episod
         return episodes
     idx = np.linspace(0, len(episodes) - 1, limit).round().astype(int)
     return [episodes[i] for i in sorted(set(idx.tolist()))]
+
+
+def ingest_facts_of(store: ImageStore, ingest_run_id: str) -> tuple[IngestFacts, list[str]]:
+    """The ingest facts a meta-model records (modalities of the scan index, preprocessing, normal label,
+    salt id) and the ingest's salted patient keys (for adapt's query-patient check)."""
+    idx = store.index
+    mods = sorted(
+        {str(m).strip().upper() for m in idx["modality"].dropna() if str(m).strip()}
+        if "modality" in idx
+        else set()
+    )
+    patients = sorted(set(idx["patient_key"].dropna().astype(str)) - {""}) if "patient_key" in idx else []
+    facts = IngestFacts(
+        run_id=ingest_run_id,
+        preprocessing=dict(store.meta.get("preprocessing") or {}),
+        modalities=mods,
+        normal_label=store.meta.get("normal_label"),
+        label_names=list(store.meta.get("label_names") or []),
+        salt_id=store.meta.get("salt_id"),
+        n_patients=len(patients),
+    )
+    return facts, patients
 
 
 def method_seed(seed: int, index: int) -> int:
@@ -147,7 +167,8 @@ def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun
     ep_up = upstream["episodes"]
     ingest_up = ep_up.upstream("ingest")
     store = ImageStore.open(ingest_up.artifact("store"))
-    split = ep_up.read_json("split.json")
+    # through split.json's model: a split of another fewscan version fails here, naming the field
+    split = read_artifact(SplitFile, ep_up.artifact(SplitFile.FILE))
     val_all = load_episodes(ep_up.artifact("episodes/val.jsonl"))
     # Intra-op threads sized from the CPUs this process may use (the task-thread pool takes its size from
     # them and runs each task with one), restored when the stage ends (docs/scaling.md, "CPU threads and
@@ -163,7 +184,7 @@ def _execute(
     ep_up: UpstreamRun,
     ingest_up: UpstreamRun,
     store: ImageStore,
-    split: dict[str, Any],
+    split: SplitFile,
     val_all: list[Episode],
     scratch: Path,
 ) -> StageResult:
@@ -218,6 +239,10 @@ def _execute(
         f"{len(val_eps)} val episodes, methods {cfg.methods}"
         + (f", CPU kernels {native.status()}" if device.type == "cpu" else "")
     )
+
+    # What adapt needs of the ingest, recorded in every meta_model.json so that adapt reads it from the
+    # meta-model alone instead of walking back to the episodes and ingest runs (docs/adapt.md)
+    ingest_facts, patient_keys = ingest_facts_of(store, ingest_up.run_id)
 
     # What guessing scores on these validation episodes (mean over episodes of 1/n_way): a kept model no
     # better than this learned nothing measurable, and the summary says so.
@@ -292,13 +317,15 @@ def _execute(
             image_shape=image_shape,
             inner=inner,
             inner_lr=detach_lr(learner.inner_lr()),
+            ingest=ingest_facts,
+            patient_keys=patient_keys,
             extra={
                 "ingest_run_id": ingest_up.run_id,
                 "episodes_run_id": ep_up.run_id,
                 "meta_train_run_id": run.run_id,
                 "preprocessing": store.meta.get("preprocessing", {}),
                 "label_names": store.meta.get("label_names", []),
-                "normal_label": split.get("normal_label"),
+                "normal_label": split.normal_label,
                 "train_conditions": sampler.conditions,
                 "selected": used,
                 "best_val_acc": state.best_val if state.best_step >= 0 else None,

@@ -208,9 +208,22 @@ def make_upstream_runs(
     ) as run:
         dst = run.outdir / "models" / "fomaml"
         shutil.copytree(meta_model_dir, dst)
+        # what meta-train records of its ingest (pipeline/metatrain/stage.py ingest_facts_of): adapt reads
+        # these from the meta-model alone
         meta = json.loads((dst / "meta_model.json").read_text())
         meta["ingest_run_id"] = ing.run_id
+        meta["schema_version"] = 2
+        meta["ingest"] = {
+            "run_id": ing.run_id,
+            "preprocessing": preprocessing(),
+            "modalities": ["DX"],
+            "normal_label": NORMAL,
+            "salt_id": salt_id(salt),
+            "n_patients": len(set(pats)),
+            "patients_file": "ingest_patients.txt",
+        }
         (dst / "meta_model.json").write_text(json.dumps(meta))
+        (dst / "ingest_patients.txt").write_text("".join(f"{k}\n" for k in sorted(set(pats))))
         mt_id = run.run_id
     return {"ingest": ingest_id, "meta-train": mt_id}
 

@@ -51,15 +51,26 @@ def store(
             AdaptConfig,
             "test",
         )
-        with mlflow_noise() as noise:
+        upstream = {"meta-train": tracking.UpstreamRun.from_id(ids["meta-train"])}
+        # adapt reads the ingest facts from meta_model.json alone: any lookup of another run (the walk back
+        # meta-train -> episodes -> ingest, or the ingest run by id) is recorded and fails
+        walked: list[str] = []
+
+        def refuse(what: str) -> Any:
+            def lookup(*args: Any, **kw: Any) -> Any:
+                walked.append(f"{what}{args[1:] or args}")
+                raise UpstreamError(f"test: adapt looked up another run ({what})")
+
+            return lookup
+
+        with pytest.MonkeyPatch.context() as no_lookup, mlflow_noise() as noise:
+            no_lookup.setattr(tracking.UpstreamRun, "upstream", refuse("upstream"))
+            no_lookup.setattr(tracking.UpstreamRun, "from_id", refuse("from_id"))
             out = stages.execute_stage(
-                "adapt",
-                cfg,
-                upstream={"meta-train": tracking.UpstreamRun.from_id(ids["meta-train"])},
-                suite="adapttest",
-                dataset="synthetic",
+                "adapt", cfg, upstream=upstream, suite="adapttest", dataset="synthetic"
             )
         yield {
+            "walked": walked,
             "root": root,
             "ids": ids,
             "run_id": out.run_id,
@@ -111,6 +122,13 @@ def test_adapt_run_is_finished_linked_and_logs_the_support_loss_per_step(store: 
     m = run.data.metrics
     assert m["support_scans"] == 10 and m["support_rejected"] == 1
     assert "1 unreadable skipped" in store["summary"]
+
+
+def test_adapt_reads_the_ingest_facts_from_the_meta_model_alone(store: dict[str, Any]) -> None:
+    # the fixture's adapt ran with every lookup of another run failing; it finished, checked the modality
+    # (test_error_paths_name_the_problem) and the query patients, and looked nothing up
+    assert store["walked"] == []
+    assert _run(store["run_id"]).info.status == "FINISHED"
 
 
 def test_adaptation_improves_query_metrics_over_the_unadapted_model(store: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ def test_pretrain_data_is_the_train_pool_single_label_scans(world: World) -> Non
     labels = world.store.index.set_index("store_index").loc[d.rows, "labels"].tolist()
     assert all("|" not in lab for lab in labels)
     assert [d.classes[y] for y in d.y] == labels
-    train_keys = {k for ks in world.split["pools"]["train"].values() for k in ks}
+    train_keys = world.split.pool_keys("train")
     keys = world.store.index.set_index("store_index").loc[d.rows, "scan_key"]
     assert set(keys) <= train_keys
     assert np.bincount(d.y).tolist() == [20, 20, 40]
@@ -34,7 +34,8 @@ def test_pretrain_data_is_the_train_pool_single_label_scans(world: World) -> Non
 
 def test_pretrain_data_needs_a_train_pool(world: World) -> None:
     with pytest.raises(DataError, match="train pool"):
-        baselines.pretrain_data({"pools": {}}, world.store.index, world.store.rows_for)
+        no_train = world.split.model_copy(update={"pools": {"val": world.split.pools["val"]}})
+        baselines.pretrain_data(no_train, world.store.index, world.store.rows_for)
 
 
 def test_the_hold_out_takes_whole_patients_in_two_disjoint_halves() -> None:
@@ -178,7 +179,7 @@ def test_a_classifier_that_learns_nothing_is_flagged_near_chance(world: World) -
 
 def test_the_head_has_no_output_for_a_class_without_examples(world: World) -> None:
     # an n-way-only suite lists the normal label in the train pool without any single-label scan of it
-    split = {**world.split, "pools": {**world.split["pools"]}}
-    split["pools"]["train"] = {**split["pools"]["train"], "Ghost": []}
+    pools = {**world.split.pools, "train": {**world.split.pools["train"], "Ghost": []}}
+    split = world.split.model_copy(update={"pools": pools})
     d = baselines.pretrain_data(split, world.store.index, world.store.rows_for)
     assert "Ghost" not in d.classes and sorted(set(d.y.tolist())) == list(range(len(d.classes)))

@@ -147,7 +147,7 @@ def test_hyper_parameters_come_from_validation_episodes_only(
 ) -> None:
     res, seen = spied
     val_ids = {(e.kind, e.id) for e in world.val}
-    test_keys = {k for ks in world.split["pools"]["test"].values() for k in ks}
+    test_keys = world.split.pool_keys("test")
     assert seen, "the selection code was never called"
     for eps in seen:
         assert {(e.kind, e.id) for e in eps} <= val_ids
@@ -398,7 +398,8 @@ def test_a_method_that_trained_to_chance_marks_the_verdict(world: World) -> None
     inputs = _inputs(world)
     inputs.meta_models = dict(inputs.meta_models)
     mm = copy.copy(inputs.meta_models["maml"])
-    mm.meta = {**mm.meta, "best_val_acc": 0.41}  # the world's val episodes mix 2- and 3-way: chance ~0.42
+    # the world's val episodes mix 2- and 3-way: chance ~0.42
+    mm.meta = mm.meta.model_copy(update={"best_val_acc": 0.41})
     inputs.meta_models["maml"] = mm
     warnings = evaluation.training_warnings(inputs, {"0": {"near_chance": True, "holdout_macro_auc": 0.52}})
     assert len(warnings) == 2 and "maml" in warnings[0] and "macro AUC 0.520" in warnings[1]

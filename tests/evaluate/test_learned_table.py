@@ -4,44 +4,60 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.artifacts import ResultsFile
 from pipeline.evaluate.report import learned_table
 
 
-def _results() -> dict[str, Any]:
+def _typed(results: dict[str, Any]) -> ResultsFile:
+    """results.json's model around the parts the table reads (the rest empty)."""
+    setup = {"seeds": [0], "n_test_episodes": {}, **results.pop("setup")}
+    return ResultsFile.model_validate(
+        {"methods": {}, "selection": {}, "results": {}, **results, "setup": setup}
+    )
+
+
+def _results() -> ResultsFile:
     def acc(mean: float) -> dict[str, float]:
         return {"mean": mean, "ci95": 0.02, "std": 0.05, "n": 300}
 
     def pat(mean: float, low: float, high: float) -> dict[str, float]:
         return {"mean": mean, "low": low, "high": high}
 
-    return {
-        "setup": {"n_way": {"binary.k5": 2, "n_way.k5": 4}, "test_conditions": ["Edema", "Hernia"]},
-        "comparisons": {
-            "binary.k5": {
-                "acc": {"scratch": acc(0.517), "protonet": acc(0.803), "maml": acc(0.699)},
-                "acc_patient": {
-                    "scratch": pat(0.517, 0.504, 0.531),
-                    "protonet": pat(0.803, 0.752, 0.853),
-                    "maml": pat(0.699, 0.664, 0.732),
-                },
-                "pairs_patient": {
-                    "protonet - maml": {"a": "protonet", "b": "maml", "mean": 0.104, "excludes_zero": True},
-                    "maml - scratch": {"a": "maml", "b": "scratch", "mean": 0.182, "excludes_zero": True},
-                    "protonet - scratch": {
-                        "a": "protonet",
-                        "b": "scratch",
-                        "mean": 0.286,
-                        "excludes_zero": False,
+    return _typed(
+        {
+            "setup": {"n_way": {"binary.k5": 2, "n_way.k5": 4}, "test_conditions": ["Edema", "Hernia"]},
+            "comparisons": {
+                "binary.k5": {
+                    "acc": {"scratch": acc(0.517), "protonet": acc(0.803), "maml": acc(0.699)},
+                    "acc_patient": {
+                        "scratch": pat(0.517, 0.504, 0.531),
+                        "protonet": pat(0.803, 0.752, 0.853),
+                        "maml": pat(0.699, 0.664, 0.732),
+                    },
+                    "pairs_patient": {
+                        "protonet - maml": {
+                            "a": "protonet",
+                            "b": "maml",
+                            "mean": 0.104,
+                            "excludes_zero": True,
+                        },
+                        "maml - scratch": {"a": "maml", "b": "scratch", "mean": 0.182, "excludes_zero": True},
+                        "protonet - scratch": {
+                            "a": "protonet",
+                            "b": "scratch",
+                            "mean": 0.286,
+                            "excludes_zero": False,
+                        },
                     },
                 },
+                "n_way.k5": {
+                    "acc": {"scratch": acc(0.26), "protonet": acc(0.31), "maml": acc(0.30)},
+                    "pairs_patient": {},
+                },
             },
-            "n_way.k5": {
-                "acc": {"scratch": acc(0.26), "protonet": acc(0.31), "maml": acc(0.30)},
-                "pairs_patient": {},
-            },
-        },
-        "warnings": ["maml (meta-training seed 1) ended at validation accuracy 0.51"],
-    }
+            "warnings": ["maml (meta-training seed 1) ended at validation accuracy 0.51"],
+        }
+    )
 
 
 def test_rows_follow_the_first_setting_ranking_with_patient_intervals_and_chance() -> None:
@@ -65,4 +81,4 @@ def test_only_positive_differences_whose_interval_excludes_zero_are_named() -> N
 
 
 def test_no_comparison_gives_no_table() -> None:
-    assert learned_table({"setup": {}, "comparisons": {}}) == []
+    assert learned_table(_typed({"setup": {}, "comparisons": {}})) == []

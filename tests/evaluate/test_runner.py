@@ -139,7 +139,7 @@ def test_group_episodes_by_kind_and_k(world: World) -> None:
 
 
 def test_selection_refuses_test_episodes(world: World) -> None:
-    val_keys = {k for keys in world.split["pools"]["val"].values() for k in keys}
+    val_keys = world.split.pool_keys("val")
     cands = [runner.Candidate({}, NearestCentroid)]
     with pytest.raises(DataError, match="not in the val pool"):
         runner.select_on_validation(cands, [None], world.test, world.load, val_keys, ("binary", 2))
@@ -149,7 +149,7 @@ def test_selection_refuses_test_episodes(world: World) -> None:
 
 
 def test_selection_picks_the_better_candidate_and_step_count(world: World) -> None:
-    val_keys = {k for keys in world.split["pools"]["val"].values() for k in keys}
+    val_keys = world.split.pool_keys("val")
     val = [e for e in world.val if e.kind == "binary"]
     cands = [
         runner.Candidate({"which": "guess"}, lambda: RandomGuesser(3)),

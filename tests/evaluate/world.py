@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.artifacts import ConditionInfo, PoolCount, SplitFile, write_artifact
 from pipeline.episodes.batch import episode_arrays
 from pipeline.episodes.episode import Episode, write_episodes
 from pipeline.ingest.store import ImageStore
@@ -32,7 +33,7 @@ SPEC = ModelSpec(backbone="conv4", filters=8, blocks=2, norm="group", norm_group
 class World:
     root: Path
     store: ImageStore
-    split: dict[str, Any]
+    split: SplitFile
     val: list[Episode]
     test: list[Episode]
     meta_models: dict[str, MetaModel]
@@ -99,12 +100,35 @@ def build_world(
     (store_dir / "store.json").write_text(json.dumps({"n_images": len(rows), "normal_label": NORMAL}))
     store = ImageStore.open(store_dir)
 
-    split = {
-        "normal_label": NORMAL,
-        "conditions": {c: {"split": p} for p, cs in POOLS.items() for c in cs},
-        "pools": pools,
-    }
-    (root / "split.json").write_text(json.dumps(split))
+    def patients(keys: list[str]) -> int:  # one scan per patient in this world
+        return len(keys)
+
+    split = SplitFile(
+        normal_label=NORMAL,
+        conditions={
+            c: ConditionInfo(
+                split=p,
+                pool=p,
+                images=patients(pools[p][c]),
+                patients=patients(pools[p][c]),  # type: ignore[arg-type]
+            )
+            for p, cs in POOLS.items()
+            for c in cs
+        },
+        normal={p: PoolCount(images=len(pools[p][NORMAL]), patients=len(pools[p][NORMAL])) for p in POOLS},
+        pools=pools,
+        pool_patients={p: len({k for ks in pools[p].values() for k in ks}) for p in POOLS},
+        pool_images={p: len({k for ks in pools[p].values() for k in ks}) for p in POOLS},
+        pool_rule="by condition (test fixture)",
+        kinds=["binary", "n_way"],
+        k_shots=[k],
+        q_query=q,
+        n_way=3,
+        multilabel="exclusive_in_episode",
+        patients_needed_per_class=k + q,
+        seed=seed,
+    )
+    write_artifact(root / "split.json", split)
 
     ep_rng = np.random.default_rng(seed + 1)
 

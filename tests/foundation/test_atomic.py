@@ -59,3 +59,19 @@ def test_bytes_and_an_invalid_mode(tmp_path):
     assert (tmp_path / "w.bin").read_bytes() == b"\x00\x01"
     with pytest.raises(ValueError, match="'w' or 'wb'"):
         atomic.atomic_open(tmp_path / "a", "a")  # type: ignore[call-overload]
+
+
+def test_a_cache_write_skips_the_fsync_but_stays_atomic(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    with atomic.atomic_open(tmp_path / "entry.fsc", "wb", durable=False) as f:
+        f.write(b"cached")
+    assert synced == [] and (tmp_path / "entry.fsc").read_bytes() == b"cached"
+    atomic.write_bytes(tmp_path / "result.bin", b"kept")
+    assert len(synced) == 1  # a result file is fsynced before the rename
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_open(tmp_path / "entry.fsc", "wb", durable=False) as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert (tmp_path / "entry.fsc").read_bytes() == b"cached" and _leftovers(tmp_path) == []

@@ -27,6 +27,7 @@ def main() -> None:
     # two threads: the CPU default path runs the tasks of a meta-batch on worker threads (tasks=auto)
     torch.set_num_threads(2)
 
+    from pipeline.artifacts import SplitFile, read_artifact
     from pipeline.episodes.batch import episode_arrays, stack_episodes
     from pipeline.episodes.episode import load_episodes
     from pipeline.episodes.sampler import TrainSampler
@@ -38,7 +39,7 @@ def main() -> None:
     from pipeline.metatrain.stage import train_episodes_config
 
     store = ImageStore.open(a.world / "store")
-    split = json.loads((a.world / "episodes" / "split.json").read_text())
+    split = read_artifact(SplitFile, a.world / "episodes" / "split.json")
     sampler = TrainSampler(split, store.index, train_episodes_config(split, MetaTrainConfig()))
     val = []
     for ep in load_episodes(a.world / "episodes" / "episodes" / "val.jsonl"):

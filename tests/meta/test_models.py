@@ -160,11 +160,7 @@ def test_meta_model_round_trip_reproduces_predictions_and_learned_rates(tmp_path
         extra={"ingest_run_id": "r1", "preprocessing": {"size": [16, 16]}},
     )
     mm = load_meta_model(tmp_path / "maml")
-    assert (
-        mm.meta["ingest_run_id"] == "r1"
-        and mm.meta["normalization"] == "group"
-        and mm.meta["head"] == "shared"
-    )
+    assert mm.meta.ingest_run_id == "r1" and mm.meta.normalization == "group" and mm.meta.head == "shared"
     assert isinstance(mm.inner_lr, list) and float(mm.inner_lr[1]["head.bias"]) == pytest.approx(0.02)
     x = torch.randn(4, 1, 16, 16)
     y = torch.tensor([0, 1, 0, 1])

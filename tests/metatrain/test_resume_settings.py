@@ -112,7 +112,7 @@ def test_resume_refuses_other_settings_and_continues_with_its_own(
     steps = sorted(m.step for m in c.get_metric_history(rid, "fomaml.train_loss"))
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-2 before the interruption, 3-6 after: none twice
     model = load_meta_model(tracking.UpstreamRun.from_id(rid).artifact("models/fomaml"))
-    assert model.meta["outer_steps"] == 6
+    assert model.meta.outer_steps == 6
 
 
 def test_config_changes_lists_every_differing_leaf() -> None:

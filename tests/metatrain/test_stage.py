@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
@@ -112,11 +113,19 @@ def test_execute_writes_loadable_models_checkpoints_curves_and_registers_the_pri
     for method in ("maml", "protonet"):
         folder = run.uploaded / "models" / method
         mm = load_meta_model(folder)
-        assert mm.meta["method"] == method
-        assert mm.meta["ingest_run_id"] == "ingest0" and mm.meta["episodes_run_id"] == "episodes0"
-        assert mm.meta["preprocessing"] == {"size": [16, 16], "channels": 1}
-        assert mm.meta["image_shape"] == [1, 16, 16] and mm.meta["normalization"] == "group"
-        assert mm.meta["inner"]["eval_steps"] == 2
+        assert mm.meta.method == method
+        assert mm.meta.ingest_run_id == "ingest0" and mm.meta.episodes_run_id == "episodes0"
+        assert mm.meta.preprocessing == {"size": [16, 16], "channels": 1}
+        assert mm.meta.image_shape == [1, 16, 16] and mm.meta.normalization == "group"
+        assert mm.meta.inner.eval_steps == 2
+        # the ingest facts adapt reads from the meta-model alone (schema 2), and the ingest's patients
+        assert mm.meta.schema_version == 2 and mm.meta.ingest is not None
+        assert mm.meta.ingest.run_id == "ingest0"
+        assert mm.meta.ingest.preprocessing == {"size": [16, 16], "channels": 1}
+        index = pd.read_parquet(world["store"] / "scan_index.parquet")
+        assert mm.training_patients() == set(index["patient_key"].astype(str))
+        assert mm.meta.ingest.modalities == []  # the world's index has no modality column: not checked
+        assert mm.meta.ingest.n_patients == len(mm.training_patients() or ())
         assert (run.uploaded / "checkpoints" / method / "last.pt").is_file()
         assert (run.uploaded / "checkpoints" / method / "best.pt").is_file()
         # the saved weights are the best-by-validation checkpoint's
@@ -124,7 +133,7 @@ def test_execute_writes_loadable_models_checkpoints_curves_and_registers_the_pri
         saved = mm.model.state_dict()
         for k, v in saved.items():
             assert torch.equal(v, best["learner"]["model." + k]), k
-        assert mm.meta["selected"].startswith("best")
+        assert (mm.meta.selected or "").startswith("best")
         x = torch.randn(4, 1, 16, 16)
         method_obj = mm.method()
         proba = method_obj.predict_proba(method_obj.fit(x, torch.tensor([0, 1, 0, 1]), 2), x)
@@ -146,8 +155,8 @@ def test_every_method_is_trained_once_per_seed_and_the_first_seed_is_registered(
     res = stage.execute(_cfg(seeds=[0, 5], methods=["protonet"]), run, _upstream(world))  # type: ignore[arg-type]
     first = load_meta_model(run.uploaded / "models" / "protonet")
     other = load_meta_model(run.uploaded / "seeds" / "protonet" / "5")
-    assert first.meta["meta_train_seed"] == 0 and other.meta["meta_train_seed"] == 5
-    assert first.meta["seed"] != other.meta["seed"]
+    assert first.meta.meta_train_seed == 0 and other.meta.meta_train_seed == 5
+    assert first.meta.seed != other.meta.seed
     w = "backbone.features.0.weight"
     assert not torch.equal(first.model.state_dict()[w], other.model.state_dict()[w])  # another run
     assert (run.uploaded / "checkpoints" / "protonet" / "seed-5" / "last.pt").is_file()

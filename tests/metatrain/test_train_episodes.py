@@ -3,13 +3,12 @@ n_way, per-method settings, rotated classes, and episodes within a group carried
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
+from pipeline.artifacts import SplitFile, read_artifact
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.metatrain import stage
@@ -24,8 +23,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_world(tmp_path_factory.mktemp("world"))
 
 
-def _split(world: dict[str, Path]) -> dict[str, Any]:
-    return json.loads((world["episodes"] / "split.json").read_text())
+def _split(world: dict[str, Path]) -> SplitFile:
+    return read_artifact(SplitFile, world["episodes"] / "split.json")
 
 
 def _index(world: dict[str, Path]):
@@ -76,7 +75,9 @@ def test_methods_with_the_same_settings_share_a_sampler_and_rotations_are_per_me
 
 
 def test_grouped_episodes_stay_grouped_in_meta_training(world) -> None:
-    split = {**_split(world), "group_by": "alphabet", "groups": {"train": {}, "val": {}, "test": {}}}
+    split = _split(world).model_copy(
+        update={"group_by": "alphabet", "groups": {"train": {}, "val": {}, "test": {}}}
+    )
     assert stage.train_episodes_config(split, _cfg()).group_by == "alphabet"
 
 
