@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.atomic import atomic_open  # noqa: E402
+
 PCT = 100.0
 
 
@@ -32,10 +34,12 @@ def _title(gkey: str) -> str:
 
 
 def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_open(path, "wb") as f:  # a file object: matplotlib takes the format from the argument
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _groups(results: dict[str, Any]) -> list[str]:
