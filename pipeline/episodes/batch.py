@@ -1,67 +1,18 @@
 """Episode -> tensors, read from the memory-mapped image store.
 
-Scan keys are mapped to store rows once per store (a cached `pandas.Index`), and a meta-batch is read
-with one sorted fancy-index into the memmap (sequential-ish reads, each image read once even if two
-episodes share it), converted to float32 after the device copy (half the bytes moved).
+Scan keys are mapped to store rows by the store's `RowMap` (pipeline/ingest/store.py), and a meta-batch
+is read with one sorted fancy-index into the memmap (sequential-ish reads, each image read once even if
+two episodes share it), converted to float32 after the device copy (half the bytes moved).
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Protocol
-
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.episodes.episode import Episode
 from pipeline.errors import DataError
-
-
-class StoreLike(Protocol):
-    """What batch assembly needs of `pipeline.ingest.store.ImageStore`."""
-
-    images: Any  # (N, C, H, W) or (N, C, D, H, W) array / memmap
-    index: pd.DataFrame  # columns scan_key, store_index (row of `images`)
-
-
-class _RowMap:
-    """scan_key -> row of `store.images`, built once per store."""
-
-    def __init__(self, store: StoreLike):
-        idx = store.index
-        rows = idx["store_index"].to_numpy(np.int64) if "store_index" in idx.columns else np.arange(len(idx))
-        self.keys = pd.Index(idx["scan_key"].astype(str).to_numpy(), dtype=object)
-        if not self.keys.is_unique:
-            raise DataError("image store index has duplicate scan keys; re-run ingest")
-        self.rows = rows
-
-    def __call__(self, keys: list[str]) -> np.ndarray:
-        pos = self.keys.get_indexer(pd.Index(keys, dtype=object))
-        if (pos < 0).any():
-            missing = [k for k, p in zip(keys, pos) if p < 0][:3]
-            raise DataError(
-                f"{int((pos < 0).sum())} episode scan key(s) are not in the image store (e.g. {missing}): "
-                "the episodes come from a different ingest run than this store"
-            )
-        return self.rows[pos]
-
-
-_MAPS: weakref.WeakKeyDictionary[Any, _RowMap] = weakref.WeakKeyDictionary()
-_MAPS_BY_ID: dict[int, tuple[Any, _RowMap]] = {}  # stores that cannot be weak-referenced
-
-
-def row_map(store: StoreLike) -> _RowMap:
-    try:
-        m = _MAPS.get(store)
-        if m is None:
-            m = _MAPS[store] = _RowMap(store)
-        return m
-    except TypeError:
-        hit = _MAPS_BY_ID.get(id(store))
-        if hit is None or hit[0] is not store:
-            hit = _MAPS_BY_ID[id(store)] = (store, _RowMap(store))
-        return hit[1]
+from pipeline.ingest.store import RowMap, StoreLike
 
 
 def _keys_and_labels(ep: Episode, part: dict[str, list[str]]) -> tuple[list[str], np.ndarray, list[int]]:
@@ -120,7 +71,7 @@ def stack_episodes(
     x_q (T, n_way*q_query, C, H, W), y_q (T, n_way*q_query)."""
     if not episodes:
         raise ValueError("stack_episodes needs at least one episode")
-    rmap = row_map(store)
+    rmap = RowMap.of(store)
     keys_s: list[str] = []
     keys_q: list[str] = []
     turns_s: list[int] = []

@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from pipeline.atomic import atomic_open, write_text
 from pipeline.errors import DataError
 
 IMAGES, INDEX, META = "images.npy", "scan_index.parquet", "store.json"
-
-
-def atomic_write_text(path: Path, text: str, private: bool = False) -> None:
-    """Write `text` via a temp file + os.replace. `private`: readable by the owner only (0600), for the
-    local reports that hold clear paths (docs/ARCHITECTURE.md principle 10)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600) if private else os.open(tmp, flags, 0o666)
-    if private:
-        os.fchmod(fd, 0o600)  # an old temp file of this pid keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, default=str)
@@ -71,7 +58,9 @@ def json_text(obj: Any) -> str:
 
 
 def atomic_write_json(path: Path, obj: Any, private: bool = False) -> None:
-    atomic_write_text(path, json_text(obj) + "\n", private)
+    """`obj` laid out by `json_text`, written atomically (pipeline/atomic.py). `private`: readable by the
+    owner only (0600), for the local reports that hold clear paths (docs/ARCHITECTURE.md principle 10)."""
+    write_text(path, json_text(obj) + "\n", private=private)
 
 
 class StoreWriter:
@@ -80,9 +69,11 @@ class StoreWriter:
     def __init__(self, store_dir: Path, item_shape: tuple[int, ...]):
         self.dir = Path(store_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        # leftovers of an ingest that was killed (SIGKILL skips cleanup): never part of a store
-        for stale in self.dir.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        # leftovers of an ingest that was killed (SIGKILL skips cleanup): never part of a store (the raw
+        # images file's name, and pipeline/atomic.py's temp files)
+        for pattern in (".*.tmp-*", ".*.tmp"):
+            for stale in self.dir.glob(pattern):
+                stale.unlink(missing_ok=True)
         self.item_shape = tuple(item_shape)
         self.n = 0
         self._raw_path = self.dir / f".images.raw.tmp-{os.getpid()}"
@@ -118,8 +109,6 @@ class StoreWriter:
     def commit(self, index: pd.DataFrame, meta: dict[str, Any]) -> None:
         if len(index) != self.n:
             raise ValueError(f"index has {len(index)} rows for {self.n} images")
-        pid = os.getpid()
-        tmp_idx = self.dir / f".{INDEX}.tmp-{pid}"
         try:
             # the final row count into the header written first: numpy pads the header for the longest
             # row count, so it keeps its length and the image bytes stay where they are
@@ -129,11 +118,12 @@ class StoreWriter:
             self._raw.flush()
             os.fsync(self._raw.fileno())
             self._raw.close()
-            index.to_parquet(tmp_idx, index=False)
             meta = dict(meta, shape=[self.n, *self.item_shape], dtype="float16", n_images=self.n)
+            # the images file is complete and fsynced: publishing it is a rename, not a write
             os.replace(self._raw_path, self.dir / IMAGES)
-            os.replace(tmp_idx, self.dir / INDEX)
-            atomic_write_json(self.dir / META, meta)
+            with atomic_open(self.dir / INDEX, "wb") as f:
+                index.to_parquet(f, index=False)
+            atomic_write_json(self.dir / META, meta)  # last: it carries the row count
         finally:
             self.abort()
 
@@ -143,7 +133,6 @@ class ImageStore:
 
     def __init__(self, images: np.ndarray, index: pd.DataFrame, meta: dict[str, Any]):
         self.images, self.index, self.meta = images, index, meta
-        self._row = {k: i for i, k in enumerate(index["scan_key"])}
 
     @classmethod
     def open(cls, store_dir: str | Path) -> ImageStore:
@@ -166,10 +155,70 @@ class ImageStore:
         return int(self.images.shape[0])
 
     def rows_for(self, scan_keys: Any) -> np.ndarray:
-        """Store rows (int64) of the given scan keys, in order; KeyError-free: unknown keys raise DataError."""
-        try:
-            return np.fromiter((self._row[k] for k in scan_keys), dtype=np.int64)
-        except KeyError as e:
+        """Store rows (int64) of the given scan keys, in order; unknown keys raise DataError (RowMap)."""
+        return RowMap.of(self)(scan_keys)
+
+
+class StoreLike(Protocol):
+    """What reading rows needs of an ImageStore (tests hand in small in-memory stores)."""
+
+    images: Any  # (N, C, H, W) or (N, C, D, H, W) array / memmap
+    index: pd.DataFrame  # columns scan_key and store_index (the row of `images`)
+
+
+class RowMap:
+    """scan_key -> row of the store's `images`: the one mapping, used by episodes' batches
+    (pipeline/episodes/batch.py), evaluate's baselines and `ImageStore.rows_for`.
+
+    The row is the index's `store_index` column (ingest writes it; the index's own row order is not
+    relied on), or the index row when a hand-made index has none. Built once per store (`RowMap.of`):
+    a pandas object Index hashes Python strings fastest, and a meta-batch looks up hundreds of keys."""
+
+    def __init__(self, index: pd.DataFrame):
+        if "scan_key" not in index.columns:
             raise DataError(
-                f"scan key {e.args[0]} is not in this image store (episodes from another ingest run?)"
-            ) from None
+                f"scan index lacks the scan_key column (it has {list(index.columns)}); is it the "
+                "store/scan_index.parquet of an ingest run?"
+            )
+        rows = index["store_index"] if "store_index" in index.columns else np.arange(len(index))
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.keys = pd.Index(index["scan_key"].astype(str).to_numpy(), dtype=object)
+        if not self.keys.is_unique:
+            n = int(self.keys.duplicated().sum())
+            raise DataError(f"image store index has {n} duplicate scan key(s); re-run ingest")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __call__(self, scan_keys: Any) -> np.ndarray:
+        """Rows (int64) of `scan_keys`, in order. A key the store does not hold raises DataError naming how
+        many are missing and the fix: the keys were written from another ingest run than this store."""
+        keys = pd.Index(np.asarray(list(scan_keys), dtype=object), dtype=object)
+        pos = self.keys.get_indexer(keys)
+        if (pos < 0).any():
+            missing = keys[pos < 0]
+            raise DataError(
+                f"{len(missing)} of {len(keys)} scan key(s) are not in the image store, which holds "
+                f"{len(self.keys)} (e.g. {list(missing[:3])}): the episodes or split come from another ingest "
+                "run than this store; run episodes again on this ingest run, or consume the ingest run they "
+                "were made from"
+            )
+        return self.rows[pos]
+
+    @staticmethod
+    def of(store: StoreLike) -> RowMap:
+        """The store's RowMap, built on first use and kept while the store lives."""
+        try:
+            m = _MAPS.get(store)
+            if m is None:
+                m = _MAPS[store] = RowMap(store.index)
+            return m
+        except TypeError:  # a store that cannot be weak-referenced (or hashed): kept by id, checked
+            hit = _MAPS_BY_ID.get(id(store))
+            if hit is None or hit[0] is not store:
+                hit = _MAPS_BY_ID[id(store)] = (store, RowMap(store.index))
+            return hit[1]
+
+
+_MAPS: weakref.WeakKeyDictionary[Any, RowMap] = weakref.WeakKeyDictionary()
+_MAPS_BY_ID: dict[int, tuple[Any, RowMap]] = {}
