@@ -54,9 +54,7 @@ def _cli(args: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess
 
 def bench_fit(mm_dir: Path, support: Path, steps: int, repeats: int) -> dict[str, float]:
     """Cold and warm `fit` of the engine vs a plain SGD loop on the same network and data."""
-    from pipeline.adapt.listing import list_labelled
-    from pipeline.adapt.scan_spec import ScanSpec
-    from pipeline.adapt.support import load_labelled
+    from pipeline.adapt.support import ScanSpec, list_labelled, load_labelled
     from pipeline.meta.model_io import load_meta_model
     from tests.adapt import helpers as h
 
@@ -150,7 +148,7 @@ def main() -> None:
         from pipeline.names import adapted_model_name
 
         model_uri = f"models:/{adapted_model_name('adapttest', h.CONDITION)}@current"
-        tracking._client = None
+        tracking.store._client = None
         wall, res = _cli(
             [
                 "adapt",

@@ -23,10 +23,16 @@ from pathlib import Path
 
 PACKAGE = "pipeline"
 ROOT = Path(__file__).resolve().parent
-# Relative to ROOT. The stage runner (stages.py), the command line (cli.py), the MLflow layer
-# (tracking.py), the progress log (progress.py) and the run descriptions the MLflow UI shows (ui_view.py,
-# text about finished runs, reached only through tracking.py): see the module docstring.
-ORCHESTRATION = frozenset({"cli.py", "stages.py", "tracking.py", "progress.py", "ui_view.py"})
+# Relative to ROOT. The stage runner (stages.py), the command line (cli.py), the MLflow layer (every module
+# of tracking/), the progress log (progress.py) and the run descriptions the MLflow UI shows (ui_view.py,
+# text about finished runs, reached only through tracking/): see the module docstring. The tracking layer
+# records a stage's outputs but decides none of them: where it saves a model (StageRun.log_pyfunc,
+# log_state_dict) it hands MLflow's writers what the stage built, and the stage's code is in its set.
+ORCHESTRATION_PACKAGES = ("tracking",)
+ORCHESTRATION = frozenset(
+    {"cli.py", "stages.py", "progress.py", "ui_view.py"}
+    | {p.relative_to(ROOT).as_posix() for pkg in ORCHESTRATION_PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+)
 DEPENDENCIES_NAME = "CODE_DEPENDENCIES"
 
 

@@ -18,8 +18,8 @@ fewscan experiment; on a tracking server only experiments this user created and,
 user created (tracking.search_scope's rule, docs/scaling.md "Whose runs fewscan uses"). Every other run
 visible anywhere is kept, and so is everything it references: nobody's lineage loses an upstream run.
 
-This module belongs to the tracking layer (it talks to MLflow through `tracking.client()` and
-`tracking.retry`, as `pipeline/status.py` does); it never imports torch.
+This module holds the rules; what it reads from MLflow and the deletions go through the tracking layer
+(`pipeline/tracking/inventory.py`, docs/ARCHITECTURE.md principle 2). It never imports torch or mlflow.
 """
 
 from __future__ import annotations
@@ -28,23 +28,19 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
-
-from mlflow.entities import ViewType
-from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.errors import TrackingError
 from pipeline.gc import human
 from pipeline.progress import log, progress
+from pipeline.tracking import inventory
 
 TAG_GC = "fewscan.gc"  # set just before a run is deleted: a restored run says where its artifacts went
-TAG_CHAIN = "fewscan.chain"
-TAG_CHAIN_RUN = "fewscan.run."  # + stage: the run a chain used for that stage (tracking.chain_run)
+TAG_CHAIN = tracking.TAG_CHAIN
+TAG_CHAIN_RUN = "fewscan.run."  # + stage: the run a chain used for that stage (pipeline/chain.py)
 # Deleted downstream first, so that an interrupted gc never leaves a visible run whose upstream is gone.
 DELETE_ORDER = ("chain", "evaluate", "adapt", "meta-train", "episodes", "ingest")
 
@@ -97,16 +93,6 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def _pages(fetch: Any) -> Iterator[Any]:
-    token = None
-    while True:
-        page = tracking.retry(lambda: fetch(token), "read the tracking store")  # noqa: B023
-        yield from page
-        token = getattr(page, "token", None)
-        if not token:
-            return
-
-
 def _rec(run: Any) -> RunRec:
     tags = dict(run.data.tags)
     stage = tags.get(tracking.TAG_STAGE) or ("chain" if tags.get(TAG_CHAIN) == "true" else "")
@@ -122,80 +108,15 @@ def _rec(run: Any) -> RunRec:
     )
 
 
-def _fewscan_experiments(c: Any) -> list[Any]:
-    return list(
-        _pages(
-            lambda tok: c.search_experiments(
-                filter_string="name LIKE 'fewscan/%'", max_results=1000, page_token=tok
-            )
-        )
-    )
-
-
-def _scope(c: Any, exps: list[Any], suite: str | None) -> list[Any]:
-    """The experiments whose runs gc may delete: the suite's (or every fewscan one), on a server only
-    those this user created."""
-    if suite is not None:
-        exps = [e for e in exps if e.name == tracking.experiment_name(suite, None)]
-    user = tracking.server_user()
-    if user:
-        mine = [e for e in exps if tracking._is_owned(e, user)]
-        for e in exps:
-            if e not in mine:
-                log(
-                    f"gc: leaving experiment '{e.name}' alone: it was not created by you ({user}) with fewscan"
-                )
-        exps = mine
-    return exps
-
-
-def _runs(c: Any, exp_ids: list[str], view: int = ViewType.ACTIVE_ONLY) -> list[RunRec]:
-    out: list[RunRec] = []
-    for i in range(0, len(exp_ids), 50):
-        chunk = exp_ids[i : i + 50]
-        out += [
-            _rec(r)
-            for r in _pages(
-                lambda tok, chunk=chunk: c.search_runs(
-                    chunk, "", run_view_type=view, max_results=1000, page_token=tok
-                )
-            )
-        ]
-    return out
-
-
-def _registry(c: Any) -> tuple[set[str], dict[str, list[tuple[str, str]]]]:
-    """(run ids a registered model needs: aliased versions and each model's newest version,
-    {run id: [(model, version)] of every version})."""
-    needed: set[str] = set()
-    by_run: dict[str, list[tuple[str, str]]] = {}
-    newest: dict[str, Any] = {}
-    for mv in _pages(lambda tok: c.search_model_versions(max_results=1000, page_token=tok)):
-        if not mv.run_id:
-            continue
-        by_run.setdefault(str(mv.run_id), []).append((str(mv.name), str(mv.version)))
-        if getattr(mv, "aliases", None):
-            needed.add(str(mv.run_id))
-        if mv.name not in newest or int(mv.version) > int(newest[mv.name].version):
-            newest[mv.name] = mv
-    # search results may leave `aliases` empty: the registered models carry them for certain
-    for rm in _pages(lambda tok: c.search_registered_models(max_results=1000, page_token=tok)):
-        for version in dict(getattr(rm, "aliases", None) or {}).values():
-            with contextlib.suppress(MlflowException):
-                mv = tracking.retry(
-                    partial(c.get_model_version, rm.name, str(version)), "read the model registry"
-                )
-                if mv.run_id:
-                    needed.add(str(mv.run_id))
-    needed.update(str(mv.run_id) for mv in newest.values())
-    return needed, by_run
+def _runs(exp_ids: list[str], *, deleted: bool = False) -> list[RunRec]:
+    return [_rec(r) for r in inventory.all_runs(exp_ids, deleted=deleted)]
 
 
 # ------------------------------------------------------------------------------------------- sizes
 def local_dir(rec: RunRec) -> Path | None:
     """The run's artifact folder on this machine, if it is local and has the layout MLflow gives it
     (`.../<run id>/artifacts`): gc never removes a folder a run's URI merely points at."""
-    p = tracking._local_artifact_dir(rec.artifact_uri)
+    p = tracking.local_artifact_dir(rec.artifact_uri)
     if p is None:
         return None
     if p.name != "artifacts" or p.parent.name != rec.run_id:
@@ -222,28 +143,10 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def _remote_bytes(rec: RunRec) -> int:
-    c = tracking.client()
-    total = 0
-    todo: list[str | None] = [None]  # folders to list; None = the run's root
-    while todo:
-        path = todo.pop()
-        for f in tracking.retry(partial(c.list_artifacts, rec.run_id, path), "list artifacts"):
-            if f.is_dir:
-                todo.append(f.path)
-            else:
-                total += int(f.file_size or 0)
-    return total
-
-
-def _download_cache(rec: RunRec) -> Path:
-    return tracking._cache_root() / rec.run_id  # a server's artifacts, downloaded (tracking._artifact_path)
-
-
 def run_bytes(rec: RunRec) -> int:
     local = local_dir(rec)
-    stored = tree_bytes(local) if local is not None else _remote_bytes(rec)
-    return stored + tree_bytes(_download_cache(rec))
+    stored = tree_bytes(local) if local is not None else inventory.remote_bytes(rec.run_id)
+    return stored + tree_bytes(tracking.download_cache(rec.run_id))
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -254,15 +157,13 @@ def _age(ms: int, now: float) -> str:
 
 def plan(suite: str | None = None) -> Plan:
     """What `fewscan gc` would remove (nothing is changed)."""
-    c = tracking.client()  # opening the store marks runs of dead processes KILLED
-    exps = _fewscan_experiments(c)
-    scope = _scope(c, exps, suite)
-    scope_ids = {str(e.experiment_id) for e in scope}
-    runs = {r.run_id: r for r in _runs(c, [str(e.experiment_id) for e in exps])}
-    user = tracking.server_user()
+    scope = inventory.gc_scope(suite)  # opening the store marks runs of dead processes KILLED
+    exps, user = scope.every, scope.user
+    scope_ids = {str(e.experiment_id) for e in scope.mine}
+    runs = {r.run_id: r for r in _runs([str(e.experiment_id) for e in exps])}
     for r in runs.values():  # on a server, another user's run in our experiment is not ours to delete
         r.candidate = r.experiment_id in scope_ids and r.stage != "" and (not user or r.user_id == user)
-    needed, versions = _registry(c)
+    needed, versions = inventory.registry_needs()
 
     roots: set[str] = {rid for rid, r in runs.items() if not r.candidate}  # not ours to judge
     roots |= needed & runs.keys()
@@ -333,14 +234,14 @@ def plan(suite: str | None = None) -> Plan:
     # runs an interrupted gc deleted before it could remove their files (local stores: a server's
     # deleted runs are purged by the server's own `mlflow gc`)
     leftovers = []
-    for r in _runs(c, sorted(scope_ids), ViewType.DELETED_ONLY):
+    for r in _runs(sorted(scope_ids), deleted=True):
         if TAG_GC in r.tags and (not user or r.user_id == user):
             with contextlib.suppress(TrackingError):
                 if (folder := local_dir(r)) is not None and folder.exists():
                     leftovers.append(r)
     n_kept = sum(1 for r in runs.values() if r.candidate) - len(doomed)
     searched = [str(e.experiment_id) for e in exps]
-    return Plan([e.name for e in scope], doomed, n_kept, leftovers, searched, set(runs))
+    return Plan([e.name for e in scope.mine], doomed, n_kept, leftovers, searched, set(runs))
 
 
 def plan_lines(p: Plan) -> list[str]:
@@ -376,32 +277,23 @@ def _remove_artifacts(rec: RunRec) -> int:
         with contextlib.suppress(OSError):
             local.parent.rmdir()  # <run id>/, now empty
     else:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        freed += _remote_bytes(rec)
-        repo = get_artifact_repository(rec.artifact_uri, tracking_uri=tracking.tracking_uri())
-        tracking.retry(lambda: repo.delete_artifacts(), "delete artifacts")
-    cache = _download_cache(rec)
+        freed += inventory.remote_bytes(rec.run_id)
+        inventory.delete_remote_artifacts(rec.artifact_uri)
+    cache = tracking.download_cache(rec.run_id)
     freed += tree_bytes(cache)
     shutil.rmtree(cache, ignore_errors=True)
     return freed
 
 
-def _new_user(c: Any, rec: RunRec, p: Plan) -> str | None:
+def _new_user(rec: RunRec, p: Plan) -> str | None:
     """A run the plan did not see that names `rec` as its upstream or chain stage (started since the
     listing: a chain reused `rec`, or `--from` named it), or None."""
     if not p.searched or rec.stage == "chain":
         return None
     for tag in (tracking.TAG_UPSTREAM, TAG_CHAIN_RUN):
-        filt = f"tags.`{tag}{rec.stage}` = '{rec.run_id}'"
-        newest_first = ["attributes.start_time DESC"]  # a run started since the listing comes first
-        found = tracking.retry(
-            partial(c.search_runs, p.searched, filt, max_results=50, order_by=newest_first),
-            "search runs that use a run",
-        )
-        for run in found:
-            if run.info.run_id not in p.known:
-                return str(run.info.run_id)
+        for rid in inventory.runs_naming(p.searched, f"{tag}{rec.stage}", rec.run_id):
+            if rid not in p.known:
+                return rid
     return None
 
 
@@ -412,32 +304,29 @@ def delete(p: Plan) -> tuple[int, int]:
     deleted in MLflow, then its artifacts. Deleting the run before its files means an interruption leaves
     at worst a deleted run with files still on disk, which the next gc finishes (TAG_GC), and never a
     visible FINISHED run without artifacts, which `fewscan run` would reuse and fail on."""
-    c = tracking.client()
     freed, done = 0, 0
     for i, d in enumerate(p.doomed, 1):
         rid = d.run.run_id
-        now = tracking.retry(lambda: c.get_run(rid), "read a run")  # noqa: B023
-        if now.info.lifecycle_stage != "active" or now.info.status == "RUNNING":
+        lifecycle_stage, status = inventory.run_state(rid)
+        if lifecycle_stage != "active" or status == "RUNNING":
             log(f"gc: [{i}/{len(p.doomed)}] {d.run.stage} {rid}: changed since it was listed; left alone")
             continue
-        user = _new_user(c, d.run, p)
+        user = _new_user(d.run, p)
         if user:
             log(f"gc: [{i}/{len(p.doomed)}] {d.run.stage} {rid}: run {user} started using it; left alone")
             continue
-        try:
-            for name, version in d.versions:
-                tracking.retry(lambda: c.delete_model_version(name, version), "unregister a model version")  # noqa: B023
-        except MlflowException as err:
+        refused = None
+        for name, version in d.versions:  # a version must never point at missing files: these first
+            refused = inventory.unregister(name, version)
+            if refused is not None:
+                break
+        if refused is not None:
             log(
-                f"gc: [{i}/{len(p.doomed)}] {d.run.stage} {rid}: could not unregister its model ({err}); left alone"
+                f"gc: [{i}/{len(p.doomed)}] {d.run.stage} {rid}: could not unregister its model ({refused}); left alone"
             )
             continue
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        tracking.retry(
-            lambda: c.set_tag(rid, TAG_GC, f"artifacts removed by fewscan gc at {stamp}"),  # noqa: B023
-            "tag a run",
-        )
-        tracking.retry(lambda: c.delete_run(rid), "delete a run")  # noqa: B023
+        inventory.delete_run(rid, TAG_GC, f"artifacts removed by fewscan gc at {stamp}")
         n = _remove_artifacts(d.run)
         freed += n
         done += 1

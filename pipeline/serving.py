@@ -1,6 +1,6 @@
 """The MLflow pyfunc of an adapted model: scans in, class probabilities out, preprocessing inside.
 
-The one module besides pipeline/tracking.py that imports mlflow: a pyfunc must subclass
+The one module besides the tracking layer (pipeline/tracking/) that imports mlflow: a pyfunc must subclass
 `mlflow.pyfunc.PythonModel` (pipeline/adapt/fewscan_model.py, the model's code file, only instantiates it).
 All the work is done by `pipeline.adapt.adapted.AdaptedClassifier` (no mlflow).
 

@@ -18,8 +18,8 @@ def tmp_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "_client", None)
-    monkeypatch.setattr(tracking, "_client_uri", None)
+    monkeypatch.setattr(tracking.store, "_client", None)
+    monkeypatch.setattr(tracking.store, "_client_uri", None)
     return tmp_path
 
 

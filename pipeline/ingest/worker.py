@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import warnings
 from collections import Counter
@@ -20,7 +21,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from pipeline.atomic import atomic_open
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import age_bin, salt_id, salted_key, sex_code
 from pipeline.ingest.preprocess import finish_2d, finish_3d, prep_digest
@@ -295,41 +295,23 @@ def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item
     return arr, facts
 
 
+def decode_series_paths(paths: list[Path], prep: dict[str, Any]) -> np.ndarray:
+    return decode_series([(p, p.read_bytes()) for p in paths], prep)[0]
+
+
 # --------------------------------------------------------------------------------------------- tasks
 
 
 @dataclass
 class Task:
-    """The request: decode one file (kind "file"), the slices of one 3D series ("series"), or read one DICOM
-    file's header ("header", to group slices into series: pipeline/ingest/series.py)."""
-
     kind: str  # "file" | "header" | "series"
     paths: list[str]
-    rels: list[str]  # the paths relative to the scan root: only ever hashed (file_key)
+    rels: list[str]
     fmt: str
     prep: dict[str, Any]
     salt: bytes
     cache_dir: str | None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TaskResult:
-    """The outcome of one Task: its images and PHI-free facts, or the reason code it was rejected for."""
-
-    ok: bool
-    # PHI-free facts, one per stored image (header: one, with the slice's _position/_orientation added)
-    items: list[dict[str, Any]] = field(default_factory=list)
-    array: np.ndarray | None = None  # (k, C, ...) float16, the k stored images; None for a header
-    cached: bool = False
-    reason: str = ""  # a pipeline.ingest.reasons code when not ok
-    detail: str = ""
-    # warning codes (warning_codes) of a rejected task or a header read; a decode keeps them in items[0]
-    warnings: dict[str, int] = field(default_factory=dict)
-
-    @staticmethod
-    def rejected(reason: str, detail: str) -> TaskResult:
-        return TaskResult(ok=False, reason=reason, detail=detail)
 
 
 def _public(facts: dict[str, Any], salt: bytes, rel: str) -> dict[str, Any]:
@@ -386,14 +368,15 @@ def _cache_load(p: Path | None) -> tuple[np.ndarray | None, list[dict[str, Any]]
 def _cache_save(p: Path | None, x: np.ndarray | None, meta: list[dict[str, Any]]) -> None:
     if p is None:
         return
-    # durable=False: a lost entry is a cache miss, and an fsync per decoded file would cost more than
-    # many decodes; the rename still keeps a concurrent reader from seeing half an entry
-    with atomic_open(p, "wb", durable=False) as f:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
         f.write(_MAGIC + json.dumps(meta, separators=(",", ":")).encode() + b"\n")
         if x is None:
             f.write(b"-")
         else:
             np.save(f, x, allow_pickle=False)
+    os.replace(tmp, p)
 
 
 # pydicom's warnings quote the offending value (a UID, a patient id): they never reach the terminal, only
@@ -443,22 +426,24 @@ def _load(path: Path, task: Task) -> tuple[bytes | None, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def run_task(task: Task) -> TaskResult:
-    """Never raises for bad input: returns a TaskResult with ok False and the reason instead. Warnings
-    raised while decoding are returned as codes (`warnings`), never printed."""
+def run_task(task: Task) -> dict[str, Any]:
+    """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead. Warnings raised
+    while decoding are returned as codes (`warnings`), never printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = _run_task(task, caught)
-    if not res.ok or task.kind == "header":
-        res.warnings = warning_codes(caught)
+    if not res["ok"] or task.kind == "header":
+        codes = warning_codes(caught)
+        if codes:
+            res["warnings"] = codes
     return res
 
 
-def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> TaskResult:
+def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     try:
         loaded = [_load(Path(p), task) for p in task.paths] if task.kind != "header" else []
     except OSError as e:
-        return TaskResult.rejected(R.UNREADABLE, f"cannot read file ({type(e).__name__})")
+        return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
     datas = [d for d, _ in loaded]
     try:
         if task.kind == "header":
@@ -471,12 +456,12 @@ def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> TaskResult:
             facts = _dicom_facts(ds)
             pub = _public(facts, task.salt, task.rels[0])
             pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
-            return TaskResult(ok=True, items=[pub])
+            return {"ok": True, "items": [pub], "array": None, "cached": False}
         digests = [h for _, h in loaded]
         cp = _cache_path(task, digests)
         hit = _cache_load(cp)
         if hit is not None:
-            return TaskResult(ok=True, items=hit[1], array=hit[0], cached=True)
+            return {"ok": True, "items": hit[1], "array": hit[0], "cached": True}
         if task.kind == "series":
             arr, facts = decode_series(
                 [(Path(p), d) for p, d in zip(task.paths, datas) if d is not None], task.prep
@@ -493,10 +478,14 @@ def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> TaskResult:
         if codes:  # kept with the decode, so that a cache hit reports them too
             items[0]["warnings"] = codes
         _cache_save(cp, x, items)
-        return TaskResult(ok=True, items=items, array=x)
+        return {"ok": True, "items": items, "array": x, "cached": False}
     except Rejected as r:
-        return TaskResult.rejected(r.reason, r.detail)
+        return {"ok": False, "reason": r.reason, "detail": r.detail}
     except MemoryError:
-        return TaskResult.rejected(R.UNREADABLE, "image too large to decode in memory")
+        return {"ok": False, "reason": R.UNREADABLE, "detail": "image too large to decode in memory"}
     except Exception as e:  # one bad file never stops the ingest; the type names the bug for a report
-        return TaskResult.rejected(R.UNREADABLE, f"unexpected {type(e).__name__} while decoding")
+        return {
+            "ok": False,
+            "reason": R.UNREADABLE,
+            "detail": f"unexpected {type(e).__name__} while decoding",
+        }

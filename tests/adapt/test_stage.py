@@ -41,8 +41,8 @@ def store(
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(root)
-        mp.setattr(tracking, "_client", None)
-        mp.setattr(tracking, "_client_uri", None)
+        mp.setattr(tracking.store, "_client", None)
+        mp.setattr(tracking.store, "_client_uri", None)
         ids = h.make_upstream_runs(meta_model_dir, seen_patients=[SEEN])
         support = shutil.copytree(sets["support"], root / "data" / "support")
         (support / h.CONDITION / "broken.dcm").write_bytes(b"\x00" * 300)  # unreadable: reported, skipped

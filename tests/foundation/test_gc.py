@@ -199,8 +199,8 @@ def test_other_users_and_other_experiments_are_never_candidates(
     alice_new = stage_run(mine, "alice", 3000)
     stranger_old = stage_run(theirs, "alice", 1000)
     stage_run(theirs, "alice", 2000)
-    monkeypatch.setattr(tracking, "server_user", lambda: "alice")
-    monkeypatch.setattr(tracking, "_is_owned", lambda exp, user: exp.name == "fewscan/fake")
+    monkeypatch.setattr(tracking.owners, "server_user", lambda: "alice")
+    monkeypatch.setattr(tracking.owners, "is_owned", lambda exp, user: exp.name == "fewscan/fake")
 
     doomed = {d.run.run_id for d in gc_runs.plan(None).doomed}
     assert doomed == {alice_old}

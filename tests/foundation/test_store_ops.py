@@ -109,7 +109,7 @@ def test_sigkilled_run_is_marked_killed_by_the_next_command_and_a_live_one_is_no
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         assert c.get_run(dead_id).info.status == "RUNNING"  # nobody could mark it
-        tracking._client = None  # the next command opens the store
+        tracking.store._client = None  # the next command opens the store
         tracking.client()
         run = c.get_run(dead_id)
         assert run.info.status == "KILLED"
@@ -142,7 +142,7 @@ def test_lease_by_heartbeat_age_for_another_host() -> None:
 
 
 def test_heartbeat_is_refreshed_while_the_run_is_open(tmp_store: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(tracking.leases, "HEARTBEAT_S", 0.2)
     with tracking.stage_run(
         "ingest", run_name="x", config={}, upstream={}, fp="a" * 24, suite=None, dataset="beat"
     ) as run:

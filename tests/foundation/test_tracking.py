@@ -105,7 +105,7 @@ def test_retry_is_bounded_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         raise RuntimeError("(sqlite3.OperationalError) database is locked")
 
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(tracking.store, "RETRY_SECONDS", 0.3)
     with pytest.raises(TrackingError, match="stayed locked"):
         tracking.retry(locked, "test")
     assert len(calls) > 1

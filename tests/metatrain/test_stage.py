@@ -20,21 +20,22 @@ from pipeline.errors import ConfigError
 from pipeline.meta.model_io import load_meta_model
 from pipeline.metatrain import stage
 from pipeline.metatrain.config import MetaTrainConfig
-from pipeline.protocols import NullRun, RunLike
 
 from .world import build_world
 
 
-class FakeRun(NullRun):
-    """A run recording what the stage gave it (artifacts copied, as uploaded), the rest as a NullRun."""
+class FakeRun:
+    """The parts of StageRun the stage uses, recording what it was given (artifacts copied)."""
 
     def __init__(self, root: Path):
-        super().__init__(root / "out", run_id="mt0")
+        self.run_id = "mt0"
+        self.outdir = root / "out"
         self.outdir.mkdir(parents=True)
         self.uploaded = root / "uploaded"
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[dict[str, float], int | None]] = []
         self.registered: list[tuple[str, str, str]] = []
+        self.resumed = False
 
     def log_params(self, d: dict[str, Any]) -> None:
         self.params.update(d)
@@ -42,7 +43,7 @@ class FakeRun(NullRun):
     def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
         self.metrics.append((dict(d), step))
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         import shutil
 
         p = Path(local_path)
@@ -57,13 +58,9 @@ class FakeRun(NullRun):
         p = self.uploaded / rel
         return p if p.exists() else None
 
-    def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
+    def register_model(self, artifact_path: str, name: str, alias: str) -> str:
         self.registered.append((artifact_path, name, alias))
         return "1"
-
-
-# mypy checks the fake against what the stages may call (pipeline/protocols.py)
-_IS_A_RUN: type[RunLike] = FakeRun
 
 
 class FakeUpstream:
@@ -186,7 +183,7 @@ def test_meta_train_leaves_no_scratch_folder_behind_finished_or_failed(world, tm
     assert list(tmp_root.iterdir()) == []
 
     class Refused(FakeRun):
-        def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
+        def register_model(self, artifact_path: str, name: str, alias: str) -> str:
             raise RuntimeError("registry down")
 
     with pytest.raises(RuntimeError, match="registry down"):

@@ -166,8 +166,8 @@ def as_user(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for k, v in server.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "_client", None)
-    monkeypatch.setattr(tracking, "_client_uri", None)
+    monkeypatch.setattr(tracking.store, "_client", None)
+    monkeypatch.setattr(tracking.store, "_client_uri", None)
     return server
 
 
@@ -329,8 +329,8 @@ def become_user(
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(key_dir / f"{user}.key"))
-    monkeypatch.setattr(tracking, "_client", None)
-    monkeypatch.setattr(tracking, "_client_uri", None)
+    monkeypatch.setattr(tracking.store, "_client", None)
+    monkeypatch.setattr(tracking.store, "_client_uri", None)
 
 
 def _create_user(server: Server, name: str) -> str:
