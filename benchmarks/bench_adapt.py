@@ -54,7 +54,9 @@ def _cli(args: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess
 
 def bench_fit(mm_dir: Path, support: Path, steps: int, repeats: int) -> dict[str, float]:
     """Cold and warm `fit` of the engine vs a plain SGD loop on the same network and data."""
-    from pipeline.adapt.support import ScanSpec, list_labelled, load_labelled
+    from pipeline.adapt.listing import list_labelled
+    from pipeline.adapt.scan_spec import ScanSpec
+    from pipeline.adapt.support import load_labelled
     from pipeline.meta.model_io import load_meta_model
     from tests.adapt import helpers as h
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import claims, stages, tracking, ui_view
+from pipeline import claims, stage_configs, stages, tracking, ui_view
 from pipeline.errors import ConfigError
 from pipeline.errors import StageFailed as StageFailed
 from pipeline.progress import log
@@ -26,10 +26,6 @@ class ChainResult:
     parent_run_id: str
     outcomes: dict[str, stages.Outcome]
     experiment_id: str
-
-
-def chain_stages(has_adapt: bool) -> list[str]:
-    return [s for s in stages.ORDER if s != "adapt" or has_adapt]
 
 
 def run_chain(
@@ -52,7 +48,7 @@ def run_chain(
     manifest_path = suite.manifest_path
     # Validate every config before starting anything: a typo in `evaluate` must not cost a meta-training.
     cfgs: dict[str, Any] = {}
-    for stage in chain_stages(suite.cfg.adapt is not None):
+    for stage in stage_configs.chain_stages(suite.cfg):  # the StageSpec table's order and links
         cfgs[stage] = suite.stage_config(stage)
     dataset = dataset_name(cfgs["ingest"], manifest_path)
     t0 = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import os
 import re
 import shutil
@@ -27,51 +28,9 @@ from typing import Any, NoReturn
 from pipeline import __version__, stage_configs
 from pipeline.errors import ConfigError, DataError, FewscanError, StageFailed
 
-STAGE_HELP = {
-    "ingest": (
-        "Ingest a study: read the data manifest (scan root, labels, preprocessing), decode DICOM/NIfTI/PNG/"
-        "MedMNIST scans in parallel, de-identify them, and write the scan index, the image store and "
-        "ingest_report.json as artifacts of an MLflow run tagged fewscan.stage=ingest."
-    ),
-    "episodes": (
-        "Build the few-shot problem from an ingest run and a task suite: the condition split (common = "
-        "meta-train, validation, rare = meta-test), patient-disjoint pools, fixed validation/test episodes "
-        "(episodes/val.jsonl, episodes/test.jsonl), split.json and leakage_audit.json. Reads no images."
-    ),
-    "meta-train": (
-        "Meta-train on episodes of the common conditions (MAML family, ProtoNet) from an episodes run; "
-        "writes checkpoints (resumable with --resume), learning curves and the meta-learned "
-        "initialization (state dict + meta_model.json), registered in the model registry."
-    ),
-    "adapt": (
-        "Adapt a meta-model to a new condition from a few labelled scans (a folder with one subfolder per "
-        "class, or a label CSV); logs support loss per step and, with --query, accuracy/AUC/sensitivity/"
-        "specificity; saves and registers the adapted model as a servable MLflow pyfunc."
-    ),
-    "evaluate": (
-        "Evaluate the meta-trained methods against traditional training (pretrain + fine-tune), training "
-        "from scratch and ProtoNet on the fixed test episodes of the rare conditions, with 95% intervals; "
-        "writes results.json, report.md and plots/*.png. Hyper-parameters are chosen on validation episodes."
-    ),
-}
-
-SHORT_HELP = {
-    "episodes": "build the condition split and fixed few-shot episodes from an ingest run",
-    "meta-train": "meta-train MAML-family methods and ProtoNet on the common conditions",
-    "evaluate": "compare meta-learning with traditional training on the rare conditions",
-}
-
-
-# One `--set` example per command, valid for that command's config section (the data manifest for ingest,
-# the whole suite for run); tests/foundation/test_cli_help.py validates each against the demo suite.
-SET_EXAMPLES = {
-    "ingest": "preprocess.image_size=[64,64]",
-    "episodes": "k_shot=[1,5]",
-    "meta-train": "outer.steps=200",
-    "adapt": "threshold=argmax",
-    "evaluate": "finetune.steps=[10,50]",
-    "run": "episodes.k_shot=[1]",
-}
+# Each stage's help texts and `--set` example are in its StageSpec (pipeline/stage_configs.py); this is the
+# `--set` example of `fewscan run`, valid for the whole suite (tests/foundation/test_cli_help.py).
+RUN_SET_EXAMPLE = "episodes.k_shot=[1]"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,8 +47,9 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None, stage: str) -> None:
-    if upstream:
+def _add_common_stage_args(p: argparse.ArgumentParser, spec: stage_configs.StageSpec) -> None:
+    if spec.cli_input == "suite":
+        (upstream,) = spec.upstream
         p.add_argument(
             "--from",
             dest="from_run",
@@ -103,9 +63,18 @@ def _add_common_stage_args(p: argparse.ArgumentParser, upstream: str | None, sta
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"override a config value of this stage's {'manifest' if stage == 'ingest' else 'section'}, "
-        f"e.g. --set {SET_EXAMPLES[stage]} (repeatable)",
+        help=f"override a config value of this stage's {'section' if spec.section else 'manifest'}, "
+        f"e.g. --set {spec.set_example} (repeatable)",
     )
+    if spec.resumable:
+        p.add_argument(
+            "--resume",
+            nargs="?",
+            const="LATEST",
+            metavar="RUN_ID",
+            help=f"continue an interrupted {spec.name} run from its last checkpoint (default: the newest "
+            f"unfinished {spec.name} run in the suite's experiment; on a tracking server, one of yours)",
+        )
 
 
 def _stage_extra_args(stage: str, p: argparse.ArgumentParser) -> None:
@@ -131,8 +100,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="generate the built-in synthetic study and run the whole chain on it",
-        description="Generate the synthetic chest-radiograph study (if not already there) and run ingest -> "
-        "episodes -> meta-train -> adapt -> evaluate on it (suite tasks/demo.yaml; --quick: tasks/demo_quick.yaml). "
+        description="Generate the synthetic chest-radiograph study (if not already there) and run "
+        f"{' -> '.join(stage_configs.ORDER)} on it (suite tasks/demo.yaml; --quick: tasks/demo_quick.yaml). "
         "Prints where the results are and how to open the MLflow UI.",
     )
     p.add_argument("--quick", action="store_true", help="tiny configuration, ~2 minutes (used by the tests)")
@@ -156,52 +125,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         except ImportError as err:
             p.epilog = f"(generator unavailable: {err})"
 
-    p = sub.add_parser(
-        "ingest",
-        help="decode and de-identify a study into a scan index + image store",
-        description=STAGE_HELP["ingest"],
-    )
-    p.add_argument(
-        "manifest", help="data manifest YAML (e.g. data_manifests/demo.yaml, or a bare name: demo)"
-    )
-    p.add_argument(
-        "--suite", help="file the run under this suite's MLflow experiment (default: the dataset's)"
-    )
-    _add_common_stage_args(p, None, "ingest")
-    if wanted == "ingest":
-        _stage_extra_args("ingest", p)
-
-    for stage, upstream in (("episodes", "ingest"), ("meta-train", "episodes"), ("evaluate", "meta-train")):
-        p = sub.add_parser(stage, help=SHORT_HELP[stage], description=STAGE_HELP[stage])
-        p.add_argument("suite", help="task suite YAML (e.g. tasks/demo.yaml, or a bare name: demo)")
-        _add_common_stage_args(p, upstream, stage)
-        if stage == "meta-train":
+    for spec in stage_configs.SPECS:  # one command per stage, in chain order (pipeline/stage_configs.py)
+        p = sub.add_parser(spec.name, help=spec.summary, description=spec.description)
+        if spec.cli_input == "manifest":
             p.add_argument(
-                "--resume",
-                nargs="?",
-                const="LATEST",
-                metavar="RUN_ID",
-                help="continue an interrupted meta-train run from its last checkpoint (default: the newest "
-                "unfinished meta-train run in the suite's experiment; on a tracking server, one of yours)",
+                "manifest", help="data manifest YAML (e.g. data_manifests/demo.yaml, or a bare name: demo)"
             )
-        if wanted == stage:
-            _stage_extra_args(stage, p)
-
-    p = sub.add_parser(
-        "adapt",
-        help="adapt a meta-model to a new condition from a few scans",
-        description=STAGE_HELP["adapt"],
-    )
-    p.add_argument("suite", nargs="?", help="task suite whose `adapt:` section gives defaults (optional)")
-    p.add_argument(
-        "--model",
-        metavar="REF",
-        help="meta-model: a meta-train run id, models:/NAME@ALIAS, NAME@ALIAS or models:/NAME/VERSION "
-        "(default: the latest finished meta-train run of the suite)",
-    )
-    _add_common_stage_args(p, None, "adapt")
-    if wanted == "adapt":
-        _stage_extra_args("adapt", p)
+            p.add_argument(
+                "--suite", help="file the run under this suite's MLflow experiment (default: the dataset's)"
+            )
+        elif spec.cli_input == "suite":
+            p.add_argument("suite", help="task suite YAML (e.g. tasks/demo.yaml, or a bare name: demo)")
+        else:  # "model": the upstream is a meta-model, named by a run id or a registry reference
+            (upstream,) = spec.upstream
+            p.add_argument(
+                "suite",
+                nargs="?",
+                help=f"task suite whose `{spec.section}:` section gives defaults (optional)",
+            )
+            p.add_argument(
+                "--model",
+                metavar="REF",
+                help=f"meta-model: a {upstream} run id, models:/NAME@ALIAS, NAME@ALIAS or models:/NAME/VERSION "
+                f"(default: the latest finished {upstream} run of the suite)",
+            )
+        _add_common_stage_args(p, spec)
+        if wanted == spec.name:
+            _stage_extra_args(spec.name, p)
 
     p = sub.add_parser(
         "predict",
@@ -237,7 +187,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the whole chain for a suite, reusing unchanged finished stages",
-        description="Run ingest -> episodes -> meta-train -> adapt -> evaluate as one parent MLflow run with "
+        description=f"Run {' -> '.join(stage_configs.ORDER)} as one parent MLflow run with "
         "a nested run per stage. A stage whose fingerprint (config, upstream run ids, code version) matches a "
         "finished run is reused; a stage that another live run is computing (another `fewscan run` of the "
         "same suite) is waited for and then reused; --force recomputes all.",
@@ -258,7 +208,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help=f"override a suite value, e.g. --set {SET_EXAMPLES['run']} (repeatable)",
+        help=f"override a suite value, e.g. --set {RUN_SET_EXAMPLE} (repeatable)",
     )
 
     p = sub.add_parser(
@@ -314,18 +264,19 @@ def _stage_overrides(stage: str, args: argparse.Namespace) -> list[str]:
     return out
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
+# The command of each stage, by what it is given (StageSpec.cli_input): a data manifest, a suite, a model.
+def _manifest_stage(stage: str, args: argparse.Namespace) -> int:
     from pipeline.suite import dataset_name, find_file, load_manifest
 
     path = find_file(args.manifest, "data_manifests")
-    cfg = load_manifest(path, _stage_overrides("ingest", args))
+    cfg = load_manifest(path, _stage_overrides(stage, args))
     from pipeline import stages  # validated: now torch and mlflow
 
-    stages.execute_stage("ingest", cfg, upstream={}, suite=args.suite, dataset=dataset_name(cfg, path))
+    stages.execute_stage(stage, cfg, upstream={}, suite=args.suite, dataset=dataset_name(cfg, path))
     return 0
 
 
-def _single_stage(stage: str, args: argparse.Namespace) -> int:
+def _suite_stage(stage: str, args: argparse.Namespace) -> int:
     from pipeline.suite import dataset_name, load_manifest, load_suite
 
     suite = load_suite(args.suite)
@@ -346,7 +297,7 @@ def _single_stage(stage: str, args: argparse.Namespace) -> int:
                 raise FewscanError(f"--resume: no unfinished {stage} run of suite '{suite.name}' to resume")
         # resume continues the run with the upstream it was started on
         upstream = {up_stage: tracking.UpstreamRun.from_id(_recorded_upstream(resume, up_stage), up_stage)}
-    if stage == "meta-train":
+    if stage_configs.spec(stage).distributed:
         from pipeline import distributed
 
         dctx = distributed.init_from_env(device=getattr(cfg, "device", "auto"))
@@ -390,37 +341,38 @@ def _check_sets_exist(cfg: Any, args: argparse.Namespace, overrides: list[str], 
         )
 
 
-def cmd_adapt(args: argparse.Namespace) -> int:
+def _model_stage(stage: str, args: argparse.Namespace) -> int:
     from pipeline.config import apply_overrides, validate
     from pipeline.suite import load_suite
 
-    overrides = _stage_overrides("adapt", args)
+    (up_stage,) = stage_configs.spec(stage).upstream
+    overrides = _stage_overrides(stage, args)
     suite_path: Path | None = None
     if args.suite:
         suite = load_suite(args.suite)
-        cfg = suite.stage_config("adapt", overrides)
+        cfg = suite.stage_config(stage, overrides)
         suite_name: str | None = suite.name
         suite_path = suite.path
     else:
-        cfg = validate(apply_overrides({}, overrides), stage_configs.config_model("adapt"), "command line")
+        cfg = validate(apply_overrides({}, overrides), stage_configs.config_model(stage), "command line")
         suite_name = None
     if not args.model and not suite_name:
         raise FewscanError(
-            "adapt needs a meta-model: pass --model REF or a suite whose meta-train run exists"
+            f"{stage} needs a meta-model: pass --model REF or a suite whose {up_stage} run exists"
         )
     _check_sets_exist(cfg, args, overrides, suite_path)
     from pipeline import stages, tracking  # validated: now torch and mlflow
 
     if args.model:
         run_id = tracking.resolve_model_ref(args.model)
-        meta = tracking.UpstreamRun.from_id(run_id, "meta-train")
+        meta = tracking.UpstreamRun.from_id(run_id, up_stage)
     else:
-        meta = tracking.latest_run("meta-train", suite=str(suite_name))
+        meta = tracking.latest_run(up_stage, suite=str(suite_name))
     suite_tag = suite_name or meta.tags.get(tracking.TAG_SUITE)
     stages.execute_stage(
-        "adapt",
+        stage,
         cfg,
-        upstream={"meta-train": meta},
+        upstream={up_stage: meta},
         suite=suite_tag,
         dataset=meta.tags.get(tracking.TAG_DATASET),
     )
@@ -475,11 +427,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, args.overrides)
     # every stage's config and the manifest, before the chain (torch, mlflow) is imported
-    for stage in stage_configs.ORDER:
-        if stage != "adapt" or suite.cfg.adapt is not None:
-            cfg = suite.stage_config(stage)
-            if stage == "adapt":
-                _check_sets_exist(cfg, args, [], suite.path)
+    for stage in stage_configs.chain_stages(suite.cfg):
+        cfg = suite.stage_config(stage)
+        if stage_configs.spec(stage).cli_input == "model":  # its support/query sets
+            _check_sets_exist(cfg, args, [], suite.path)
     from pipeline.chain import run_chain
 
     run_chain(suite, force=args.force, wait_timeout_s=args.wait_timeout)
@@ -602,11 +553,13 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 COMMANDS: dict[str, Any] = {
     "demo": cmd_demo,
     "make-demo-data": cmd_make_demo_data,
-    "ingest": cmd_ingest,
-    "episodes": lambda a: _single_stage("episodes", a),
-    "meta-train": lambda a: _single_stage("meta-train", a),
-    "evaluate": lambda a: _single_stage("evaluate", a),
-    "adapt": cmd_adapt,
+    **{
+        spec.name: functools.partial(
+            {"manifest": _manifest_stage, "suite": _suite_stage, "model": _model_stage}[spec.cli_input],
+            spec.name,
+        )
+        for spec in stage_configs.SPECS
+    },
     "predict": cmd_predict,
     "run": cmd_run,
     "status": cmd_status,

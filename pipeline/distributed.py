@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.errors import FewscanError
+from pipeline.protocols import NullRun
 
 T = TypeVar("T")
 
@@ -452,43 +453,22 @@ def assert_in_sync(module: nn.Module, ctx: DistContext, what: str = "weights") -
 
 
 # --------------------------------------------------------------------------------------------- other ranks
-class FollowerRun:
-    """What a non-main rank's `execute` gets instead of the MLflow `StageRun`: the same methods, doing
-    nothing (only rank 0 talks to MLflow), and a private scratch `outdir` that is never uploaded. Use it as
-    a context manager: the `outdir` is removed on leaving it, as `stage_run` removes rank 0's."""
-
-    run_id = ""
-    ui_url = ""
-    resumed = False
+class FollowerRun(NullRun):
+    """What a non-main rank's `execute` gets instead of the MLflow `StageRun`: a `RunLike` that logs nothing
+    (only rank 0 talks to MLflow; pipeline/protocols.py), with a private scratch `outdir` that is never
+    uploaded. Use it as a context manager: the `outdir` is removed on leaving it, as `stage_run` removes
+    rank 0's. `own_artifact` finds nothing: the resume state comes from rank 0 via `broadcast_object`."""
 
     def __init__(self, stage: str, rank: int):
+        super().__init__(Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-rank{rank}-")))
         self.stage = stage
         self.rank = rank
-        self.outdir = Path(tempfile.mkdtemp(prefix=f"fewscan-{stage}-rank{rank}-"))
 
     def __enter__(self) -> FollowerRun:
         return self
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.outdir, ignore_errors=True)
-
-    def log_params(self, d: dict[str, Any]) -> None: ...
-    def log_metrics(self, d: dict[str, float], step: int | None = None) -> None: ...
-    def log_metric(self, key: str, value: float, step: int | None = None) -> None: ...
-    def set_tags(self, d: dict[str, Any]) -> None: ...
-    def set_description(self, text: str) -> None: ...
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_state_dict(self, state_dict: dict[str, Any], artifact_path: str) -> None: ...
-    def log_dataset(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def own_artifact(self, rel: str) -> Path | None:
-        return None  # resume state comes from rank 0 via broadcast_object
-
-    def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
-        return ""
-
-    def log_pyfunc(self, artifact_path: str, *args: Any, **kwargs: Any) -> str:
-        return ""
 
 
 __all__ = [

@@ -1,9 +1,10 @@
 """The stage registry and the one function that runs a stage as an MLflow run.
 
-Stage packages stay thin and uniform (see docs/CONTRACTS.md): `CONFIG`, `UPSTREAM`, `run_name`,
-`execute`, and optionally `add_arguments` / `overrides_from_args` / `fingerprint_inputs`. Both the
-single-stage commands and `fewscan run` go through `execute_stage`, so tagging, reuse, summaries and
-failure handling behave the same everywhere.
+Which stages there are, their order, links and per-stage behaviours are in the StageSpec table
+(pipeline/stage_configs.py). Stage modules stay thin and uniform: the `StageModule` protocol
+(pipeline/protocols.py; docs/CONTRACTS.md), handed a `RunLike`. Both the single-stage commands and
+`fewscan run` go through `execute_stage`, so tagging, reuse, summaries and failure handling behave the same
+everywhere.
 """
 
 from __future__ import annotations
@@ -12,35 +13,48 @@ import importlib
 import json
 import time
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pipeline import claims, distributed, tracking
 from pipeline.progress import log
+from pipeline.protocols import StageModule
 from pipeline.stage_configs import ORDER as ORDER
-from pipeline.stage_configs import PACKAGES
 from pipeline.stage_configs import SECTIONS as SECTIONS
+from pipeline.stage_configs import SPECS, spec
 from pipeline.stage_configs import UPSTREAM as UPSTREAM
 from pipeline.tracking import StageResult, UpstreamRun
 
-# The stage order, upstreams and suite sections are in stage_configs.py, which the CLI reads without
-# importing torch or mlflow; the module of each stage is `<package>.stage`.
-MODULES = {stage: f"{package}.stage" for stage, package in PACKAGES.items()}
-# Stages whose runs benefit from MLflow system metrics (CPU, memory, GPU) in the UI.
-SYSTEM_METRICS = {"meta-train", "evaluate"}
+# The module of each stage (StageSpec.entry_module): what runs it and where its code set starts
+# (pipeline/codeset.py, through tracking.code_files).
+MODULES = {s.name: s.entry_module for s in SPECS}
+
+if TYPE_CHECKING:
+    # mypy checks every stage module against the protocol (tests/foundation/test_stage_registry.py checks
+    # that each StageSpec's module is listed here).
+    from pipeline.adapt import stage as _adapt
+    from pipeline.episodes import stage as _episodes
+    from pipeline.evaluate import stage as _evaluate
+    from pipeline.ingest import stage as _ingest
+    from pipeline.metatrain import stage as _metatrain
+
+    _checked: StageModule = _ingest
+    _checked = _episodes
+    _checked = _metatrain
+    _checked = _adapt
+    _checked = _evaluate
 
 
-def module(stage: str) -> ModuleType:
-    return importlib.import_module(MODULES[stage])
+def module(stage: str) -> StageModule:
+    return cast(StageModule, importlib.import_module(MODULES[stage]))
 
 
 def public_config(stage: str, cfg: Any) -> dict[str, Any]:
     """The stage's config as it may be logged to MLflow: through the stage's `public_config` when it has
     one (paths that might name a patient become salted hashes, docs/ARCHITECTURE.md principle 10), else as
     it is."""
-    mod = module(stage)
-    if hasattr(mod, "public_config"):
-        return dict(mod.public_config(cfg))
+    hook = getattr(module(stage), "public_config", None)
+    if hook is not None:
+        return dict(hook(cfg))
     return dict(cfg.model_dump(mode="json"))
 
 
@@ -50,7 +64,8 @@ def stage_fingerprint(stage: str, cfg: Any, upstream_ids: dict[str, str]) -> str
     fp_cfg = cfg.model_dump(mode="json")
     for key in getattr(mod, "FINGERPRINT_EXCLUDE", ()):
         fp_cfg.pop(key, None)
-    inputs = mod.fingerprint_inputs(cfg) if hasattr(mod, "fingerprint_inputs") else None
+    hook = getattr(mod, "fingerprint_inputs", None)
+    inputs = hook(cfg) if hook is not None else None
     # The device setting picks the numerics that enter the fingerprint (torch, device type, CPU kernels).
     device = getattr(cfg, "device", "auto")
     return tracking.fingerprint(stage, fp_cfg, upstream_ids, inputs, device=device)
@@ -79,7 +94,7 @@ def execute_stage(
     """Run one stage as an MLflow run (or, with `reuse`, reuse a finished one with the same fingerprint,
     after waiting up to `wait_timeout_s` (None: while it lives) for a live run computing it)."""
     mod = module(stage)
-    if stage == "meta-train":
+    if spec(stage).distributed:
         # torchrun's ranks, or one process
         dctx = distributed.init_from_env(device=getattr(cfg, "device", "auto"))
         if not dctx.is_main:
@@ -142,7 +157,7 @@ def execute_stage(
         parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
         claimed_run_id=claimed,
-        system_metrics=stage in SYSTEM_METRICS,
+        system_metrics=spec(stage).system_metrics,
     ) as run:
         numerics = tracking.numerics(stage, device)
         if numerics:

@@ -35,17 +35,19 @@ def status_lines(suite_ref: str | None) -> list[str]:
     c = tracking.client()  # marks dead runs KILLED
     if suite_ref is None:
         return _all_suites(c)
-    from pipeline.chain import chain_stages
+    from pipeline.stage_configs import chain_stages, spec
     from pipeline.suite import dataset_name, load_suite
 
     suite = load_suite(suite_ref)
-    cfgs = {s: suite.stage_config(s) for s in chain_stages(suite.cfg.adapt is not None)}
+    cfgs = {s: suite.stage_config(s) for s in chain_stages(suite.cfg)}
     dataset = dataset_name(cfgs["ingest"], suite.manifest_path)
     lines = [f"suite '{suite.name}' (dataset '{dataset}') in {tracking.tracking_uri()}"]
     rows: list[tuple[str, ...]] = [("stage", "latest run", "state", "started", "reusable by `fewscan run`")]
     reused: dict[str, str] = {}
     for stage, cfg in cfgs.items():
-        which = (tracking.TAG_DATASET, dataset) if stage == "ingest" else (tracking.TAG_SUITE, suite.name)
+        which = (
+            (tracking.TAG_DATASET, dataset) if spec(stage).per_dataset else (tracking.TAG_SUITE, suite.name)
+        )
         filt = [f"tags.`{tracking.TAG_STAGE}` = '{stage}'", f"tags.`{which[0]}` = '{which[1]}'"]
         scope = tracking.search_scope(stage, suite.name, dataset)
         run = _latest(c, scope, filt)

@@ -78,9 +78,9 @@ class Suite:
     def stage_config(self, stage: str, extra_overrides: list[str] | None = None) -> Any:
         """The validated config of one stage (ingest: the data manifest). Imports the stage's config model
         only, not the stage (torch, mlflow): commands validate every config before those imports."""
-        if stage == "ingest":
+        section = stage_configs.spec(stage).section
+        if section is None:  # ingest: the data manifest
             return load_manifest(self.manifest_path, extra_overrides)
-        section = stage_configs.SECTIONS[stage]
         data = getattr(self.cfg, section) or {}
         if extra_overrides:
             data = override_section(stage, data, extra_overrides)

@@ -14,7 +14,7 @@ Folder layout (the `adapted` artifact inside the pyfunc model; no mlflow needed 
 `AdaptedClassifier` turns scans into probabilities, and probabilities into a predicted class by the card's
 decision rule: a binary model predicts the condition when p(condition) >= its threshold (chosen by adapt on
 the support scans, docs/adapt.md), so `fewscan predict` and `mlflow models serve` apply the same rule; the
-probabilities are the network's, untouched. It reads every file with `support.read_scan`, i.e. the
+probabilities are the network's, untouched. It reads every file with `scan_read.read_scan`, i.e. the
 same ingest preprocessing as the support set. Predictions never depend on the batch a scan is in: with
 the default per-sample normalisations (GroupNorm/instance/layer) batching is exact; with the
 `batch_transductive` policy (BatchNorm on batch statistics) every scan is scored alone, so a scan's
@@ -37,15 +37,10 @@ import numpy as np
 import torch
 
 from pipeline.adapt.decision import predicted_index
-from pipeline.adapt.support import (
-    ScanRef,
-    ScanSpec,
-    check_array,
-    read_ref,
-    read_scan,
-    read_scan_bytes,
-    write_json_atomic,
-)
+from pipeline.adapt.listing import ScanRef
+from pipeline.adapt.reports import write_json_atomic
+from pipeline.adapt.scan_read import read_ref, read_scan, read_scan_bytes
+from pipeline.adapt.scan_spec import ScanSpec, check_array
 from pipeline.cpus import torch_threads as torch_threads  # re-exported: adapt and predict use it from here
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
@@ -227,7 +222,7 @@ class AdaptedClassifier:
         return rows
 
     def predict_refs(self, refs: Sequence[ScanRef], batch_size: int = 64) -> list[dict[str, Any]]:
-        """Like predict_paths for listed scans (`support.scan_units`): a 3D DICOM series is one scan."""
+        """Like predict_paths for listed scans (`scan_read.scan_units`): a 3D DICOM series is one scan."""
         from pipeline.progress import progress
 
         rows: list[dict[str, Any]] = []

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipeline.adapt.adapted import AdaptedClassifier, prob_column, torch_threads
-from pipeline.adapt.support import PathLedger, list_inputs, scan_units
+from pipeline.adapt.ledger import PathLedger
+from pipeline.adapt.listing import list_inputs
+from pipeline.adapt.scan_read import scan_units
+from pipeline.atomic import atomic_open
 from pipeline.errors import ConfigError
 from pipeline.ingest.deid import load_or_create_salt
 from pipeline.progress import log
@@ -34,14 +36,12 @@ LEDGER_FILE = "predict.paths.json"
 
 
 def write_predictions_csv(rows: list[dict[str, Any]], classes: list[str], output_csv: Path) -> None:
-    """Write the rows atomically (temp file + os.replace): a crash never leaves half a CSV."""
+    """Write the rows atomically (pipeline/atomic.py): a crash never leaves half a CSV."""
     output_csv = Path(output_csv)
     if output_csv.is_dir():
         raise ConfigError("--output is a folder; give a file name such as predictions.csv")
-    output_csv.parent.mkdir(parents=True, exist_ok=True)
     cols = ["path", "predicted_class", *(prob_column(c) for c in classes), "error"]
-    tmp = output_csv.with_name(f".{output_csv.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
+    with atomic_open(output_csv, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -52,7 +52,6 @@ def write_predictions_csv(rows: list[dict[str, Any]], classes: list[str], output
                     for k, v in r.items()
                 }
             )
-    os.replace(tmp, output_csv)
 
 
 def predict(

@@ -65,10 +65,10 @@ from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
 from pipeline.meta.methods import Adapted, FewShotMethod, class_balanced_cross_entropy
 from pipeline.meta.model_io import MetaModel, load_meta_model
 from pipeline.progress import log
-from pipeline.tracking import StageResult, StageRun, UpstreamRun
+from pipeline.protocols import RunLike
+from pipeline.tracking import StageResult, UpstreamRun
 
 CONFIG = AdaptConfig
-UPSTREAM = ("meta-train",)
 DEFAULT_NORMAL = "No Finding"
 # In local_report_dir (next to the salt, never uploaded): file key -> clear path of every file a log line names.
 LEDGER_FILE = "adapt.paths.json"
@@ -297,12 +297,12 @@ def _patient_keys(refs_paths: list[Path], salt: bytes) -> set[str]:
     return keys
 
 
-def execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def execute(cfg: AdaptConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     with torch_threads(cfg.threads):
         return _execute(cfg, run, upstream)
 
 
-def _execute(cfg: AdaptConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def _execute(cfg: AdaptConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     from pipeline.meta.device import pick_device
     from pipeline.serving import ARTIFACT_KEY, INPUT_EXAMPLE, MODEL_ARTIFACT, MODEL_CODE_FILE, model_signature
 
@@ -577,7 +577,6 @@ def summary_line(
 __all__ = [
     "CONFIG",
     "FINGERPRINT_EXCLUDE",
-    "UPSTREAM",
     "add_arguments",
     "compose_section",
     "execute",

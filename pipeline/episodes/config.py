@@ -35,12 +35,16 @@ class SplitConfig(StrictModel):
     `exclude` lists conditions that are never used (their scans still count as that patient's scans).
     """
 
-    common: list[str] = Field(default_factory=list)
-    validation: list[str] = Field(default_factory=list)
-    rare: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    rare_below_patients: int | None = Field(default=None, ge=1)
-    validation_below_patients: int | None = Field(default=None, ge=1)
+    common: list[str] = Field(default_factory=list, description="conditions to meta-train on (train pool)")
+    validation: list[str] = Field(default_factory=list, description="conditions of the validation episodes")
+    rare: list[str] = Field(default_factory=list, description="conditions of the test episodes (meta-test)")
+    exclude: list[str] = Field(default_factory=list, description="conditions never used as a class")
+    rare_below_patients: int | None = Field(
+        default=None, ge=1, description="an unlisted condition with fewer patients than this is rare"
+    )
+    validation_below_patients: int | None = Field(
+        default=None, ge=1, description="else, with fewer patients than this, a validation condition"
+    )
 
     @model_validator(mode="after")
     def _one_split_per_condition(self) -> SplitConfig:
@@ -68,9 +72,9 @@ class SplitConfig(StrictModel):
 class NormalFraction(StrictModel):
     """How patients without any finding of a used condition are shared between the pools."""
 
-    train: float = Field(default=0.7, ge=0.0, le=1.0)
-    val: float = Field(default=0.1, ge=0.0, le=1.0)
-    test: float = Field(default=0.2, ge=0.0, le=1.0)
+    train: float = Field(default=0.7, ge=0.0, le=1.0, description="share of those patients in the train pool")
+    val: float = Field(default=0.1, ge=0.0, le=1.0, description="share in the val pool")
+    test: float = Field(default=0.2, ge=0.0, le=1.0, description="share in the test pool")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> NormalFraction:
@@ -84,27 +88,44 @@ class EpisodesConfig(StrictModel):
     """Few-shot task suite: condition split, episode kinds and sizes, fixed episode counts, seed."""
 
     split: SplitConfig = Field(default_factory=SplitConfig)
-    # binary: one condition vs normal (classes == [condition, normal_label]);
-    # n_way: n_way conditions against each other (normal is not a class).
-    kinds: list[Kind] = Field(default_factory=_both_kinds, min_length=1)
-    n_way: int = Field(default=3, ge=2)
-    # One value or a list; the fixed val/test files hold episodes for every k, the train sampler mixes them.
-    k_shot: int | list[int] = Field(default_factory=lambda: [1, 5])
-    q_query: int = Field(default=15, ge=1)
-    # Fixed episodes per (kind, k_shot) combination; 600 test episodes give a 95% CI of about +-4%.
-    val_episodes: int = Field(default=100, ge=0)
-    test_episodes: int = Field(default=600, ge=1)
-    seed: int = Field(default=0, ge=0)
-    # exclusive_in_episode: a scan counts as C in an episode only if C is its only finding among that
-    #   episode's classes. single_finding: only scans with exactly one finding overall are used.
-    multilabel: Multilabel = "exclusive_in_episode"
-    # A condition with too few patients in its pool: fail with a table, or drop it with a warning.
-    on_insufficient: Literal["fail", "drop"] = "fail"
+    kinds: list[Kind] = Field(
+        default_factory=_both_kinds,
+        min_length=1,
+        description="binary: one condition vs normal (classes [condition, normal_label]); n_way: n_way "
+        "conditions against each other (normal is not a class)",
+    )
+    n_way: int = Field(default=3, ge=2, description="classes of an n_way episode")
+    k_shot: int | list[int] = Field(
+        default_factory=lambda: [1, 5],
+        description="support scans per class; a list: the fixed val/test files hold episodes for every k, "
+        "the train sampler mixes them",
+    )
+    q_query: int = Field(default=15, ge=1, description="query scans per class")
+    val_episodes: int = Field(
+        default=100, ge=0, description="fixed validation episodes per (kind, k_shot) combination"
+    )
+    test_episodes: int = Field(
+        default=600,
+        ge=1,
+        description="fixed test episodes per (kind, k_shot); 600 give a 95% CI of about +-4%",
+    )
+    seed: int = Field(default=0, ge=0, description="seed of the split and of the fixed episodes")
+    multilabel: Multilabel = Field(
+        default="exclusive_in_episode",
+        description="exclusive_in_episode: a scan counts as C in an episode only if C is its only finding "
+        "among that episode's classes; single_finding: only scans with exactly one finding overall are used",
+    )
+    on_insufficient: Literal["fail", "drop"] = Field(
+        default="fail",
+        description="a condition with too few patients in its pool: fail with a table, or drop it with a warning",
+    )
     normal_fraction: NormalFraction = Field(default_factory=NormalFraction)
-    # Episodes within a group (docs/tasks.md, "Episodes within a group"): a column of the scan index
-    # (e.g. `alphabet` or `body_part` carried by the manifest's labels.group_columns, or `modality`);
-    # every scan of an episode, normal scans included, then shares one value of it. null = no grouping.
-    group_by: str | None = None
+    group_by: str | None = Field(
+        default=None,
+        description="a scan-index column (e.g. alphabet, body_part from labels.group_columns, or modality) "
+        "whose one value every scan of an episode shares (docs/tasks.md, 'Episodes within a group'); "
+        "null: no grouping",
+    )
 
     @field_validator("group_by")
     @classmethod

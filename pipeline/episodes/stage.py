@@ -21,10 +21,10 @@ from pipeline.episodes.options import compose_section as compose_section
 from pipeline.episodes.options import overrides_from_args as overrides_from_args
 from pipeline.names import key_parts, metric_key
 from pipeline.progress import log
-from pipeline.tracking import StageResult, StageRun, UpstreamRun
+from pipeline.protocols import RunLike
+from pipeline.tracking import StageResult, UpstreamRun
 
 CONFIG = EpisodesConfig
-UPSTREAM = ("ingest",)
 
 
 def _kinds_label(cfg: EpisodesConfig) -> str:
@@ -87,7 +87,7 @@ def pool_tables(split: dict[str, Any], index: pd.DataFrame) -> dict[str, tuple[p
     return out
 
 
-def execute(cfg: EpisodesConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def execute(cfg: EpisodesConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     up = upstream["ingest"]
     meta = up.read_json("store/store.json")
     index = pd.read_parquet(up.artifact("store/scan_index.parquet"))

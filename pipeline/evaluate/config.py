@@ -23,7 +23,9 @@ class MetaSearchConfig(StrictModel):
 
     # Candidate numbers of inner steps at test time for gradient-based meta-methods; null = only the
     # number they were meta-trained with. ProtoNet has no test-time hyper-parameter.
-    steps: list[int] | None = None
+    steps: list[int] | None = Field(
+        default=None, description="test-time inner steps to choose from; null: as meta-trained"
+    )
 
     @field_validator("steps")
     @classmethod
@@ -40,18 +42,25 @@ class PretrainConfig(StrictModel):
     # Trained to convergence by a held-out criterion, not for a fixed count: after every epoch the loss on
     # the held-out "stopping" patients is measured; training stops after `patience` epochs without a new
     # best (by more than `min_delta`) and the best epoch's weights are kept. `max_epochs` only bounds it.
-    max_epochs: int = Field(default=40, ge=1)
-    patience: int = Field(default=4, ge=1)
-    min_delta: float = Field(default=1e-3, ge=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=64, ge=2)
+    max_epochs: int = Field(default=40, ge=1, description="upper bound on the epochs")
+    patience: int = Field(
+        default=4, ge=1, description="epochs without a new best held-out loss before stopping"
+    )
+    min_delta: float = Field(default=1e-3, ge=0, description="what counts as a new best")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay")
+    batch_size: int = Field(default=64, ge=2, description="images per training batch")
     # Cap on the number of training images (a seeded, class-stratified subsample); null = all.
-    max_images: int | None = Field(default=None, ge=2)
+    max_images: int | None = Field(default=None, ge=2, description="cap on the training images; null: all")
     # Held-out fraction of train-pool PATIENTS (never test data), split in two halves: one decides when to
     # stop, the other reports the classifier's own accuracy and macro AUC (the study's positive control),
     # so the reported numbers are not the ones training was stopped on. 0 = no hold-out: max_epochs run.
-    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=0.6)
+    holdout_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=0.6,
+        description="held-out share of train-pool patients (stop / report halves)",
+    )
 
 
 HEAD_INIT_DOC = (
@@ -63,11 +72,13 @@ HEAD_INIT_DOC = (
 class FinetuneConfig(StrictModel):
     """Fine-tuning the pretrained classifier on each episode's support set (a fresh per-episode head)."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="evaluate this baseline")
     head_init: Literal["proto", "zero"] = Field(default="proto", description=HEAD_INIT_DOC)
-    modes: list[Literal["head", "whole"]] = ["head", "whole"]
-    steps: list[int] = [10, 25]
-    lrs: list[float] = [0.01, 0.1]
+    modes: list[Literal["head", "whole"]] = Field(
+        default=["head", "whole"], description="fine-tune the head only, the whole network, or both (chosen)"
+    )
+    steps: list[int] = Field(default=[10, 25], description="fine-tuning steps to choose from")
+    lrs: list[float] = Field(default=[0.01, 0.1], description="learning rates to choose from")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
@@ -82,10 +93,10 @@ class FinetuneConfig(StrictModel):
 class ScratchConfig(StrictModel):
     """Training the same backbone from a random initialization on each support set alone."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="evaluate this baseline")
     head_init: Literal["proto", "zero"] = Field(default="proto", description=HEAD_INIT_DOC)
-    steps: list[int] = [25, 50]
-    lrs: list[float] = [0.01, 0.1]
+    steps: list[int] = Field(default=[25, 50], description="training steps to choose from")
+    lrs: list[float] = Field(default=[0.01, 0.1], description="learning rates to choose from")
 
     @model_validator(mode="after")
     def _grids(self) -> ScratchConfig:
@@ -114,19 +125,19 @@ class BootstrapConfig(StrictModel):
 
 class EvaluateConfig(StrictModel):
     # Folder names under the meta-train run's models/ to evaluate; null = every trained method.
-    methods: list[str] | None = None
+    methods: list[str] | None = Field(default=None, description="methods under models/; null: all trained")
     # One evaluation per seed (pretraining of the traditional classifier, scratch initializations);
     # reported as mean and spread across seeds. Episodes stay the fixed ones of the episodes run.
-    seeds: list[int] = [0]
+    seeds: list[int] = Field(default=[0], description="one evaluation per seed, reported as mean and spread")
     # Cap on the number of test episodes per (kind, k_shot) group; null = all of them.
-    max_episodes: int | None = Field(default=None, ge=1)
+    max_episodes: int | None = Field(default=None, ge=1, description="test episodes per group; null: all")
     # Validation episodes per (kind, k_shot) group used to choose hyper-parameters.
-    val_episodes: int = Field(default=50, ge=1)
+    val_episodes: int = Field(default=50, ge=1, description="validation episodes per group for the choices")
     # Adaptation curves: inner steps 0..curve_steps and k' = 1..k support scans per class, measured on
     # the first `curve_episodes` test episodes of each group.
-    curve_steps: int = Field(default=10, ge=1)
-    curve_episodes: int = Field(default=100, ge=0)
-    ece_bins: int = Field(default=10, ge=2, le=100)
+    curve_steps: int = Field(default=10, ge=1, description="adaptation curves: inner steps 0..curve_steps")
+    curve_episodes: int = Field(default=100, ge=0, description="adaptation curves: test episodes per group")
+    ece_bins: int = Field(default=10, ge=2, le=100, description="bins of the expected calibration error")
     device: str = Field(default="auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(
         default=None,

@@ -25,10 +25,10 @@ from pipeline.meta.device import pick_device
 from pipeline.meta.model_io import META_FILE, load_meta_model
 from pipeline.names import metric_key
 from pipeline.progress import log
-from pipeline.tracking import StageResult, StageRun, UpstreamRun
+from pipeline.protocols import RunLike
+from pipeline.tracking import StageResult, UpstreamRun
 
 CONFIG = EvaluateConfig
-UPSTREAM = ("meta-train",)
 
 
 def run_name(cfg: EvaluateConfig) -> str:
@@ -125,14 +125,14 @@ def headline(results: ResultsFile) -> str:
     return f"{len(results.methods)} methods on {n} test episodes; " + "; ".join(parts)
 
 
-def execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def execute(cfg: EvaluateConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     # Threads sized from the CPUs this process may use, and restored afterwards so that the setting does
     # not leak into whatever runs next in this process (docs/scaling.md, "CPU threads and worker pools").
     with torch_threads(cfg.threads):
         return _execute(cfg, run, upstream)
 
 
-def _execute(cfg: EvaluateConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def _execute(cfg: EvaluateConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     inputs = load_inputs(cfg, upstream)
     run.log_params(
         {

@@ -28,9 +28,10 @@ from pipeline.ingest.duplicates import SopLedger
 from pipeline.ingest.labels import LabelTable, check_folder_labels, folder_label, load_table
 from pipeline.ingest.manifest import IngestConfig
 from pipeline.ingest.preprocess import PREPROCESS_VERSION
+from pipeline.ingest.reading import DicomHeader, group_series, header_task
 from pipeline.ingest.reasons import Rejected
 from pipeline.ingest.store import StoreWriter, atomic_write_json
-from pipeline.ingest.worker import Task, run_task
+from pipeline.ingest.worker import Task, TaskResult, run_task
 from pipeline.names import key_parts
 from pipeline.progress import log, progress
 
@@ -118,7 +119,7 @@ def _mp_context() -> Any:
     return ctx
 
 
-def _pool_map(tasks: list[Task], workers: int, desc: str) -> Iterator[dict[str, Any]]:
+def _pool_map(tasks: list[Task], workers: int, desc: str) -> Iterator[TaskResult]:
     """Results in task order; decoding spread over `workers` processes (1 = in this process)."""
     if workers <= 1 or len(tasks) < MIN_PARALLEL_TASKS:
         # Decoding in this process sets torch to one thread (preprocess.py); the caller's setting comes back.
@@ -203,39 +204,35 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
 
     tasks: list[Task] = []
     if dims == 3:
-        # pass 1: headers of DICOM files, to group single-frame slices into series
+        # pass 1: headers of DICOM files, to group single-frame slices into series (the grouping adapt
+        # and predict use too: pipeline/ingest/reading.py)
         dcm = [c for c in usable if c.fmt == "dicom"]
-        heads = list(_pool_map([mk("header", [c]) for c in dcm], nproc, "ingest: reading DICOM headers"))
-        series: dict[str, list[tuple[Candidate, dict[str, Any]]]] = {}
-        for c, res in zip(dcm, heads):
-            add_warnings(c.rel, res.get("warnings"))
-            if not res["ok"]:
-                reject(c.rel, c.fmt, res["reason"], res["detail"])
-                continue
-            it = res["items"][0]
-            if int(it.get("frames", 1)) > 1:
-                tasks.append(mk("file", [c]))
-            elif not it.get("series_key"):
-                reject(c.rel, c.fmt, R.INCONSISTENT_SERIES, "slice without SeriesInstanceUID")
-            else:
-                series.setdefault(it["series_key"], []).append((c, it))
-        for key in sorted(series):
-            members = series[key]
-            seen: dict[str, str] = {}  # sop_key -> the slice kept (the first by path)
-            keep = []
-            for c, it in members:
-                if it["sop_key"] and it["sop_key"] in seen:
-                    first = salted_key(salt, "file", seen[it["sop_key"]])
-                    reject(
-                        c.rel,
-                        c.fmt,
-                        R.DUPLICATE_SOP,
-                        f"same SOP Instance UID as slice {first} of this series, which is kept",
-                    )
-                    continue
-                seen[it["sop_key"]] = c.rel
-                keep.append(c)
-            tasks.append(mk("series", keep))
+        heads = [
+            DicomHeader.from_result(res)
+            for res in _pool_map(
+                [header_task(c.path, c.rel, prep, salt) for c in dcm], nproc, "ingest: reading DICOM headers"
+            )
+        ]
+        for c, head in zip(dcm, heads):
+            add_warnings(c.rel, head.warnings)
+        groups = group_series(dcm, heads)
+        for _, c, head in groups.unreadable:
+            reject(c.rel, c.fmt, head.reason, head.detail)
+        for _, c in groups.no_series:
+            reject(c.rel, c.fmt, R.INCONSISTENT_SERIES, "slice without SeriesInstanceUID")
+        for c, kept in groups.duplicates:
+            first = salted_key(salt, "file", kept.rel)
+            reject(
+                c.rel,
+                c.fmt,
+                R.DUPLICATE_SOP,
+                f"same SOP Instance UID as slice {first} of this series, which is kept",
+            )
+        # multi-frame files in header order, then the series by key, then the other formats: the order of
+        # the store's rows
+        tasks += [mk("file", u.files) for u in groups.units if not u.series_key]
+        series = sorted((u for u in groups.units if u.series_key), key=lambda u: u.series_key)
+        tasks += [mk("series", u.files) for u in series]
         tasks += [mk("file", [c]) for c in usable if c.fmt != "dicom"]
     else:
         tasks = [mk("file", [c]) for c in usable]
@@ -250,24 +247,23 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
     try:
         for task, res in zip(tasks, _pool_map(tasks, nproc, f"ingest {cfg.name}: decoding")):
             rel0 = task.rels[0]
-            add_warnings(
-                rel0, res.get("warnings") or (res["items"][0].get("warnings") if res["ok"] else None)
-            )
-            if not res["ok"]:
+            add_warnings(rel0, res.warnings or (res.items[0].get("warnings") if res.ok else None))
+            if not res.ok:
                 for rel in task.rels:
-                    reject(rel, task.fmt, res["reason"], res["detail"])
+                    reject(rel, task.fmt, res.reason, res.detail)
                 continue
             try:  # one file per SOP instance, whatever form each copy has (pipeline/ingest/duplicates.py)
-                sops.check(task.kind, res["items"], rel0)
+                sops.check(task.kind, res.items, rel0)
             except Rejected as dup:
                 reject(rel0, task.fmt, dup.reason, dup.detail)
                 continue
-            cached += int(res["cached"])
-            arr = res["array"]  # (k, C, ...) float16
+            cached += int(res.cached)
+            arr = res.array  # (k, C, ...) float16
+            assert arr is not None  # an ok decode holds its images (worker._run_task)
             keep_rows, accepted = [], 0
             notes: Counter[str] = Counter()
             why_excluded = ""
-            for j, it in enumerate(res["items"]):
+            for j, it in enumerate(res.items):
                 if task.kind == "series":
                     scan_key = it["series_key"]
                 elif it.get("source_format") == "npz":
@@ -343,24 +339,24 @@ def build_store(cfg: IngestConfig, outdir: Path, workers: int | None = None) -> 
                     }
                 )
                 accepted += 1
-            if res["items"] and res["items"][0].get("constant_frames"):  # multi-frame: blank frames dropped
-                notes[R.CONSTANT_IMAGE] += int(res["items"][0]["constant_frames"])
+            if res.items and res.items[0].get("constant_frames"):  # multi-frame: blank frames dropped
+                notes[R.CONSTANT_IMAGE] += int(res.items[0]["constant_frames"])
             if keep_rows:
                 rng = writer.append(arr[keep_rows])
                 for r, si in zip(rows[-len(keep_rows) :], rng):
                     r["store_index"] = si
             if accepted:
-                sops.keep(task.kind, res["items"], rel0)
+                sops.keep(task.kind, res.items, rel0)
             for rel in task.rels:
                 if accepted:
                     files[rel] = {
                         # the worker hashed the first file's path already (worker._public)
-                        "file_key": (rel == rel0 and res["items"][0].get("file_key"))
+                        "file_key": (rel == rel0 and res.items[0].get("file_key"))
                         or salted_key(salt, "file", rel),
                         "format": task.fmt,
                         "status": "accepted",
                         "images": accepted if rel == rel0 else 0,
-                        "cached": bool(res["cached"]),
+                        "cached": bool(res.cached),
                     }
                     if notes:
                         files[rel]["dropped_images"] = dict(notes)

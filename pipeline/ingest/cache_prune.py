@@ -21,7 +21,8 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 _ENTRY = re.compile(r"^[0-9a-f]{40}\.fsc$")
-_TEMP = re.compile(r"^\.[0-9a-f]{40}\.fsc\.tmp-\d+$")  # a write cut short (worker.py `_cache_save`)
+# a write cut short (worker.py `_cache_save`): pipeline/atomic.py's temp name, or the older ".tmp-<pid>"
+_TEMP = re.compile(r"^\.[0-9a-f]{40}\.fsc\.(?:[A-Za-z0-9_]+\.tmp|tmp-\d+)$")
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 

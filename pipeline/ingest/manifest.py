@@ -18,10 +18,14 @@ JoinKey = Literal["file_name", "relative_path", "sop_instance_uid", "study_insta
 
 
 class ScansConfig(StrictModel):
-    root: Path
-    formats: list[Format] = ["dicom", "nifti", "png", "jpeg", "npz"]  # pydantic copies mutable defaults
+    root: Path = Field(description="the folder of the study's scans (read recursively)")
+    formats: list[Format] = Field(
+        default=["dicom", "nifti", "png", "jpeg", "npz"], description="file formats to read"
+    )  # pydantic copies mutable defaults
     # glob patterns (matched against the path relative to root) that are never read, e.g. "**/README*"
-    exclude: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(
+        default_factory=list, description='glob patterns never read, e.g. "**/README*"'
+    )
 
     @field_validator("formats")
     @classmethod
@@ -35,29 +39,51 @@ class LabelsConfig(StrictModel):
     # csv: a CSV/TSV table; folders: the first folder under scans.root names the condition;
     # npz: MedMNIST-style *_labels arrays inside the npz files, named by `names`;
     # none: no labels (scans only: an inventory, scans for `predict`, or to label later)
-    source: Literal["csv", "folders", "npz", "none"] = "csv"
-    path: Path | None = None
-    delimiter: Literal["auto", ",", "\t", ";"] = "auto"
-    join: JoinKey = "file_name"
-    key_column: str | None = None  # column holding the join value; required for csv
-    label_column: str | None = None  # required for csv (except format one_hot)
-    separator: str = "|"  # multi-label separator inside label_column
+    source: Literal["csv", "folders", "npz", "none"] = Field(
+        default="csv",
+        description="csv: a label table; folders: the first folder under scans.root names the condition; "
+        "npz: MedMNIST-style label arrays named by `names`; none: no labels",
+    )
+    path: Path | None = Field(default=None, description="csv: the label table (CSV/TSV)")
+    delimiter: Literal["auto", ",", "\t", ";"] = Field(
+        default="auto", description="csv: the column delimiter"
+    )
+    join: JoinKey = Field(default="file_name", description="csv: what key_column holds, to match a scan")
+    key_column: str | None = Field(default=None, description="csv: the column of the join value (required)")
+    label_column: str | None = Field(default=None, description="csv: the labels column (except one_hot)")
+    separator: str = Field(default="|", description="multi-label separator inside label_column")
     # csv: how a row names its conditions (docs/ingest.md, "Label layouts"): `separated` text in
     # label_column, a JSON/Python `list` string in label_column, or `one_hot` columns (label_columns)
-    format: Literal["separated", "list", "one_hot"] = "separated"
-    label_columns: list[str] | None = None  # one_hot: one column per condition, named as the condition
+    format: Literal["separated", "list", "one_hot"] = Field(
+        default="separated",
+        description="csv: how a row names its conditions (docs/ingest.md, 'Label layouts')",
+    )
+    label_columns: list[str] | None = Field(
+        default=None, description="one_hot: one column per condition, named as the condition"
+    )
     # one_hot: what -1 (uncertain) and a blank cell mean; no default, the choice changes the labels
-    uncertain: Literal["positive", "negative", "exclude"] | None = None
-    blank: Literal["negative", "exclude"] | None = None
-    patient_column: str | None = None  # hashed only, never stored in clear
-    age_column: str | None = None  # kept as 5-year bins
-    sex_column: str | None = None  # kept as M/F/O
-    normal_label: str = "No Finding"
-    names: list[str] | None = None  # npz: label index -> name
+    uncertain: Literal["positive", "negative", "exclude"] | None = Field(
+        default=None, description="one_hot: what -1 (uncertain) means"
+    )
+    blank: Literal["negative", "exclude"] | None = Field(
+        default=None, description="one_hot: what a blank cell means"
+    )
+    patient_column: str | None = Field(
+        default=None, description="csv: patient id column (hashed, never kept)"
+    )
+    age_column: str | None = Field(default=None, description="csv: age column (kept as 5-year bins)")
+    sex_column: str | None = Field(default=None, description="csv: sex column (kept as M/F/O)")
+    normal_label: str = Field(default="No Finding", description="the label of a scan without findings")
+    names: list[str] | None = Field(default=None, description="npz: label index -> name")
     # csv only: columns copied verbatim into the scan index, to group episodes by (episodes.group_by):
     # e.g. body part, or an alphabet. Kept in clear, so never a patient attribute (docs/ingest.md).
-    group_columns: list[str] = Field(default_factory=list)
-    npz_splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
+    group_columns: list[str] = Field(
+        default_factory=list,
+        description="csv: columns copied in clear into the scan index (episodes.group_by)",
+    )
+    npz_splits: list[Literal["train", "val", "test"]] = Field(
+        default=["train", "val", "test"], description="npz: which splits of the files to read"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LabelsConfig:
@@ -116,27 +142,42 @@ class LabelsConfig(StrictModel):
 
 
 class WindowConfig(StrictModel):
-    center: float
-    width: float = Field(gt=0)
+    center: float = Field(description="window center")
+    width: float = Field(gt=0, description="window width")
 
 
 class PreprocessConfig(StrictModel):
-    spatial_dims: Literal[2, 3] = 2
-    image_size: list[int] = Field(default_factory=lambda: [224, 224])  # (H, W) or (D, H, W)
-    spacing: list[float] | None = None  # 3D only: target (z, y, x) spacing in mm before size crop/pad
-    channels: Literal[1, 3] = 1
+    spatial_dims: Literal[2, 3] = Field(default=2, description="2: images; 3: volumes")
+    image_size: list[int] = Field(default_factory=lambda: [224, 224], description="(H, W) or (D, H, W)")
+    spacing: list[float] | None = Field(
+        default=None, description="3D only: target (z, y, x) spacing in mm before the size crop/pad"
+    )
+    channels: Literal[1, 3] = Field(default=1, description="channels of the stored images")
     # where the intensity window comes from: the DICOM header (VOI LUT / WindowCenter/Width, falling back
     # to min-max), the manifest's `window` for every DICOM file, or min-max of each image
-    voi: Literal["header", "manifest", "minmax"] = "header"
-    window: WindowConfig | None = None
+    voi: Literal["header", "manifest", "minmax"] = Field(
+        default="header",
+        description="where the intensity window comes from (DICOM header, `window`, min-max)",
+    )
+    window: WindowConfig | None = Field(default=None, description="the window of voi: manifest")
     # after windowing every image lies in [0, 1]; zscore then standardizes each image on its own
-    normalize: Literal["unit", "zscore"] = "unit"
-    multiframe: Literal["split", "volume", "first"] = "split"
+    normalize: Literal["unit", "zscore"] = Field(
+        default="unit", description="unit: windowed to [0, 1]; zscore: then standardized per image"
+    )
+    multiframe: Literal["split", "volume", "first"] = Field(
+        default="split", description="a multi-frame DICOM: one image per frame, a volume, or its first frame"
+    )
     # 3D series: slice gaps that deviate more than this fraction from the median are "uneven"
-    gap_tolerance: float = Field(default=0.1, gt=0)
-    uneven_series: Literal["interpolate", "reject"] = "interpolate"
+    gap_tolerance: float = Field(
+        default=0.1, gt=0, description="3D series: a slice gap off the median by more is uneven"
+    )
+    uneven_series: Literal["interpolate", "reject"] = Field(
+        default="interpolate", description="3D series with uneven gaps: resample or reject"
+    )
     # images with fewer rows or columns than this are rejected as too_small (a 1x1 "image" shows nothing)
-    min_size: int = Field(default=8, ge=1, le=4096)
+    min_size: int = Field(
+        default=8, ge=1, le=4096, description="fewer rows or columns: rejected as too_small"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -155,18 +196,28 @@ class PreprocessConfig(StrictModel):
 
 
 class IngestConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    scans: ScansConfig
-    labels: LabelsConfig
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the dataset's name (tags its runs)")
+    scans: ScansConfig = Field(description="which files")
+    labels: LabelsConfig = Field(description="where the labels come from")
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig, description="how every scan is read into the store"
+    )
     # salted hashes: the salt lives outside the store and outside MLflow; generated on first use
-    salt_file: Path = Path(".fewscan/salt")
-    cache_dir: Path | None = Path(".fewscan/cache/ingest")  # null disables the decode cache
-    workers: int = Field(default=0, ge=0)  # 0 = the CPUs this process may use (pipeline/cpus.py)
+    salt_file: Path = Field(
+        default=Path(".fewscan/salt"), description="the salt of the keys (never uploaded)"
+    )
+    cache_dir: Path | None = Field(
+        default=Path(".fewscan/cache/ingest"), description="decode cache; null disables it"
+    )
+    workers: int = Field(default=0, ge=0, description="decoding processes; 0: the CPUs this process may use")
     # the local-only report (clear paths, next to the salt): never uploaded
-    local_report_dir: Path = Path(".fewscan/reports")
+    local_report_dir: Path = Field(
+        default=Path(".fewscan/reports"), description="local report with clear paths (never uploaded)"
+    )
     # where a finished store is kept when recording it in MLflow fails (never uploaded)
-    kept_dir: Path = Path(".fewscan/kept")
+    kept_dir: Path = Field(
+        default=Path(".fewscan/kept"), description="where a store is kept when recording it in MLflow fails"
+    )
 
 
 def load_manifest(path: str | Path, overrides: list[str] | None = None) -> IngestConfig:

@@ -1,20 +1,20 @@
-"""Geometry and intensity steps shared by ingest and by adapt/predict (`load_for_model`).
+"""Geometry and intensity steps of ingest's preprocessing: channels, resize, pad, normalise.
 
-Preprocessing happens once, at ingest; adapt/predict call `load_for_model` on a new file with the
-store's `preprocessing` dict and get exactly the array the store would hold for it.
+Preprocessing happens once, at ingest, in the decode workers (pipeline/ingest/worker.py); adapt/predict
+reach the same steps through `pipeline.ingest.reading.load_for_model`, which gives a new file exactly the
+array the store would hold for it. This module imports nothing else of ingest, so the import graph runs
+one way: reading -> worker -> preprocess.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError, ScanRejectedError
+from pipeline.errors import DataError
 
 PREPROCESS_VERSION = 2  # bump when a change alters stored pixels: invalidates the decode cache
 # 2: Presentation LUT Shape INVERSE applied; constant and too small images rejected
@@ -135,48 +135,3 @@ def finish_3d(vol: np.ndarray, spacing: tuple[float, float, float], prep: dict[s
     x = to_channels(vol, int(prep["channels"]))
     x = resize_3d(x, spacing, tuple(prep["image_size"]), prep.get("spacing"))  # type: ignore[arg-type]
     return normalize(x, prep["normalize"]).astype(np.float16)
-
-
-def load_for_model(path: Path, preprocessing: dict[str, Any]) -> np.ndarray:
-    """ONE scan (a DICOM/NIfTI/PNG/JPEG file, or a folder holding one DICOM series for 3D) -> exactly the
-    array ingest stores for it, as float32: (C, H, W) for 2D, (C, D, H, W) for 3D.
-
-    Raises DataError naming the reason when the file is unreadable or holds more than one image
-    (ScanRejectedError, carrying ingest's reason code, when ingest itself would reject it).
-    """
-    p = Path(path)
-    prep = dict(preprocessing)
-    # pydicom's warnings quote header values (UIDs, ids): never printed, as in ingest (docs/ingest.md)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _load_for_model(p, prep)
-
-
-def _load_for_model(p: Path, prep: dict[str, Any]) -> np.ndarray:
-    from pipeline.ingest.discover import sniff
-    from pipeline.ingest.reasons import Rejected
-    from pipeline.ingest.worker import decode_file, decode_series_paths
-
-    try:
-        if p.is_dir():
-            if int(prep["spatial_dims"]) != 3:
-                raise DataError(f"{p.name} is a folder; only a 3D store takes a DICOM series folder")
-            arr = decode_series_paths(
-                sorted(q for q in p.rglob("*") if q.is_file() and sniff(q) == "dicom"), prep
-            )
-            return arr.astype(np.float32)
-        if not p.is_file():
-            raise DataError(f"scan file {p} does not exist")
-        fmt = sniff(p)
-        if fmt == "unknown":
-            raise DataError(f"{p.name}: unreadable (not a DICOM, NIfTI, PNG or JPEG file)")
-        if fmt == "npz":
-            raise DataError(f"{p.name}: an npz holds many images; pass one image file")
-        items = decode_file(p, fmt, p.read_bytes(), prep)
-    except Rejected as r:
-        raise ScanRejectedError(f"{p.name}: {r.reason}: {r.detail}", r.reason) from None
-    if len(items) != 1:
-        raise DataError(
-            f"{p.name} holds {len(items)} images (multi-frame); pass a single-frame file or use preprocessing multiframe=first"
-        )
-    return items[0][0].astype(np.float32)

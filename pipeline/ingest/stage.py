@@ -24,10 +24,10 @@ from pipeline.ingest.options import add_arguments as add_arguments
 from pipeline.ingest.options import overrides_from_args as overrides_from_args
 from pipeline.names import metric_key
 from pipeline.progress import log
-from pipeline.tracking import StageResult, StageRun, UpstreamRun
+from pipeline.protocols import RunLike
+from pipeline.tracking import StageResult, UpstreamRun
 
 CONFIG = IngestConfig
-UPSTREAM: tuple[str, ...] = ()
 
 
 def run_name(cfg: IngestConfig) -> str:
@@ -80,7 +80,7 @@ def public_config(cfg: IngestConfig) -> dict:
     return data
 
 
-def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def execute(cfg: IngestConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     try:
         s = build_store(cfg, run.outdir)
     except DataError:
@@ -122,7 +122,7 @@ def execute(cfg: IngestConfig, run: StageRun, upstream: dict[str, UpstreamRun]) 
     )
 
 
-def keep_outputs(cfg: IngestConfig, run: StageRun) -> Path:
+def keep_outputs(cfg: IngestConfig, run: RunLike) -> Path:
     """Move what the ingest wrote (store/, ingest_report.json) out of the run's temporary folder, which
     is deleted when the run fails, into `<kept_dir>/ingest-<name>-<run id>/` (docs/ingest.md)."""
     dest = Path(cfg.kept_dir) / f"ingest-{cfg.name}-{run.run_id}"
@@ -139,7 +139,7 @@ def keep_outputs(cfg: IngestConfig, run: StageRun) -> Path:
     return dest.resolve()
 
 
-def _log_run(cfg: IngestConfig, run: StageRun, s: IngestSummary) -> None:
+def _log_run(cfg: IngestConfig, run: RunLike, s: IngestSummary) -> None:
     prep = s.meta["preprocessing"]
     # PHI-free only: counts, choices and digests. No paths (folder names often hold patient names/ids).
     params: dict[str, Any] = {

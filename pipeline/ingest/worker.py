@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import warnings
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pipeline.atomic import atomic_open
 from pipeline.ingest import reasons as R
 from pipeline.ingest.deid import age_bin, salt_id, salted_key, sex_code
 from pipeline.ingest.preprocess import finish_2d, finish_3d, prep_digest
@@ -295,23 +295,41 @@ def decode_series(files: list[tuple[Path, bytes]], prep: dict[str, Any]) -> Item
     return arr, facts
 
 
-def decode_series_paths(paths: list[Path], prep: dict[str, Any]) -> np.ndarray:
-    return decode_series([(p, p.read_bytes()) for p in paths], prep)[0]
-
-
 # --------------------------------------------------------------------------------------------- tasks
 
 
 @dataclass
 class Task:
+    """The request: decode one file (kind "file"), the slices of one 3D series ("series"), or read one DICOM
+    file's header ("header", to group slices into series: pipeline/ingest/series.py)."""
+
     kind: str  # "file" | "header" | "series"
     paths: list[str]
-    rels: list[str]
+    rels: list[str]  # the paths relative to the scan root: only ever hashed (file_key)
     fmt: str
     prep: dict[str, Any]
     salt: bytes
     cache_dir: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskResult:
+    """The outcome of one Task: its images and PHI-free facts, or the reason code it was rejected for."""
+
+    ok: bool
+    # PHI-free facts, one per stored image (header: one, with the slice's _position/_orientation added)
+    items: list[dict[str, Any]] = field(default_factory=list)
+    array: np.ndarray | None = None  # (k, C, ...) float16, the k stored images; None for a header
+    cached: bool = False
+    reason: str = ""  # a pipeline.ingest.reasons code when not ok
+    detail: str = ""
+    # warning codes (warning_codes) of a rejected task or a header read; a decode keeps them in items[0]
+    warnings: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def rejected(reason: str, detail: str) -> TaskResult:
+        return TaskResult(ok=False, reason=reason, detail=detail)
 
 
 def _public(facts: dict[str, Any], salt: bytes, rel: str) -> dict[str, Any]:
@@ -368,15 +386,14 @@ def _cache_load(p: Path | None) -> tuple[np.ndarray | None, list[dict[str, Any]]
 def _cache_save(p: Path | None, x: np.ndarray | None, meta: list[dict[str, Any]]) -> None:
     if p is None:
         return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    # durable=False: a lost entry is a cache miss, and an fsync per decoded file would cost more than
+    # many decodes; the rename still keeps a concurrent reader from seeing half an entry
+    with atomic_open(p, "wb", durable=False) as f:
         f.write(_MAGIC + json.dumps(meta, separators=(",", ":")).encode() + b"\n")
         if x is None:
             f.write(b"-")
         else:
             np.save(f, x, allow_pickle=False)
-    os.replace(tmp, p)
 
 
 # pydicom's warnings quote the offending value (a UID, a patient id): they never reach the terminal, only
@@ -426,24 +443,22 @@ def _load(path: Path, task: Task) -> tuple[bytes | None, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def run_task(task: Task) -> dict[str, Any]:
-    """Never raises for bad input: returns {"ok": False, "reason", "detail"} instead. Warnings raised
-    while decoding are returned as codes (`warnings`), never printed."""
+def run_task(task: Task) -> TaskResult:
+    """Never raises for bad input: returns a TaskResult with ok False and the reason instead. Warnings
+    raised while decoding are returned as codes (`warnings`), never printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = _run_task(task, caught)
-    if not res["ok"] or task.kind == "header":
-        codes = warning_codes(caught)
-        if codes:
-            res["warnings"] = codes
+    if not res.ok or task.kind == "header":
+        res.warnings = warning_codes(caught)
     return res
 
 
-def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, Any]:
+def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> TaskResult:
     try:
         loaded = [_load(Path(p), task) for p in task.paths] if task.kind != "header" else []
     except OSError as e:
-        return {"ok": False, "reason": R.UNREADABLE, "detail": f"cannot read file ({type(e).__name__})"}
+        return TaskResult.rejected(R.UNREADABLE, f"cannot read file ({type(e).__name__})")
     datas = [d for d, _ in loaded]
     try:
         if task.kind == "header":
@@ -456,12 +471,12 @@ def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, An
             facts = _dicom_facts(ds)
             pub = _public(facts, task.salt, task.rels[0])
             pub["_position"], pub["_orientation"] = facts["_position"], facts["_orientation"]
-            return {"ok": True, "items": [pub], "array": None, "cached": False}
+            return TaskResult(ok=True, items=[pub])
         digests = [h for _, h in loaded]
         cp = _cache_path(task, digests)
         hit = _cache_load(cp)
         if hit is not None:
-            return {"ok": True, "items": hit[1], "array": hit[0], "cached": True}
+            return TaskResult(ok=True, items=hit[1], array=hit[0], cached=True)
         if task.kind == "series":
             arr, facts = decode_series(
                 [(Path(p), d) for p, d in zip(task.paths, datas) if d is not None], task.prep
@@ -478,14 +493,10 @@ def _run_task(task: Task, caught: list[warnings.WarningMessage]) -> dict[str, An
         if codes:  # kept with the decode, so that a cache hit reports them too
             items[0]["warnings"] = codes
         _cache_save(cp, x, items)
-        return {"ok": True, "items": items, "array": x, "cached": False}
+        return TaskResult(ok=True, items=items, array=x)
     except Rejected as r:
-        return {"ok": False, "reason": r.reason, "detail": r.detail}
+        return TaskResult.rejected(r.reason, r.detail)
     except MemoryError:
-        return {"ok": False, "reason": R.UNREADABLE, "detail": "image too large to decode in memory"}
+        return TaskResult.rejected(R.UNREADABLE, "image too large to decode in memory")
     except Exception as e:  # one bad file never stops the ingest; the type names the bug for a report
-        return {
-            "ok": False,
-            "reason": R.UNREADABLE,
-            "detail": f"unexpected {type(e).__name__} while decoding",
-        }
+        return TaskResult.rejected(R.UNREADABLE, f"unexpected {type(e).__name__} while decoding")

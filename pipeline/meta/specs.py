@@ -29,11 +29,19 @@ class ModelSpec(StrictModel):
     pool: Literal["flatten", "avg"] = Field(
         default="flatten", description="conv4: flatten the last map, or average it"
     )
-    norm: NormPolicy = "group"
+    norm: NormPolicy = Field(
+        default="group",
+        description="normalization layers; batch_transductive (BatchNorm on batch statistics) only to "
+        "reproduce benchmarks: a scan's prediction then depends on its batch",
+    )
     norm_groups: int = Field(
         default=8, ge=1, description="groups for norm=group (reduced to a divisor of the channels)"
     )
-    head: HeadPolicy = "proto"
+    head: HeadPolicy = Field(
+        default="proto",
+        description="the head's start for each task: shared (one meta-learned row for every class), zero "
+        "(zeros), proto (the prototypical classifier of the support set; pipeline/meta/models.py)",
+    )
     embed_dim: int = Field(
         default=64, ge=1, description="MONAI backbones: width of the feature vector the net outputs"
     )
@@ -78,7 +86,7 @@ class InnerConfig(StrictModel):
 class MAMLPlusPlusConfig(StrictModel):
     """MAML++ fixes (used by method `mamlpp`)."""
 
-    multi_step_loss: bool = True
+    multi_step_loss: bool = Field(default=True, description="query loss after every inner step, annealed")
     msl_anneal: float = Field(
         default=0.3,
         ge=0,

@@ -14,25 +14,31 @@ class OuterSection(StrictModel):
     """The outer (meta) optimizer: Adam with warmup + cosine decay, gradient-norm clipping."""
 
     steps: int = Field(default=300, ge=1, description="meta-batches (outer steps) per method")
-    lr: float = Field(default=1e-3, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(default=10, ge=0)
-    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate (after warmup)")
+    schedule: Literal["cosine", "constant"] = Field(default="cosine", description="decay after warmup")
+    warmup_steps: int = Field(default=10, ge=0, description="outer steps of linear warmup")
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1, description="cosine: the final lr as a share of lr")
     clip_grad: float | None = Field(default=10.0, gt=0, description="max gradient norm; null = no clipping")
 
 
 class TrainEpisodeShape(StrictModel):
     """Shapes of the meta-training episodes (null = as the suite's episodes section)."""
 
-    kinds: list[Literal["binary", "n_way"]] | None = None
-    k_shot: list[int] | None = None
-    q_query: int | None = Field(default=None, ge=1)
-    # Training n_way may differ from the test n_way, as in the literature (docs/tasks.md, "Training
-    # episodes"); the fixed val/test episodes keep the suite's n_way.
-    n_way: int | None = Field(default=None, ge=2)
-    # Class augmentation for benchmark reproduction (docs/tasks.md, "Rotated classes"): each listed
-    # rotation of a training condition is a class of its own in n_way episodes. Not for medical images.
-    rotations: list[Literal[0, 90, 180, 270]] | None = None
+    kinds: list[Literal["binary", "n_way"]] | None = Field(default=None, description="episode kinds")
+    k_shot: list[int] | None = Field(default=None, description="support scans per class (mixed)")
+    q_query: int | None = Field(default=None, ge=1, description="query scans per class")
+    n_way: int | None = Field(
+        default=None,
+        ge=2,
+        description="may differ from the test n_way, as in the literature (docs/tasks.md, 'Training "
+        "episodes'); the fixed val/test episodes keep the suite's",
+    )
+    rotations: list[Literal[0, 90, 180, 270]] | None = Field(
+        default=None,
+        description="class augmentation for benchmark reproduction: each listed rotation of a training "
+        "condition is a class of its own in n_way episodes (docs/tasks.md, 'Rotated classes'); not for "
+        "medical images",
+    )
 
     @field_validator("rotations")
     @classmethod
@@ -47,7 +53,9 @@ class TrainEpisodes(TrainEpisodeShape):
     Fewer query scans per class make each meta-batch cheaper; validation always uses the fixed episodes.
     `per_method` overrides these again for one method (e.g. ProtoNet trained with more ways)."""
 
-    per_method: dict[str, TrainEpisodeShape] = Field(default_factory=dict)
+    per_method: dict[str, TrainEpisodeShape] = Field(
+        default_factory=dict, description="method name -> the keys above, for that method only"
+    )
 
 
 class MetaTrainConfig(StrictModel):
@@ -70,7 +78,7 @@ class MetaTrainConfig(StrictModel):
         ge=1,
         description="use at most this many fixed val episodes (spread over kinds/k); null = all",
     )
-    checkpoint_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1, description="outer steps between checkpoints (--resume)")
     select: Literal["best", "last"] = Field(
         default="best", description="save the best-by-val or the last weights"
     )

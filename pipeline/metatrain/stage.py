@@ -45,10 +45,10 @@ from pipeline.metatrain.options import compose_section as compose_section
 from pipeline.metatrain.options import overrides_from_args as overrides_from_args
 from pipeline.names import metric_key
 from pipeline.progress import log
-from pipeline.tracking import StageResult, StageRun, UpstreamRun
+from pipeline.protocols import RunLike
+from pipeline.tracking import StageResult, UpstreamRun
 
 CONFIG = MetaTrainConfig
-UPSTREAM = ("episodes",)
 
 
 def run_name(cfg: MetaTrainConfig) -> str:
@@ -136,7 +136,7 @@ def method_seed(seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
 
 
-def resume_checkpoint(run: StageRun, method: str, ckdir: Path) -> dict[str, Any] | None:
+def resume_checkpoint(run: RunLike, method: str, ckdir: Path) -> dict[str, Any] | None:
     """The resumed run's last checkpoint of `method` (None if it has none), and its best.pt copied into
     `ckdir`. Both are read with the safe unpickler (`load_checkpoint`): the run may be someone else's,
     named by id with `--resume RUN_ID` (docs/scaling.md, section 2)."""
@@ -163,7 +163,7 @@ def _sampler_fn(sampler: TrainSampler, store: ImageStore, meta_batch: int, ctx: 
 
 
 # ------------------------------------------------------------------------------------------ execute
-def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun]) -> StageResult:
+def execute(cfg: MetaTrainConfig, run: RunLike, upstream: dict[str, UpstreamRun]) -> StageResult:
     ep_up = upstream["episodes"]
     ingest_up = ep_up.upstream("ingest")
     store = ImageStore.open(ingest_up.artifact("store"))
@@ -180,7 +180,7 @@ def execute(cfg: MetaTrainConfig, run: StageRun, upstream: dict[str, UpstreamRun
 
 def _execute(
     cfg: MetaTrainConfig,
-    run: StageRun,
+    run: RunLike,
     ep_up: UpstreamRun,
     ingest_up: UpstreamRun,
     store: ImageStore,

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from pipeline.adapt.adapted import AdaptedClassifier, prob_column, save_adapted
+from pipeline.adapt.listing import list_labelled
+from pipeline.adapt.scan_spec import ScanSpec
 from pipeline.adapt.stage import fit_curve, query_metrics
-from pipeline.adapt.support import ScanSpec, list_labelled, load_labelled
+from pipeline.adapt.support import load_labelled
 from pipeline.errors import DataError
 from pipeline.meta.model_io import load_meta_model, save_meta_model
 from pipeline.meta.models import ModelSpec, build_model

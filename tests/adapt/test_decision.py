@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.adapt import decision as D
 from pipeline.adapt.adapted import AdaptedClassifier, save_adapted
-from pipeline.adapt.support import ScanSpec
+from pipeline.adapt.scan_spec import ScanSpec
 from pipeline.errors import DataError
 from pipeline.evaluate import metrics as M
 from pipeline.meta.methods import class_balanced_cross_entropy

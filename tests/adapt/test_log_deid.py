@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.adapt.adapted import AdaptedClassifier
-from pipeline.adapt.support import PathLedger, ScanSpec, list_labelled, load_labelled
+from pipeline.adapt.ledger import PathLedger
+from pipeline.adapt.listing import list_labelled
+from pipeline.adapt.scan_spec import ScanSpec
+from pipeline.adapt.support import load_labelled
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest.deid import salted_key
 from pipeline.meta.model_io import load_meta_model

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline.adapt.config import AdaptConfig
+from pipeline.adapt.listing import list_inputs, list_labelled
+from pipeline.adapt.scan_spec import ScanMismatch, ScanSpec
 from pipeline.adapt.stage import overrides_from_args
-from pipeline.adapt.support import (
-    ScanMismatch,
-    ScanSpec,
-    list_inputs,
-    list_labelled,
-    load_labelled,
-    order_classes,
-)
+from pipeline.adapt.support import load_labelled, order_classes
 from pipeline.config import apply_overrides, validate
 from pipeline.errors import ConfigError, DataError
 from pipeline.names import adapted_model_name

@@ -17,16 +17,13 @@ from pydicom.uid import CTImageStorage, generate_uid
 
 import pipeline.ingest.worker as worker
 from pipeline.adapt.adapted import AdaptedClassifier
+from pipeline.adapt.listing import list_inputs, list_labelled
+from pipeline.adapt.scan_read import scan_units
+from pipeline.adapt.scan_spec import ScanMismatch, ScanSpec
 from pipeline.adapt.stage import _nll, fit_curve
-from pipeline.adapt.support import (
-    ScanMismatch,
-    ScanSpec,
-    list_inputs,
-    list_labelled,
-    load_labelled,
-    scan_units,
-)
-from pipeline.ingest.preprocess import PREPROCESS_VERSION, load_for_model
+from pipeline.adapt.support import load_labelled
+from pipeline.ingest.preprocess import PREPROCESS_VERSION
+from pipeline.ingest.reading import load_for_model
 from tests.adapt import helpers as h
 
 SALT = b"0" * 64
@@ -220,3 +217,37 @@ def test_adapting_a_3d_conv4_on_series_lowers_the_support_loss_and_predict_gives
     # one row per listed scan, in the listing's order
     units = scan_units(list_inputs(inp), spec3d())
     assert [r["path"] for r in rows] == [str(u.path) for u in units]
+
+
+def test_adapt_reads_each_series_as_the_same_array_ingest_stores(set3d: Path, tmp_path: Path) -> None:
+    # One grouping for both (pipeline/ingest/reading.py group_series): the same class folders, ingested in
+    # 3D with folder labels and read as a support set, give the same volumes, bit for bit. A repeated
+    # slice (a copy of one slice file: the same SOPInstanceUID) is left out by both.
+    from pipeline.ingest.build import build_store
+    from pipeline.ingest.manifest import IngestConfig
+    from pipeline.ingest.store import ImageStore
+
+    root = shutil.copytree(set3d, tmp_path / "scans")
+    series = sorted(root.rglob("CT_SERIES"))
+    first = sorted(series[0].iterdir())[0]
+    (series[0] / "zz_copy").write_bytes(first.read_bytes())
+    cfg = IngestConfig.model_validate({
+        "name": "ct3d", "scans": {"root": str(root)}, "workers": 1,
+        "labels": {"source": "folders"},
+        "preprocess": {"spatial_dims": 3, "image_size": [D, S, S], "voi": "minmax"},
+        "cache_dir": str(tmp_path / "cache"), "salt_file": str(tmp_path / "salt"),
+        "local_report_dir": str(tmp_path / "reports"),
+    })  # fmt: skip
+    summary = build_store(cfg, tmp_path / "out")
+    assert summary.reasons == {"duplicate_sop_instance": 1}
+    store = ImageStore.open(tmp_path / "out" / "store")
+    spec = ScanSpec(preprocessing=store.meta["preprocessing"], shape=(1, D, S, S), modalities=None)
+    s = load_labelled(list_labelled(root), CLASSES, spec, SALT, min_per_class=4)
+    is_series = store.index["source_format"] == "dicom_series"
+    assert int(is_series.sum()) == 6 and s.x.shape[0] == 8  # 3 series + 1 NIfTI per class, both ways
+    stored = {
+        (lab, np.asarray(store.images[row], dtype=np.float32).tobytes())
+        for lab, row in zip(store.index["labels"], store.index["store_index"])
+    }
+    read = {(CLASSES[int(y)], x.numpy().tobytes()) for x, y in zip(s.x, s.y)}
+    assert read == stored

@@ -15,13 +15,14 @@ from pipeline.episodes.audit import LeakageError
 from pipeline.episodes.config import EpisodesConfig
 from pipeline.episodes.sampler import TrainSampler, load_episodes
 from pipeline.errors import ConfigError
+from pipeline.protocols import NullRun, RunLike
 
 from .helpers import META, small_cfg, small_index
 
 
-class FakeRun:
+class FakeRun(NullRun):
     def __init__(self, outdir: Path):
-        self.outdir = outdir
+        super().__init__(outdir, run_id="ep0")
         self.params: dict[str, Any] = {}
         self.metrics: dict[str, float] = {}
         self.artifacts: list[Path] = []
@@ -36,8 +37,12 @@ class FakeRun:
     def log_dataset(self, df: Any, name: str, digest: str, context: str, source: str | None = None) -> None:
         self.datasets[name] = (df, digest, context)
 
-    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.artifacts.append(Path(local_path))
+
+
+# mypy checks the fake against what the stages may call (pipeline/protocols.py)
+_IS_A_RUN: type[RunLike] = FakeRun
 
 
 class FakeIngest:
@@ -69,7 +74,7 @@ def test_execute_writes_the_contract_outputs(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "out")
     run.outdir.mkdir()
     cfg = small_cfg()
-    result = stage.execute(cfg, run, {"ingest": FakeIngest(root)})  # type: ignore[arg-type]
+    result = stage.execute(cfg, run, {"ingest": FakeIngest(root)})  # type: ignore[dict-item]
     out = run.outdir
     split = json.loads((out / "split.json").read_text())
     assert set(split) >= {
@@ -118,7 +123,7 @@ def test_unknown_condition_fails_before_anything_is_written(tmp_path: Path) -> N
     run = FakeRun(tmp_path / "out")
     run.outdir.mkdir()
     with pytest.raises(ConfigError, match="Did you mean 'Hernia'"):
-        stage.execute(small_cfg(split={"rare": ["hernia "]}), run, {"ingest": FakeIngest(root)})  # type: ignore[arg-type]
+        stage.execute(small_cfg(split={"rare": ["hernia "]}), run, {"ingest": FakeIngest(root)})  # type: ignore[dict-item]
     assert not any(run.outdir.iterdir())
 
 
@@ -136,7 +141,7 @@ def test_failed_audit_uploads_the_audit_and_fails(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(stage, "build_episodes", leaky)
     with pytest.raises(LeakageError, match="leakage audit failed"):
-        stage.execute(small_cfg(), run, {"ingest": FakeIngest(root)})  # type: ignore[arg-type]
+        stage.execute(small_cfg(), run, {"ingest": FakeIngest(root)})  # type: ignore[dict-item]
     assert run.artifacts == [run.outdir / "leakage_audit.json"]
     assert run.metrics["leakage_checks_failed"] == 1
 
@@ -175,6 +180,8 @@ def test_stage_through_mlflow(tmp_store: Path) -> None:
     assert ep_run.read_json("leakage_audit.json")["passed"] is True
     assert len(load_episodes(ep_run.artifact("episodes/test.jsonl"))) == 40
     assert ep_run.params["condition.Hernia"] == "test"
-    inputs = tracking.client().get_run(outcome.run_id).inputs.dataset_inputs
+    run_inputs = tracking.client().get_run(outcome.run_id).inputs
+    assert run_inputs is not None
+    inputs = run_inputs.dataset_inputs
     contexts = {i.dataset.name: {t.value for t in i.tags if t.key == "mlflow.data.context"} for i in inputs}
     assert contexts == {"split-train": {"training"}, "split-val": {"validation"}, "split-test": {"testing"}}

@@ -14,6 +14,7 @@ from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.evaluate import stage
 from pipeline.evaluate.config import EvaluateConfig
+from pipeline.protocols import NullRun, RunLike
 from tests.evaluate.world import build_world
 
 
@@ -31,13 +32,17 @@ class FakeUpstream:
         return self._ups[s]
 
 
-class FakeRun:
+class FakeRun(NullRun):
     def __init__(self, outdir: Path):
-        self.outdir = outdir
+        super().__init__(outdir, run_id="ev0")
         self.params: dict[str, Any] = {}
 
     def log_params(self, d: dict[str, Any]) -> None:
         self.params.update(d)
+
+
+# mypy checks the fake against what the stages may call (pipeline/protocols.py)
+_IS_A_RUN: type[RunLike] = FakeRun
 
 
 def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
@@ -57,7 +62,7 @@ def test_execute_reads_upstream_and_writes_outputs(tmp_path: Path) -> None:
         }
     )
     run = FakeRun(tmp_path / "out")
-    res = stage.execute(cfg, run, {"meta-train": mt})  # type: ignore[arg-type]
+    res = stage.execute(cfg, run, {"meta-train": mt})  # type: ignore[dict-item]
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"maml", "finetune", "scratch"}  # protonet filtered by `methods`

@@ -49,7 +49,8 @@ def test_ui_server_inherits_telemetry_off(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_local_path_reports_are_owner_only(tmp_path: Path) -> None:
-    from pipeline.adapt.support import PathLedger, write_json_atomic
+    from pipeline.adapt.ledger import PathLedger
+    from pipeline.adapt.reports import write_json_atomic
     from pipeline.ingest.store import atomic_write_json
 
     old = os.umask(0o022)

@@ -14,7 +14,7 @@ from pipeline.ingest import build as build_mod
 from pipeline.ingest import store as store_mod
 from pipeline.ingest.build import build_store
 from pipeline.ingest.deid import load_or_create_salt, salted_key
-from pipeline.ingest.preprocess import load_for_model
+from pipeline.ingest.reading import load_for_model
 from pipeline.ingest.store import ImageStore
 from tests.ingest.conftest import FAKE_NAME
 from tests.ingest.helpers import FAKE_PIDS, FAKE_SUBJECT_DIRS, make_study, manifest

@@ -138,7 +138,7 @@ _WORKER = textwrap.dedent(
 
     def run(p):
         r = run_task(Task("file", [p], [Path(p).name], "dicom", prep, b"s" * 32, None))
-        assert r["ok"], r
+        assert r.ok, r
         return r
 
     run(sys.argv[1])
@@ -146,8 +146,8 @@ _WORKER = textwrap.dedent(
     res = run(sys.argv[2])
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     want = np.stack(_whole_array(Path(sys.argv[2]), prep))
-    print(json.dumps({"grew_kb": after - before, "n": len(res["items"]),
-                      "equal": bool(np.array_equal(res["array"], want))}))
+    print(json.dumps({"grew_kb": after - before, "n": len(res.items),
+                      "equal": bool(np.array_equal(res.array, want))}))
     """
 )
 

@@ -48,7 +48,7 @@ def test_stage_run_outputs_and_no_phi_in_mlflow(tmp_store: Path) -> None:
 
 
 def test_stage_interface_and_cli_options() -> None:
-    assert stage.CONFIG.__name__ == "IngestConfig" and stage.UPSTREAM == ()
+    assert stage.CONFIG.__name__ == "IngestConfig"  # its upstream stages: pipeline/stage_configs.py
     cfg = manifest(Path("x"))
     assert stage.run_name(cfg) == "ingest tiny 2D 16x16"
     p = argparse.ArgumentParser()

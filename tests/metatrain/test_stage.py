@@ -20,22 +20,21 @@ from pipeline.errors import ConfigError
 from pipeline.meta.model_io import load_meta_model
 from pipeline.metatrain import stage
 from pipeline.metatrain.config import MetaTrainConfig
+from pipeline.protocols import NullRun, RunLike
 
 from .world import build_world
 
 
-class FakeRun:
-    """The parts of StageRun the stage uses, recording what it was given (artifacts copied)."""
+class FakeRun(NullRun):
+    """A run recording what the stage gave it (artifacts copied, as uploaded), the rest as a NullRun."""
 
     def __init__(self, root: Path):
-        self.run_id = "mt0"
-        self.outdir = root / "out"
+        super().__init__(root / "out", run_id="mt0")
         self.outdir.mkdir(parents=True)
         self.uploaded = root / "uploaded"
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[dict[str, float], int | None]] = []
         self.registered: list[tuple[str, str, str]] = []
-        self.resumed = False
 
     def log_params(self, d: dict[str, Any]) -> None:
         self.params.update(d)
@@ -43,7 +42,7 @@ class FakeRun:
     def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
         self.metrics.append((dict(d), step))
 
-    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         import shutil
 
         p = Path(local_path)
@@ -58,9 +57,13 @@ class FakeRun:
         p = self.uploaded / rel
         return p if p.exists() else None
 
-    def register_model(self, artifact_path: str, name: str, alias: str) -> str:
+    def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
         self.registered.append((artifact_path, name, alias))
         return "1"
+
+
+# mypy checks the fake against what the stages may call (pipeline/protocols.py)
+_IS_A_RUN: type[RunLike] = FakeRun
 
 
 class FakeUpstream:
@@ -183,7 +186,7 @@ def test_meta_train_leaves_no_scratch_folder_behind_finished_or_failed(world, tm
     assert list(tmp_root.iterdir()) == []
 
     class Refused(FakeRun):
-        def register_model(self, artifact_path: str, name: str, alias: str) -> str:
+        def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
             raise RuntimeError("registry down")
 
     with pytest.raises(RuntimeError, match="registry down"):
