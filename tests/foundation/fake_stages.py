@@ -1,4 +1,5 @@
-"""Tiny stand-in stages with the real stage protocol, to test the chain machinery in seconds."""
+"""Tiny stand-in stages with the real stage protocol (pipeline/protocols.py, StageModule), to test the chain
+machinery in seconds. Their order and links are the real ones: the registry's (pipeline/stage_configs.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import StrictModel
+from pipeline.stage_configs import ORDER, spec
 from pipeline.tracking import StageResult
 
 CALLS: list[str] = []
@@ -23,7 +25,7 @@ class SectionCfg(StrictModel):
     fail: bool = False
 
 
-def _make(stage: str, upstream: tuple[str, ...], cfg_cls: type[StrictModel]) -> SimpleNamespace:
+def _make(stage: str, cfg_cls: type[StrictModel]) -> SimpleNamespace:
     def execute(cfg, run, up):
         CALLS.append(stage)
         if getattr(cfg, "fail", False):
@@ -35,18 +37,10 @@ def _make(stage: str, upstream: tuple[str, ...], cfg_cls: type[StrictModel]) -> 
         run.log_metrics({"value": 1.0})
         return StageResult(summary=f"{stage} ok", metrics={"items": 3})
 
-    return SimpleNamespace(
-        CONFIG=cfg_cls, UPSTREAM=upstream, run_name=lambda cfg: f"{stage} fake", execute=execute
-    )
+    return SimpleNamespace(CONFIG=cfg_cls, run_name=lambda cfg: f"{stage} fake", execute=execute)
 
 
-MODULES = {
-    "ingest": _make("ingest", (), IngestCfg),
-    "episodes": _make("episodes", ("ingest",), SectionCfg),
-    "meta-train": _make("meta-train", ("episodes",), SectionCfg),
-    "adapt": _make("adapt", ("meta-train",), SectionCfg),
-    "evaluate": _make("evaluate", ("meta-train",), SectionCfg),
-}
+MODULES = {stage: _make(stage, SectionCfg if spec(stage).section else IngestCfg) for stage in ORDER}
 
 
 def install(monkeypatch: pytest.MonkeyPatch) -> None:
