@@ -61,7 +61,7 @@ def bench_fit(mm_dir: Path, support: Path, steps: int, repeats: int) -> dict[str
     from tests.adapt import helpers as h
 
     mm = load_meta_model(mm_dir)
-    spec = ScanSpec(preprocessing=mm.meta["preprocessing"], shape=tuple(mm.image_shape))
+    spec = ScanSpec(preprocessing=mm.meta.preprocessing or {}, shape=tuple(mm.image_shape))
     s = load_labelled(list_labelled(support), [h.CONDITION, h.NORMAL], spec, b"0" * 64)
     method = mm.method(steps=steps)
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def bench_fit(mm_dir: Path, support: Path, steps: int, repeats: int) -> dict[str
         warm.append(time.perf_counter() - t0)
 
     # reference: the textbook loop (module + optimizer), same initial head policy, steps and lr
-    lr = float(mm.meta["inner"]["lr"])
+    lr = mm.meta.inner.lr
     ref = []
     for _ in range(repeats):
         net = type(mm.model)(mm.model.backbone, mm.model.feat_dim, mm.model.head_policy)

@@ -160,7 +160,7 @@ def main() -> None:
                 cv = D.cross_validate("support", method, xs, ys, 2, steps, 10)
                 estimate.append((cv["cv_balanced_accuracy"], res[(False, "support")][-1][0]))
     print(
-        f"{a.meta_model} ({mm.meta['method']}, inner lr {mm.meta['inner'].get('lr')}), support {a.k_pos}+{a.k_neg}, "
+        f"{a.meta_model} ({mm.meta.method}, inner lr {mm.meta.inner.lr}), support {a.k_pos}+{a.k_neg}, "
         f"{len(aucs)} support sets, query AUC {np.nanmean(aucs):.3f}, {time.perf_counter() - t0:.0f} s"
     )
     print("| loss | rule | balanced acc | sensitivity | specificity | one class for every query scan |")

@@ -347,15 +347,17 @@ def prepare(
 def summarize(suite: Path, result: Any) -> dict[str, Any]:
     """Per method: accuracy and intervals from the evaluate run's results.json; wall time per stage."""
     from pipeline import tracking
+    from pipeline.artifacts import ResultsFile, read_artifact
 
     c = tracking.client()
     walls = {}
     for stage, oc in result.outcomes.items():
         info = c.get_run(oc.run_id).info
         walls[stage] = (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")
-    res = tracking.UpstreamRun.from_id(result.outcomes["evaluate"].run_id).read_json("results.json")
+    up = tracking.UpstreamRun.from_id(result.outcomes["evaluate"].run_id)
+    res = read_artifact(ResultsFile, up.artifact(ResultsFile.FILE))
     table = {}
-    for group, comp in res["comparisons"].items():
+    for group, comp in res.comparisons.items():
         for method, acc in comp["acc"].items():
             pat = (comp.get("acc_patient") or {}).get(method) or {}
             table[f"{group} {method}"] = {
