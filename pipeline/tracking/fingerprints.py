@@ -12,12 +12,17 @@ from pipeline import codeset
 
 
 def code_files(stage: str) -> tuple[str, ...]:
-    """The package files (relative to pipeline/) the stage can execute, derived from its imports: editing
-    evaluate must not invalidate a finished ingest, and editing a C kernel must rerun meta-train
-    (pipeline/codeset.py)."""
-    from pipeline.stages import MODULES  # stages imports this module
+    """The package files (relative to pipeline/) the stage can execute, derived from the imports of its
+    entry module (its StageSpec, pipeline/stage_configs.py): editing evaluate must not invalidate a
+    finished ingest, and editing a C kernel must rerun meta-train (pipeline/codeset.py). () for a name
+    that is no stage."""
+    # imported here, not with the module: importing a stage (which imports this layer) must load no module
+    # outside its code set other than the orchestration ones (tests/foundation/test_fingerprint_codeset.py)
+    from pipeline import stage_configs
 
-    return codeset.code_files(MODULES[stage]) if stage in MODULES else ()
+    if stage not in stage_configs.ORDER:
+        return ()
+    return codeset.code_files(stage_configs.spec(stage).entry_module)
 
 
 def code_version(stage: str) -> str:
