@@ -42,10 +42,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline import stage_configs  # noqa: E402 (after the path: the repo's own package)
+
 SUITE = "demo_quick"
-STAGES = ("demo-data", "ingest", "episodes", "meta-train", "adapt", "evaluate")
-UPSTREAM = {"ingest": "demo-data", "episodes": "ingest", "meta-train": "episodes", "adapt": "meta-train",
-            "evaluate": "meta-train"}  # fmt: skip
+# The generated study, then the stages in the registry's order (pipeline/stage_configs.py), each after the
+# one whose output it reads (ingest reads the study).
+STAGES = ("demo-data", *stage_configs.ORDER)
+UPSTREAM = {s.name: s.upstream[0] if s.upstream else "demo-data" for s in stage_configs.SPECS}
 # A hog stops by itself after this long even if nothing stops it (the benchmark was killed).
 HOG = (
     "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
