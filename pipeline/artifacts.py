@@ -14,6 +14,7 @@ No torch, no mlflow: the CLI, the docs generator and the tests import this modul
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -288,3 +289,11 @@ class ResultsFile(Artifact):
     definitions: dict[str, Any] = Field(default_factory=dict)
     timing_s: dict[str, float] = Field(default_factory=dict)
     plots: list[str] = Field(default_factory=list, description="the figures written beside it")
+
+    @classmethod
+    def of(cls, results: ResultsFile | Mapping[str, Any]) -> ResultsFile:
+        """`results` as the model: the dict `evaluation.run` returns (numpy scalars become plain numbers,
+        as json's `default=float` makes them; NaN stays NaN) or the model itself."""
+        if isinstance(results, ResultsFile):
+            return results
+        return cls.model_validate_json(json.dumps(results, default=float))

@@ -1,4 +1,5 @@
-"""Figures of the evaluation, drawn from results.json alone (matplotlib, Agg backend, no display).
+"""Figures of the evaluation, drawn from results.json alone (its model, pipeline/artifacts.py
+`ResultsFile`; the plot functions also take the dict `evaluation.run` returns) (matplotlib, Agg backend).
 
 One PNG per figure kind and episode group: adaptation curves (vs inner steps, vs k-shot), per-condition
 accuracy bars with 95% intervals, reliability diagrams and confusion matrices.
@@ -7,6 +8,7 @@ accuracy bars with 95% intervals, reliability diagrams and confusion matrices.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.artifacts import ResultsFile  # noqa: E402
 from pipeline.atomic import atomic_open  # noqa: E402
 
 PCT = 100.0
@@ -42,24 +45,27 @@ def _save(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
-def _groups(results: dict[str, Any]) -> list[str]:
-    return list(results["comparisons"])
+Results = ResultsFile | Mapping[str, Any]
 
 
-def _color(results: dict[str, Any], method: str) -> Any:
-    """One colour per method across every figure (by its position in results['methods'])."""
-    return plt.get_cmap("tab10")(list(results["methods"]).index(method) % 10)
+def _groups(results: ResultsFile) -> list[str]:
+    return list(results.comparisons)
 
 
-def _ordered(results: dict[str, Any], g: str) -> list[str]:
-    """Methods of group g in one fixed order (that of results['methods'])."""
-    present = set(results["comparisons"][g]["ranking"])
-    return [m for m in results["methods"] if m in present]
+def _color(results: ResultsFile, method: str) -> Any:
+    """One colour per method across every figure (by its position in results.methods)."""
+    return plt.get_cmap("tab10")(list(results.methods).index(method) % 10)
 
 
-def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) -> bool:
+def _ordered(results: ResultsFile, g: str) -> list[str]:
+    """Methods of group g in one fixed order (that of results.methods)."""
+    present = set(results.comparisons[g]["ranking"])
+    return [m for m in results.methods if m in present]
+
+
+def _curve_figure(results: ResultsFile, which: str, xlabel: str, path: Path) -> bool:
     groups = _groups(results)
-    curves = results.get("curves", {})
+    curves = results.curves
     if not any(curves.get(m, {}).get(g, {}).get(which) for m in curves for g in groups):
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False)
@@ -82,7 +88,7 @@ def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) 
                 ax.plot([chosen], [y], marker="o", ms=10, mfc="none", mec=_color(results, m), mew=1.5)
                 rings = True
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        n_way = results["setup"].get("n_way", {}).get(g)
+        n_way = results.setup.n_way.get(g)
         if n_way:
             ax.axhline(PCT / n_way, color="grey", ls=":", lw=1, label="chance")
         ax.set_title(_title(g))
@@ -102,32 +108,33 @@ def _curve_figure(results: dict[str, Any], which: str, xlabel: str, path: Path) 
     return True
 
 
-def _chosen_steps(results: dict[str, Any], method: str, g: str) -> int | None:
+def _chosen_steps(results: ResultsFile, method: str, g: str) -> int | None:
     """The inner steps evaluate chose on validation for this method and group (first seed), if any."""
-    by_seed = (results.get("selection") or {}).get(method) or {}
-    seeds = (results.get("setup") or {}).get("seeds") or [None]
-    sel = by_seed.get(str(seeds[0])) or next(iter(by_seed.values()), None) or {}
+    by_seed = results.selection.get(method) or {}
+    seeds = results.setup.seeds
+    sel = (by_seed.get(str(seeds[0])) if seeds else None) or next(iter(by_seed.values()), None) or {}
     steps = ((sel.get(g) or {}).get("chosen") or {}).get("steps")
     return int(steps) if steps is not None else None
 
 
-def plot_step_curves(results: dict[str, Any], path: Path) -> bool:
-    return _curve_figure(results, "steps", "inner steps on the support set", path)
+def plot_step_curves(results: Results, path: Path) -> bool:
+    return _curve_figure(ResultsFile.of(results), "steps", "inner steps on the support set", path)
 
 
-def plot_shot_curves(results: dict[str, Any], path: Path) -> bool:
-    return _curve_figure(results, "shots", "support scans per class (k)", path)
+def plot_shot_curves(results: Results, path: Path) -> bool:
+    return _curve_figure(ResultsFile.of(results), "shots", "support scans per class (k)", path)
 
 
-def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
+def plot_per_condition(results: Results, path: Path, seed: str) -> bool:
+    results = ResultsFile.of(results)
     groups = _groups(results)
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.4 * len(groups)), squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
         methods = _ordered(results, g)
-        per = {m: _seed_of(results["results"][m][g]["per_seed"], seed)["per_condition"] for m in methods}
+        per = {m: _seed_of(results.results[m][g]["per_seed"], seed)["per_condition"] for m in methods}
         conds = sorted({c for m in methods for c in per[m]})
         # patient-level intervals where the results have them (episodes reuse patients), else episode CIs
-        pcp = results["comparisons"][g].get("per_condition_patient")
+        pcp = results.comparisons[g].get("per_condition_patient")
         width = 0.8 / max(1, len(methods))
         x = np.arange(len(conds))
         for i, m in enumerate(methods):
@@ -152,7 +159,7 @@ def plot_per_condition(results: dict[str, Any], path: Path, seed: str) -> bool:
                 label=m,
                 color=_color(results, m),
             )
-        n_way = (results.get("setup") or {}).get("n_way", {}).get(g)
+        n_way = results.setup.n_way.get(g)
         if n_way:  # binary: accuracy on the condition's episodes; n-way: the condition's recall
             ax.axhline(PCT / n_way, color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(x, conds, rotation=20, ha="right", fontsize=8)
@@ -171,14 +178,15 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_reliability(results: dict[str, Any], g: str, path: Path, seed: str) -> bool:
+def plot_reliability(results: Results, g: str, path: Path, seed: str) -> bool:
+    results = ResultsFile.of(results)
     methods = _ordered(results, g)
     rows, cols = _grid(len(methods))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.ravel()[len(methods) :]:
         ax.axis("off")
     for ax, m in zip(axes.ravel(), methods):
-        s = _seed_of(results["results"][m][g]["per_seed"], seed)
+        s = _seed_of(results.results[m][g]["per_seed"], seed)
         rel = s.get("reliability")
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
         if rel:
@@ -196,14 +204,15 @@ def plot_reliability(results: dict[str, Any], g: str, path: Path, seed: str) -> 
     return True
 
 
-def plot_confusion(results: dict[str, Any], g: str, path: Path, seed: str) -> bool:
+def plot_confusion(results: Results, g: str, path: Path, seed: str) -> bool:
+    results = ResultsFile.of(results)
     methods = _ordered(results, g)
     rows, cols = _grid(len(methods))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.ravel()[len(methods) :]:
         ax.axis("off")
     for ax, m in zip(axes.ravel(), methods):
-        conf = _seed_of(results["results"][m][g]["per_seed"], seed)["confusion"]
+        conf = _seed_of(results.results[m][g]["per_seed"], seed)["confusion"]
         mat = np.array(conf["matrix"], dtype=float)
         norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
@@ -230,9 +239,10 @@ def plot_confusion(results: dict[str, Any], g: str, path: Path, seed: str) -> bo
     return True
 
 
-def write_all(results: dict[str, Any], outdir: Path) -> list[str]:
+def write_all(results: Results, outdir: Path) -> list[str]:
     """Write every figure under outdir/plots; returns their paths relative to outdir."""
-    seed = str(results["setup"]["seeds"][0])
+    results = ResultsFile.of(results)
+    seed = str(results.setup.seeds[0])
     written: list[str] = []
 
     def add(ok: bool, rel: str) -> None:

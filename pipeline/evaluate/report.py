@@ -1,13 +1,15 @@
 """`report.md`: the verdict in plain sentences, the comparison tables, and the setup — from results.json.
 
-The report is rendered from the results dict alone, so every number in it is one in results.json.
+The report is rendered from results.json's model (pipeline/artifacts.py `ResultsFile`) alone, so every
+number in it is one in results.json.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.artifacts import ResultsFile
+from pipeline.artifacts import MethodInfo, ResultsFile
 from pipeline.evaluate.metrics import MeanCI
 
 PCT = 100.0
@@ -54,7 +56,7 @@ def _group_title(gkey: str) -> str:
 _PD = "paired_diff_patient"
 
 
-def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+def verdict(gkey: str, comp: dict[str, Any], methods: Mapping[str, MethodInfo]) -> list[str]:
     """Plain sentences: who won this group, and whether its lead over each other method is supported.
 
     With the patient-level bootstrap in `comp` (`acc_patient`, `paired_diff_patient`), "supported" means the
@@ -74,7 +76,7 @@ def verdict(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[st
     )
     lines = [
         f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes, {who}): the highest mean accuracy"
-        f"{shared} is **{win}** ({methods[win]['family']}), {_interval(acc[win])} episode CI, "
+        f"{shared} is **{win}** ({methods[win].family}), {_interval(acc[win])} episode CI, "
         f"{_span(pat[win])} patient CI."
     ]
     supported = [m for m, v in vs.items() if v["paired_diff_patient"]["excludes_zero"]]
@@ -126,7 +128,7 @@ def _pair(comp: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
     return {**d, "mean": -d["mean"], "low": -d["high"], "high": -d["low"]}
 
 
-def _pair_lines(comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+def _pair_lines(comp: dict[str, Any], methods: Mapping[str, MethodInfo]) -> list[str]:
     """The two questions the study is for, whichever method won: does each method that uses the common
     findings beat training from scratch, and does each gradient-based meta-learner beat fine-tuning?"""
     out = []
@@ -144,7 +146,7 @@ def _pair_lines(comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
             )
     if "finetune" in methods and comp.get("pairs_patient"):
         for m in comp["ranking"]:
-            if methods[m]["family"] != "meta-learned" or m == "protonet":
+            if methods[m].family != "meta-learned" or m == "protonet":
                 continue
             d = _pair(comp, m, "finetune")
             if d is None:
@@ -160,11 +162,13 @@ def _pair_lines(comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
     return out
 
 
-def _best_meta_vs_traditional(comp: dict[str, Any], methods: dict[str, Any]) -> tuple[str, str, str] | None:
+def _best_meta_vs_traditional(
+    comp: dict[str, Any], methods: Mapping[str, MethodInfo]
+) -> tuple[str, str, str] | None:
     """(best meta-learned, best traditional, which one is higher) by the group's ranking; None when a
     family is missing. Both verdicts (patient-level and episode-level) end with this comparison."""
-    meta = [m for m in comp["ranking"] if methods[m]["family"] == "meta-learned"]
-    trad = [m for m in comp["ranking"] if methods[m]["family"] != "meta-learned"]
+    meta = [m for m in comp["ranking"] if methods[m].family == "meta-learned"]
+    trad = [m for m in comp["ranking"] if methods[m].family != "meta-learned"]
     if not (meta and trad):
         return None
     bm, bt = meta[0], trad[0]
@@ -173,7 +177,7 @@ def _best_meta_vs_traditional(comp: dict[str, Any], methods: dict[str, Any]) -> 
     return bm, bt, which
 
 
-def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: Mapping[str, MethodInfo]) -> list[str]:
     """The verdict from episode-level intervals only (results without the patient bootstrap)."""
     win = comp["winner"]
     acc = comp["acc"]
@@ -181,7 +185,7 @@ def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) 
     shared = f" (equal to {', '.join(ties)})" if ties else ""
     lines = [
         f"**{_group_title(gkey)}** ({comp['n_episodes']} test episodes): the highest mean accuracy{shared} is "
-        f"**{win}** ({methods[win]['family']}), {_interval(acc[win])}."
+        f"**{win}** ({methods[win].family}), {_interval(acc[win])}."
     ]
     tied = [m for m, v in comp["vs_winner"].items() if v["overlap"]]
     apart = [m for m, v in comp["vs_winner"].items() if not v["overlap"]]
@@ -214,9 +218,9 @@ def _verdict_episodes(gkey: str, comp: dict[str, Any], methods: dict[str, Any]) 
     return lines
 
 
-def _width_ratio(results: dict[str, Any], gkey: str) -> float | None:
+def _width_ratio(results: ResultsFile, gkey: str) -> float | None:
     """Mean over methods of (patient CI width) / (episode CI width) in one group; None if either is missing."""
-    comp = results["comparisons"].get(gkey) or {}
+    comp = results.comparisons.get(gkey) or {}
     pat = comp.get("acc_patient")
     if not pat:
         return None
@@ -239,27 +243,27 @@ def _seed0(per_seed: dict[str, Any], first: str) -> Any:
     return per_seed.get(first) or next(iter(per_seed.values()))
 
 
-def render(results: dict[str, Any]) -> str:
-    setup = results["setup"]
-    methods = results["methods"]
-    seeds = setup["seeds"]
+def render(results: ResultsFile | Mapping[str, Any]) -> str:
+    """report.md from results.json's model (or the dict `evaluation.run` returns, validated into it)."""
+    results = ResultsFile.of(results)
+    setup = results.setup
+    methods = results.methods
+    seeds = setup.seeds
     first = str(seeds[0])
-    multi = any(len(v["per_seed"]) > 1 for r in results["results"].values() for v in r.values())
+    multi = any(len(v["per_seed"]) > 1 for r in results.results.values() for v in r.values())
     out: list[str] = ["# Evaluation: meta-learning vs traditional training on the rare conditions", ""]
 
     out += ["## Verdict", ""]
-    for w in results.get("warnings") or []:
+    for w in results.warnings:
         out.append(
             f"- **WARNING — training ended near chance:** {w}. Verdicts involving it say nothing about the method."
         )
-    if results.get("warnings"):
+    if results.warnings:
         out.append("")
-    for gkey, comp in results["comparisons"].items():
+    for gkey, comp in results.comparisons.items():
         out.append("- " + " ".join(verdict(gkey, comp, methods)))
-    boots = {
-        g: c["patient_bootstrap"] for g, c in results["comparisons"].items() if c.get("patient_bootstrap")
-    }
-    mts = setup.get("meta_train_seeds") or {}
+    boots = {g: c["patient_bootstrap"] for g, c in results.comparisons.items() if c.get("patient_bootstrap")}
+    mts = setup.meta_train_seeds
     seeds_note = (
         " Seeds: the meta-learned methods were meta-trained once per seed ("
         + "; ".join(f"{m}: {', '.join(map(str, v))}" for m, v in mts.items())
@@ -298,7 +302,7 @@ def render(results: dict[str, Any]) -> str:
             "none was chosen on test episodes.",
             "",
         ]
-    queries = setup.get("queries") or {}
+    queries = setup.queries
     if queries:
         parts = [
             f"{g}: {q['distinct_query_scans']} distinct scans of {q['distinct_query_patients']} patients "
@@ -328,27 +332,25 @@ def render(results: dict[str, Any]) -> str:
             ]
 
     out += ["## Results", ""]
-    for gkey in results["comparisons"]:
+    for gkey in results.comparisons:
         out += [f"### {_group_title(gkey)}", ""]
         binary = gkey.startswith("binary")
-        pat = results["comparisons"][gkey].get("acc_patient")
+        pat = results.comparisons[gkey].get("acc_patient")
         head = "| method | family | accuracy % ± episode CI | " + ("patient CI % | " if pat else "")
         head += "macro AUC | " + ("sensitivity % | specificity % | " if binary else "")
         head += "ECE | chosen on validation |" + (" seeds: mean ± sd % (each seed) |" if multi else "")
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
-        for m in results["comparisons"][gkey]["ranking"]:
-            r = results["results"][m][gkey]
+        for m in results.comparisons[gkey]["ranking"]:
+            r = results.results[m][gkey]
             s0 = _seed0(r["per_seed"], first)
-            acc = results["comparisons"][gkey]["acc"][m]
+            acc = results.comparisons[gkey]["acc"][m]
             auc = s0["auc"]["mean"] if s0.get("auc") else None
-            row = f"| {m} | {methods[m]['family']} | {_pct(acc)} | " + (
-                f"{_span(pat.get(m))} | " if pat else ""
-            )
+            row = f"| {m} | {methods[m].family} | {_pct(acc)} | " + (f"{_span(pat.get(m))} | " if pat else "")
             row += f"{_num(auc)} | "
             if binary:
                 row += f"{_pct(s0.get('sens'))} | {_pct(s0.get('spec'))} | "
-            sel = _seed0(results["selection"].get(m, {}) or {first: {}}, first).get(gkey)
+            sel = _seed0(results.selection.get(m, {}) or {first: {}}, first).get(gkey)
             row += f"{_num(s0.get('ece'))} | {_hp(sel['chosen']) if sel else 'none (no hyper-parameter)'} |"
             if multi:
                 a = r["across_seeds"]
@@ -365,7 +367,7 @@ def render(results: dict[str, Any]) -> str:
             ]
 
     out += ["## Per rare condition (accuracy %, seed " + first + ")", ""]
-    if any("per_condition_patient" in c for c in results["comparisons"].values()):
+    if any("per_condition_patient" in c for c in results.comparisons.values()):
         out += [
             "Each cell: seed " + first + "'s accuracy ± its episode CI, then [the patient CI] of that "
             "condition's query slots (correctness averaged over seeds). After each condition: the distinct "
@@ -373,23 +375,19 @@ def render(results: dict[str, Any]) -> str:
             "class's, which the conditions share).",
             "",
         ]
-    for gkey in results["comparisons"]:
-        comp = results["comparisons"][gkey]
+    for gkey in results.comparisons:
+        comp = results.comparisons[gkey]
         ranking = comp["ranking"]
         pcp = comp.get("per_condition_patient")
         conds = sorted(
-            {
-                c
-                for m in ranking
-                for c in _seed0(results["results"][m][gkey]["per_seed"], first)["per_condition"]
-            }
+            {c for m in ranking for c in _seed0(results.results[m][gkey]["per_seed"], first)["per_condition"]}
         )
         out += [f"### {_group_title(gkey)}", "", "| condition | " + " | ".join(ranking) + " |"]
         out.append("|" + "---|" * (len(ranking) + 1))
         for c in conds:
             cells = []
             for m in ranking:
-                cell = _pct(_seed0(results["results"][m][gkey]["per_seed"], first)["per_condition"].get(c))
+                cell = _pct(_seed0(results.results[m][gkey]["per_seed"], first)["per_condition"].get(c))
                 pci = pcp["acc"].get(m, {}).get(c) if pcp else None
                 if pci is not None:
                     cell += f" [{pci['low'] * PCT:.1f}, {pci['high'] * PCT:.1f}]"
@@ -399,10 +397,10 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
 
     out += ["## Adaptation curves (accuracy %, seed " + first + ")", ""]
-    for gkey in results["comparisons"]:
+    for gkey in results.comparisons:
         rows = []
-        for m in results["comparisons"][gkey]["ranking"]:
-            cur = results.get("curves", {}).get(m, {}).get(gkey)
+        for m in results.comparisons[gkey]["ranking"]:
+            cur = results.curves.get(m, {}).get(gkey)
             if not cur:
                 continue
             steps = (
@@ -428,23 +426,23 @@ def render(results: dict[str, Any]) -> str:
 
     out += ["## Setup", ""]
     out += [
-        f"- Meta-train run `{setup['meta_train_run']}`, episodes run `{setup['episodes_run']}`, "
-        f"ingest run `{setup['ingest_run']}`.",
-        f"- Rare (test) conditions: {', '.join(setup['test_conditions'])}. Validation conditions: "
-        f"{', '.join(setup['val_conditions'])}. Normal label: {setup['normal_label']}.",
+        f"- Meta-train run `{setup.meta_train_run}`, episodes run `{setup.episodes_run}`, "
+        f"ingest run `{setup.ingest_run}`.",
+        f"- Rare (test) conditions: {', '.join(setup.test_conditions)}. Validation conditions: "
+        f"{', '.join(setup.val_conditions)}. Normal label: {setup.normal_label}.",
         f"- Seeds: {', '.join(str(s) for s in seeds)}. Test episodes per group: "
-        + ", ".join(f"{g} {n}" for g, n in setup["n_test_episodes"].items())
+        + ", ".join(f"{g} {n}" for g, n in setup.n_test_episodes.items())
         + ". Validation episodes per group used for selection: "
-        + ", ".join(f"{g} {n}" for g, n in setup["n_val_episodes"].items())
+        + ", ".join(f"{g} {n}" for g, n in setup.n_val_episodes.items())
         + ".",
         "",
         "Methods:",
         "",
     ]
     for m, info in methods.items():
-        out.append(f"- **{m}** ({info['family']}): {info['description']}")
+        out.append(f"- **{m}** ({info.family}): {info.description}")
     out.append("")
-    pre = results.get("pretrain", {})
+    pre = results.pretrain
     if pre:
         out += [
             "Traditional classifier (pretrained on the meta-train pool, single-label scans only, to convergence "
@@ -475,7 +473,7 @@ def render(results: dict[str, Any]) -> str:
             )
         out.append("")
     out += ["Hyper-parameter selection (validation episodes only; grid → choice):", ""]
-    for m, by_seed in results["selection"].items():
+    for m, by_seed in results.selection.items():
         for seed, by_group in by_seed.items():
             for gkey, sel in by_group.items():
                 if sel["n_val_episodes"] == 0:
@@ -493,11 +491,11 @@ def render(results: dict[str, Any]) -> str:
                     f"validation episodes ({grid})."
                 )
     out += ["", "Definitions:", ""]
-    out += [f"- {k}: {v}" for k, v in results["definitions"].items()]
-    timing = results.get("timing_s")
+    out += [f"- {k}: {v}" for k, v in results.definitions.items()]
+    timing = results.timing_s
     if timing:
         out += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()) + "."]
-    plots = results.get("plots")
+    plots = results.plots
     if plots:
         out += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
     return "\n".join(out) + "\n"

@@ -4,7 +4,6 @@ fewscan.stage=evaluate). Thin: loads the upstream artifacts, calls `evaluation.r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +94,10 @@ def load_inputs(cfg: EvaluateConfig, upstream: dict[str, UpstreamRun]) -> evalua
 def write_outputs(results: dict[str, Any], outdir: Path) -> ResultsFile:
     """plots/*.png, results.json, report.md into outdir (JSON and report written atomically). results.json
     goes through its model (pipeline/artifacts.py), so what is written is what its readers parse."""
-    results["plots"] = plots.write_all(results, outdir)
-    # numpy scalars as plain numbers (json's default=float), NaN kept, then the typed model
-    typed = ResultsFile.model_validate(json.loads(json.dumps(results, default=float)))
+    typed = ResultsFile.of(results)
+    typed.plots = results["plots"] = plots.write_all(typed, outdir)
     write_artifact(outdir / ResultsFile.FILE, typed, indent=1)
-    atomic.write_text(outdir / "report.md", report.render(results))
+    atomic.write_text(outdir / "report.md", report.render(typed))
     return typed
 
 

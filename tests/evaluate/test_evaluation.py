@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline.artifacts import MethodInfo, ResultsFile, read_artifact
 from pipeline.errors import DataError
 from pipeline.evaluate import evaluation, report, runner
 from pipeline.evaluate.config import EvaluateConfig
@@ -216,13 +217,26 @@ def test_outputs_written(spied: tuple[dict[str, Any], list], tmp_path: Path) -> 
     assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in pngs)
     md = (tmp_path / "report.md").read_text()
     assert "plots/adaptation_vs_steps.png" in md
+    # results.json read back through its model renders the same report: the file holds every number of it
+    back = read_artifact(ResultsFile, tmp_path / "results.json")
+    assert back.plots == saved["plots"] and back.setup.seeds == res["setup"]["seeds"]
+    assert report.render(back) == md
 
 
 METHODS = {
-    "maml": {"family": "meta-learned"},
-    "finetune": {"family": "traditional"},
-    "scratch": {"family": "from scratch"},
+    m: MethodInfo(family=f, description=m, seed_independent=False)
+    for m, f in (("maml", "meta-learned"), ("finetune", "traditional"), ("scratch", "from scratch"))
 }
+
+
+def _complete(results: dict[str, Any]) -> dict[str, Any]:
+    """A results dict with the fields of results.json's model that the figure under test does not read."""
+    out = {"selection": {}, **results}
+    out["setup"] = {"seeds": [0], "n_test_episodes": {}, **results.get("setup", {})}
+    out["methods"] = {
+        m: {"description": m, "seed_independent": False, **i} for m, i in results["methods"].items()
+    }
+    return out
 
 
 def ci(mean: float, half: float) -> dict[str, Any]:
@@ -317,7 +331,7 @@ def test_per_condition_plot_uses_patient_intervals_when_present(monkeypatch, tmp
         "results": {"m": {"binary.k5": {"per_seed": {"0": {"per_condition": per_cond}}}}},
         "comparisons": {"binary.k5": {"ranking": ["m"]}},
     }
-    assert plots.plot_per_condition(results, tmp_path / "a.png", "0")
+    assert plots.plot_per_condition(_complete(results), tmp_path / "a.png", "0")
     assert calls[-1]["height"] == pytest.approx([60.0, 50.0])
     assert calls[-1]["yerr"] == pytest.approx([5.0, 4.0])
     results["comparisons"]["binary.k5"]["per_condition_patient"] = {
@@ -326,7 +340,7 @@ def test_per_condition_plot_uses_patient_intervals_when_present(monkeypatch, tmp
         },
         "n_patients": {"A": 30, "B": 25},
     }
-    assert plots.plot_per_condition(results, tmp_path / "b.png", "0")
+    assert plots.plot_per_condition(_complete(results), tmp_path / "b.png", "0")
     assert calls[-1]["height"] == pytest.approx([62.0, 50.0])
     assert calls[-1]["yerr"] == pytest.approx(np.array([[7.0, 9.0], [8.0, 10.0]]))
 
@@ -452,7 +466,7 @@ def test_plots_draw_chance_and_ring_the_steps_chosen_on_validation(monkeypatch, 
         "curves": {"maml": {"binary.k5": {"steps": curve}}},
         "selection": {"maml": {"0": {"binary.k5": {"chosen": {"steps": 5}}}}},
     }
-    assert plots.plot_per_condition(results, tmp_path / "a.png", "0")
+    assert plots.plot_per_condition(_complete(results), tmp_path / "a.png", "0")
     assert hlines == [50.0, 25.0]
-    assert plots.plot_step_curves(results, tmp_path / "s.png")
+    assert plots.plot_step_curves(_complete(results), tmp_path / "s.png")
     assert rings == [([5], [pytest.approx(65.0)])]  # the chosen 5 steps, not the test peak at 2
