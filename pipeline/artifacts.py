@@ -1,5 +1,7 @@
-"""The JSON files one stage hands to the next, as typed models: `split.json` (episodes), `meta_model.json`
-(meta-train) and `results.json` (evaluate). The writer builds the model and writes its JSON; the reader
+"""The JSON files one stage hands to the next, as typed models: `split.json` (episodes) and `results.json`
+(evaluate) here, `meta_model.json` (meta-train) in pipeline/meta/model_file.py on the same base (it needs
+the engine's ModelSpec, and episodes' code set must not reach the engine: pipeline/codeset.py). The writer
+builds the model and writes its JSON; the reader
 parses the file with the same model (`read_artifact`), so a missing or renamed field fails where the file
 is read, naming the file, the field and the stage to re-run, instead of as a KeyError deep in a stage
 (docs/CONTRACTS.md, "Artifacts between stages").
@@ -22,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import atomic
 from pipeline.errors import UpstreamError
-from pipeline.meta.specs import ModelSpec
 
 
 class ArtifactError(UpstreamError):
@@ -164,79 +165,6 @@ class SplitFile(Artifact):
 
     def conditions_in(self, split: str) -> list[str]:
         return sorted(c for c, i in self.conditions.items() if i.split == split)
-
-
-# ------------------------------------------------------------------------------------ meta_model.json
-META_FORMAT = "fewscan-meta-model"
-
-
-class InnerRecord(BaseModel):
-    """The inner loop the meta-model was trained with (`MetaModel.method` adapts with it)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    steps: int
-    lr: float
-    eval_steps: int | None = None
-    learned_lr: str | None = None
-    trainable: str = "all"
-    second_order: bool | None = None
-    clip_grad: float | None = None
-
-
-class IngestFacts(BaseModel):
-    """What adapt needs of the ingest the meta-model was trained on, recorded by meta-train so that adapt
-    reads it from the meta-model alone (no walk back to the episodes and ingest runs; docs/adapt.md)."""
-
-    run_id: str = Field(description="the ingest run")
-    preprocessing: dict[str, Any] = Field(description="store.json 'preprocessing': how every scan was read")
-    modalities: list[str] = Field(description="DICOM modalities of the scan index, upper case; [] = unknown")
-    normal_label: str | None = None
-    label_names: list[str] = Field(default_factory=list)
-    salt_id: str | None = Field(
-        default=None, description="which salt keyed the patients (pipeline/ingest/deid.py)"
-    )
-    n_patients: int = 0
-    patients_file: str | None = Field(
-        default=None,
-        description="file beside meta_model.json listing the salted patient keys of the ingest, one a line",
-    )
-
-
-class MetaModelFile(Artifact):
-    """`meta_model.json` of a `models/<method>` folder (pipeline/meta/model_io.py). `format` and `version`
-    are those older fewscan versions check (they read any version-1 file and ignore new fields), so they
-    stay as they were; `schema_version` counts this model's changes: 2 added `ingest`."""
-
-    FILE: ClassVar[str] = "meta_model.json"
-    PRODUCER: ClassVar[str] = "meta-train"
-    SCHEMA_VERSION: ClassVar[int] = 2
-    VERSION: ClassVar[int] = 1
-
-    format: str
-    version: int = 1
-    method: str
-    model: ModelSpec
-    in_channels: int
-    image_shape: list[int]
-    spatial_dims: int
-    head: str
-    normalization: str
-    inner: InnerRecord
-    # provenance, written by meta-train (a meta-model saved by other code may lack it)
-    ingest_run_id: str | None = None
-    episodes_run_id: str | None = None
-    meta_train_run_id: str | None = None
-    preprocessing: dict[str, Any] | None = None
-    label_names: list[str] | None = None
-    normal_label: str | None = None
-    train_conditions: list[str] | None = None
-    selected: str | None = None
-    best_val_acc: float | None = None
-    outer_steps: int | None = None
-    seed: int | None = None
-    meta_train_seed: int | None = None
-    ingest: IngestFacts | None = Field(default=None, description="schema 2: the ingest facts adapt needs")
 
 
 # ------------------------------------------------------------------------------------------ results.json

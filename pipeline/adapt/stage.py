@@ -58,11 +58,11 @@ from pipeline.adapt.support import (
     order_classes,
     write_json_atomic,
 )
-from pipeline.artifacts import IngestFacts
 from pipeline.errors import ConfigError, DataError, UpstreamError
 from pipeline.evaluate import metrics as M
 from pipeline.ingest.deid import load_or_create_salt, salt_id, salted_key
 from pipeline.meta.methods import Adapted, FewShotMethod, class_balanced_cross_entropy
+from pipeline.meta.model_file import IngestFacts
 from pipeline.meta.model_io import MetaModel, load_meta_model
 from pipeline.progress import log
 from pipeline.protocols import RunLike
@@ -191,7 +191,7 @@ def _primary_method(params: dict[str, str], available: list[str]) -> str | None:
 
 
 def ingest_facts(mm: MetaModel) -> IngestFacts:
-    """The ingest facts the meta-model records (meta_model.json `ingest`, pipeline/artifacts.py)."""
+    """The ingest facts the meta-model records (meta_model.json `ingest`, pipeline/meta/model_file.py)."""
     facts = mm.meta.ingest
     if facts is None or not facts.preprocessing:
         raise UpstreamError(

@@ -5,7 +5,7 @@ state_dict.pth: the `FewShotNet` state dict, plus learned inner learning rates u
     `inner_lr.<step>.<parameter name>` (`<step>` = `all` for Meta-SGD's per-parameter rates, or the
     step index 0.. for MAML++'s per-layer per-step rates). Plain `torch.save` of a dict of tensors, i.e.
     exactly what `mlflow.pytorch.log_state_dict` writes, so either writer may be used.
-meta_model.json: `pipeline.artifacts.MetaModelFile`, written and read through that model: {"format":
+meta_model.json: `pipeline.meta.model_file.MetaModelFile`, written and read through that model: {"format":
     "fewscan-meta-model", "version": 1, "schema_version": 2, "method", "model": ModelSpec, "in_channels",
     "image_shape": [C, *spatial], "spatial_dims", "head", "normalization", "inner": {"steps", "eval_steps",
     "lr", "learned_lr", "trainable", "second_order"}, "ingest_run_id", "preprocessing", "label_names",
@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from pipeline import atomic
-from pipeline.artifacts import META_FORMAT, IngestFacts, MetaModelFile, parse_artifact
+from pipeline.artifacts import parse_artifact
 from pipeline.errors import DataError
 from pipeline.meta.inner import LossFn, LRSpec
 from pipeline.meta.methods import FewShotMethod, GradientMethod, ProtoNetMethod
+from pipeline.meta.model_file import META_FORMAT, IngestFacts, MetaModelFile
 from pipeline.meta.models import FewShotNet, ModelSpec, build_model
 
 FORMAT = META_FORMAT

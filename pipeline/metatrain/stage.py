@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.artifacts import IngestFacts, SplitFile, read_artifact
+from pipeline.artifacts import SplitFile, read_artifact
 from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays, stack_episodes
 from pipeline.episodes.config import EpisodesConfig
@@ -33,6 +33,7 @@ from pipeline.meta import native
 from pipeline.meta.algorithms import MetaLearner, make_algorithm
 from pipeline.meta.device import pick_device
 from pipeline.meta.inner import detach_lr
+from pipeline.meta.model_file import IngestFacts
 from pipeline.meta.model_io import save_meta_model, write_json_atomic
 from pipeline.meta.models import build_model, count_parameters
 from pipeline.meta.trainer import Episode as EpisodeTensors

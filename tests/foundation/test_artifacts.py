@@ -13,16 +13,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.artifacts import (
-    ArtifactError,
-    IngestFacts,
-    MetaModelFile,
-    ResultsFile,
-    SplitFile,
-    read_artifact,
-    write_artifact,
-)
+from pipeline.artifacts import ArtifactError, ResultsFile, SplitFile, read_artifact, write_artifact
 from pipeline.errors import UpstreamError
+from pipeline.meta.model_file import IngestFacts, MetaModelFile
 
 
 def split_dict() -> dict[str, Any]:
@@ -204,7 +197,10 @@ def test_ingest_facts_need_their_core_fields() -> None:
 
 
 def test_the_artifact_models_import_neither_torch_nor_mlflow(tmp_path: Path) -> None:
-    code = "import sys, pipeline.artifacts; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    code = (
+        "import sys, pipeline.artifacts, pipeline.meta.model_file\n"
+        "print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

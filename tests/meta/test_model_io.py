@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline.adapt.stage import ingest_facts, scan_spec
-from pipeline.artifacts import ArtifactError, IngestFacts
+from pipeline.artifacts import ArtifactError
 from pipeline.errors import DataError, UpstreamError
+from pipeline.meta.model_file import IngestFacts
 from pipeline.meta.model_io import PATIENTS_FILE, load_meta_model, save_meta_model
 from pipeline.meta.models import ModelSpec, build_model
 
