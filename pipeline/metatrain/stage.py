@@ -319,7 +319,9 @@ def _execute(
             inner=inner,
             inner_lr=detach_lr(learner.inner_lr()),
             ingest=ingest_facts,
-            patient_keys=patient_keys,
+            # the patient list only in the model adapt uses (models/<method>); the further seeds' models
+            # serve evaluate alone, and at ChestX-ray14 size each copy would be ~0.5 MB of keys
+            patient_keys=patient_keys if unit == method else None,
             extra={
                 "ingest_run_id": ingest_up.run_id,
                 "episodes_run_id": ep_up.run_id,

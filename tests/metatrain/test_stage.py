@@ -159,6 +159,9 @@ def test_every_method_is_trained_once_per_seed_and_the_first_seed_is_registered(
     first = load_meta_model(run.uploaded / "models" / "protonet")
     other = load_meta_model(run.uploaded / "seeds" / "protonet" / "5")
     assert first.meta.meta_train_seed == 0 and other.meta.meta_train_seed == 5
+    # both record the ingest facts; only the model adapt uses (models/<method>) carries the patient list
+    assert first.meta.ingest is not None and other.meta.ingest is not None
+    assert first.training_patients() and other.training_patients() is None
     assert first.meta.seed != other.meta.seed
     w = "backbone.features.0.weight"
     assert not torch.equal(first.model.state_dict()[w], other.model.state_dict()[w])  # another run
