@@ -18,9 +18,7 @@ ingest_patients.txt (optional, named by `ingest.patients_file`): the salted pati
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +123,8 @@ def save_meta_model(
     if patient_keys is not None and meta.ingest is not None:
         atomic.write_text(folder / PATIENTS_FILE, "".join(f"{k}\n" for k in sorted(set(patient_keys))))
         meta.ingest = meta.ingest.model_copy(update={"patients_file": PATIENTS_FILE})
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+    with atomic.atomic_open(folder / STATE_FILE, "wb") as f:
         torch.save(state, f)
-    os.replace(f.name, folder / STATE_FILE)
     atomic.write_text(folder / META_FILE, meta.model_dump_json(indent=2) + "\n")
     return folder
 
