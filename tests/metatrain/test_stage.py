@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from pipeline import distributed
+from pipeline.artifacts import ArtifactError
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.meta.model_io import load_meta_model
@@ -286,3 +288,23 @@ def test_checkpoints_load_with_the_safe_unpickler(world, tmp_path):
     ck = torch.load(run.uploaded / "checkpoints" / "maml" / "last.pt", weights_only=True)
     assert ck["step"] == 4 and ck["rng"]["numpy"]["bit_generator"] == "PCG64"
     assert load_checkpoint(run.uploaded / "checkpoints" / "maml" / "last.pt")["step"] == 4
+
+
+def test_a_split_json_missing_a_field_fails_before_training_naming_file_field_and_fix(world, tmp_path):
+    """split.json is read through its model (pipeline/artifacts.py): an episodes run written by another
+    fewscan version, here without `k_shots`, fails at read, before any training, with the file, the field
+    and the stage to re-run; a newer schema is refused as such."""
+    eps = tmp_path / "episodes"
+    shutil.copytree(world["episodes"], eps)
+    split = json.loads((eps / "split.json").read_text())
+    del split["k_shots"]
+    (eps / "split.json").write_text(json.dumps(split))
+    ingest = FakeUpstream("ingest0", world["store"].parent, {})
+    up = {"episodes": FakeUpstream("episodes0", eps, {"fewscan.suite": "tiny"}, {"ingest": ingest})}
+    run = FakeRun(tmp_path / "run")
+    with pytest.raises(ArtifactError, match=r"split\.json .*'k_shots' is missing.*re-run the episodes stage"):
+        stage.execute(_cfg(methods=["protonet"]), run, up)  # type: ignore[arg-type]
+    assert run.metrics == [] and not (run.uploaded / "models").exists()
+    (eps / "split.json").write_text(json.dumps({**split, "k_shots": [1], "schema_version": 2}))
+    with pytest.raises(ArtifactError, match="schema_version 2.*written by a newer fewscan"):
+        stage.execute(_cfg(methods=["protonet"]), FakeRun(tmp_path / "run2"), up)  # type: ignore[arg-type]
