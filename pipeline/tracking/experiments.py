@@ -40,7 +40,7 @@ def search_scope(stage: str, suite: str | None, dataset: str | None) -> list[str
 
 def experiment_id(name: str) -> str:
     """The id of experiment `name`, created if missing. On a server with a user it must be one that user
-    created (see "whose runs" above): refused otherwise, with the fix in the message."""
+    created (pipeline/tracking/owners.py): refused otherwise, with the fix in the message."""
     c = client()
     user = owners.server_user()
     exp = retry(lambda: c.get_experiment_by_name(name), "look up an experiment")

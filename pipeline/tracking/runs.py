@@ -206,8 +206,8 @@ class StageRun:
 
     def register_model(self, artifact_path: str, name: str, alias: str = "current") -> str:
         """Register `runs:/<this run>/<artifact_path>` as a new version of `name`; `alias` moves to it when
-        the run ends FINISHED (`stage_run`), never before: a run that fails or is killed after registering
-        leaves the alias where it was (docs/adapt.md, "Registered name")."""
+        the run ends FINISHED (`lifecycle.stage_run`), never before: a run that fails or is killed after
+        registering leaves the alias where it was (docs/adapt.md, "Registered name")."""
         version = registry.register_version(self.run_id, self.artifact_uri, self.stage, artifact_path, name)
         alias = registry.alias_name(alias)
         self.pending_aliases.append((name, alias, version))
