@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,29 @@ def owner_key_file() -> Path:
     return base / "fewscan" / "owner.key"
 
 
+def _create_key(path: Path) -> None:
+    """Write a new random key to `path` unless one is there: complete when it appears (written and fsynced
+    in a temp file first, as pipeline/atomic.py does) and never replacing a key another process made at
+    the same time (a hard link fails on an existing name, where a rename would replace it: experiments
+    signed with the replaced key would no longer count as the user's)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: its key is the key
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 def _owner_key() -> bytes:
     """This user's secret owner key, created (mode 0600) on first use."""
     path = owner_key_file()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):  # another process may create it at the same time
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
+        _create_key(path)
     if path.stat().st_mode & 0o077:
         raise TrackingError(
             f"the fewscan owner key {path} can be read by other users; `chmod 600 {path}` (whoever read it "

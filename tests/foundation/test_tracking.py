@@ -212,3 +212,32 @@ def test_no_owner_checks_on_a_local_store(tmp_store: Path, monkeypatch: pytest.M
     assert tracking.server_user() is None
     rid = _plant("fewscan/s", {"fewscan.stage": "episodes", "fewscan.suite": "s"})
     assert tracking.latest_run("episodes", suite="s").run_id == rid
+
+
+def test_processes_creating_the_owner_key_at_once_all_get_the_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key appears complete (never read half-written, which would say "damaged") and the first one
+    made stays the key: experiments signed with it must keep counting as the user's (docs/scaling.md)."""
+    key_file = tmp_path / "cfg" / "owner.key"
+    monkeypatch.setenv("FEWSCAN_OWNER_KEY_FILE", str(key_file))
+    start = threading.Barrier(8)
+    keys: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        start.wait()
+        try:
+            keys.append(tracking.owners._owner_key())
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(keys)) == 1 and keys[0] == key_file.read_text().strip().encode() and len(keys[0]) == 64
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in key_file.parent.iterdir()] == ["owner.key"]  # no temp file left behind
