@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
+from pipeline import stage_configs, tracking
 from pipeline.errors import TrackingError
 from pipeline.gc import human
 from pipeline.progress import log, progress
@@ -42,7 +42,9 @@ TAG_GC = "fewscan.gc"  # set just before a run is deleted: a restored run says w
 TAG_CHAIN = tracking.TAG_CHAIN
 TAG_CHAIN_RUN = "fewscan.run."  # + stage: the run a chain used for that stage (pipeline/chain.py)
 # Deleted downstream first, so that an interrupted gc never leaves a visible run whose upstream is gone.
-DELETE_ORDER = ("chain", "evaluate", "adapt", "meta-train", "episodes", "ingest")
+DELETE_ORDER = ("chain", *reversed(stage_configs.ORDER))
+# Stages whose newest interrupted run `fewscan <stage> --resume` would continue (meta-train): kept.
+RESUMABLE = frozenset(s.name for s in stage_configs.SPECS if s.resumable)
 
 
 @dataclass
@@ -168,21 +170,21 @@ def plan(suite: str | None = None) -> Plan:
     roots: set[str] = {rid for rid, r in runs.items() if not r.candidate}  # not ours to judge
     roots |= needed & runs.keys()
     # newest FINISHED run per (experiment, stage), the newest finished chain included; and the newest
-    # unfinished meta-train run, which `fewscan meta-train --resume` would continue
+    # unfinished run of each resumable stage (meta-train), which `fewscan <stage> --resume` would continue
     newest: dict[tuple[str, str], RunRec] = {}
-    unfinished: dict[str, RunRec] = {}
+    unfinished: dict[tuple[str, str], RunRec] = {}
     for r in runs.values():
         if not r.candidate:
             continue
         key = (r.experiment_id, r.stage)
         if r.status == "FINISHED" and (key not in newest or r.start_time > newest[key].start_time):
             newest[key] = r
-        if r.stage == "meta-train" and r.status in ("FAILED", "KILLED"):
-            if key[0] not in unfinished or r.start_time > unfinished[key[0]].start_time:
-                unfinished[key[0]] = r
+        if r.stage in RESUMABLE and r.status in ("FAILED", "KILLED"):
+            if key not in unfinished or r.start_time > unfinished[key].start_time:
+                unfinished[key] = r
     roots |= {r.run_id for r in newest.values()}
-    for exp_id, r in unfinished.items():
-        done = newest.get((exp_id, "meta-train"))
+    for key, r in unfinished.items():
+        done = newest.get(key)
         if done is None or r.start_time > done.start_time:
             roots.add(r.run_id)
     children: dict[str, list[str]] = {}

@@ -8,7 +8,7 @@ from functools import partial
 
 from mlflow.exceptions import MlflowException
 
-from pipeline import ui_view
+from pipeline import stage_configs, ui_view
 from pipeline.errors import TrackingError
 from pipeline.progress import log
 from pipeline.tracking import owners
@@ -22,7 +22,7 @@ def search_scope(stage: str, suite: str | None, dataset: str | None) -> list[str
     also the dataset's (a standalone `fewscan ingest`). Missing experiments are left out, and on a server
     so are experiments the user did not create (with a log line saying so)."""
     names = [experiment_name(suite, dataset)] if suite or dataset else []
-    if stage == "ingest" and dataset:
+    if stage in stage_configs.BY_NAME and stage_configs.spec(stage).per_dataset and dataset:
         names.append(experiment_name(None, dataset))
     c = client()
     user = owners.server_user()

@@ -13,7 +13,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from pipeline import ui_view
+from pipeline import stage_configs, ui_view
 from pipeline.errors import UpstreamError
 from pipeline.tracking import owners
 from pipeline.tracking.artifacts import artifact_path
@@ -88,7 +88,8 @@ def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = No
     experiment) and, on a server, among the current user's runs only."""
     c = client()
     filt = [f"tags.`{TAG_STAGE}` = '{stage}'", "attributes.status = 'FINISHED'"]
-    if suite and stage != "ingest":
+    per_dataset = stage in stage_configs.BY_NAME and stage_configs.spec(stage).per_dataset
+    if suite and not per_dataset:
         filt.append(f"tags.`{TAG_SUITE}` = '{suite}'")
     if dataset:
         filt.append(f"tags.`{TAG_DATASET}` = '{dataset}'")
@@ -104,7 +105,7 @@ def latest_run(stage: str, *, suite: str | None = None, dataset: str | None = No
         else []
     )
     if not runs:
-        which = f"suite '{suite}'" if suite and stage != "ingest" else f"dataset '{dataset}'"
+        which = f"suite '{suite}'" if suite and not per_dataset else f"dataset '{dataset}'"
         raise UpstreamError(
             f"no finished '{stage}' run for {which} in {tracking_uri()}. Run `fewscan {stage} ...` first, "
             "or pass --from RUN_ID."
@@ -117,7 +118,7 @@ def resolve_upstream(
 ) -> UpstreamRun:
     if run_id:  # named explicitly: used wherever it lives
         return UpstreamRun.from_id(run_id, expect_stage=stage)
-    return latest_run(stage, suite=suite, dataset=dataset if stage == "ingest" else None)
+    return latest_run(stage, suite=suite, dataset=dataset if stage_configs.spec(stage).per_dataset else None)
 
 
 def lineage(upstream: dict[str, UpstreamRun]) -> list[ui_view.Link]:

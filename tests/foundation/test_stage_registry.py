@@ -105,7 +105,10 @@ def test_the_stage_modules_do_not_restate_their_links() -> None:
 
 def test_no_stage_is_special_cased_by_name_where_the_table_is_read() -> None:
     """`stage == "meta-train"` (torchrun, --resume, system metrics) and the like are fields now."""
-    for rel in ("pipeline/cli.py", "pipeline/stages.py", "pipeline/chain.py", "pipeline/suite.py"):
+    orchestration = ["pipeline/cli.py", "pipeline/stages.py", "pipeline/chain.py", "pipeline/suite.py"]
+    orchestration += ["pipeline/gc_runs.py", "pipeline/status.py"]
+    orchestration += sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline/tracking").glob("*.py"))
+    for rel in orchestration:
         tree = ast.parse((ROOT / rel).read_text())
         named = [
             (node.lineno, c.value)
