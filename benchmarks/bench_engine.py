@@ -57,7 +57,10 @@ from pipeline.meta.models import FewShotNet, ModelSpec, build_model  # noqa: E40
 
 CONFIGS = {
     "A": {
-        "spec": {"filters": 64, "norm": "group"},
+        # head: shared (one trainable row replicated per class), the head the reference implements; the
+        # models' default is now head: proto (docs/evaluation.md), whose head is frozen and set from the
+        # support set, which the learn2learn/higher-style loop has no notion of
+        "spec": {"filters": 64, "norm": "group", "head": "shared"},
         "size": 28,
         "n_way": 5,
         "k": 1,
@@ -71,7 +74,7 @@ CONFIGS = {
     # The demo defaults (tasks/demo.yaml meta_train section): binary episodes dominate, 5-shot is the
     # larger of the k values; 3 inner steps first order, meta-batch 4, q_query 5 for training.
     "B": {
-        "spec": {"filters": 32, "norm": "group"},
+        "spec": {"filters": 32, "norm": "group", "head": "shared"},  # as A: the reference's head
         "size": 64,
         "n_way": 2,
         "k": 5,
