@@ -202,6 +202,7 @@ def test_stage_threads_restored_when_the_stage_ends(
     if stage == "metatrain":
         monkeypatch.setattr(mod.ImageStore, "open", staticmethod(lambda p: None))
         monkeypatch.setattr(mod, "load_episodes", lambda p: [])
+        monkeypatch.setattr(mod, "read_artifact", lambda model, path: None)  # split.json: not read here
     cfg = types.SimpleNamespace(threads=threads)
     up = {"episodes": _FakeUpstream()}
     original = torch.get_num_threads()
