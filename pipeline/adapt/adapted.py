@@ -41,6 +41,7 @@ from pipeline.adapt.listing import ScanRef
 from pipeline.adapt.reports import write_json_atomic
 from pipeline.adapt.scan_read import read_ref, read_scan, read_scan_bytes
 from pipeline.adapt.scan_spec import ScanSpec, check_array
+from pipeline.atomic import atomic_open
 from pipeline.cpus import torch_threads as torch_threads  # re-exported: adapt and predict use it from here
 from pipeline.errors import DataError
 from pipeline.meta.methods import Adapted, FewShotMethod
@@ -104,9 +105,8 @@ def save_adapted(
     dst.mkdir()
     for name in ("state_dict.pth", "meta_model.json"):
         shutil.copy2(Path(meta_model_dir) / name, dst / name)
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(adapted_to_state(adapted), tmp)
-    tmp.replace(folder / STATE_FILE)
+    with atomic_open(folder / STATE_FILE, "wb") as f:
+        torch.save(adapted_to_state(adapted), f)
     if len(classes) != adapted.n_way:
         raise ValueError(f"{len(classes)} class names for an adapted {adapted.n_way}-way model")
     write_json_atomic(

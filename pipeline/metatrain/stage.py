@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import atomic, distributed
 from pipeline.artifacts import SplitFile, read_artifact
 from pipeline.cpus import torch_threads
 from pipeline.episodes.batch import episode_arrays, stack_episodes
@@ -149,7 +149,7 @@ def resume_checkpoint(run: RunLike, method: str, ckdir: Path) -> dict[str, Any] 
     if best is not None and best.is_file():
         load_checkpoint(best)  # refused here, before training, rather than after it
         ckdir.mkdir(parents=True, exist_ok=True)
-        (ckdir / "best.pt").write_bytes(best.read_bytes())
+        atomic.write_bytes(ckdir / "best.pt", best.read_bytes())
     return ck
 
 
