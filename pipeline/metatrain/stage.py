@@ -344,6 +344,9 @@ def _execute(
                 "best_val_acc": best_val,
                 "final_train_loss": state.history[-1]["train_loss"] if state.history else float("nan"),
             }
+        if not ctx.is_main:
+            # under torchrun only rank 0 validates (and selects); the others would only print "val acc nan"
+            return best_val
         log(f"meta-train: {unit}: {state.step} steps, kept {used}, val acc {best_val:.3f}")
         if best_val < val_chance + 0.02:
             at_chance.append(unit)

@@ -70,6 +70,8 @@ def test_torchrun_meta_train_command_makes_one_run_equal_to_one_process(
     assert {k: dist_run.data.params.get(k) for k in same} == same
     # the torchrun job printed one summary (rank 0's) naming its run
     assert job.output.count("meta-train finished") == 1 and dist_run.info.run_id in job.output
+    # one line per trained model, from rank 0, which alone validates: no rank prints "val acc nan"
+    assert job.output.count("meta-train: maml: ") == 1 and "val acc nan" not in job.output, job.output[-4000:]
 
     # Only rank 0 talked to MLflow: one run, one registered version per run, every metric step once,
     # and the same artifacts as the single process.
