@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from functools import partial
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 
@@ -33,20 +35,12 @@ def resolve_model_ref(ref: str) -> str:
         if "@" in body and body.split("@", 1)[1].lower() != "latest":
             name, alias = body.split("@", 1)
             mv = retry(lambda: c.get_model_version_by_alias(name, alias), "read the model registry")
-        elif "@" in body or body.endswith("/latest"):
-            name = body.split("@", 1)[0] if "@" in body else body[: -len("/latest")]
-            versions = retry(lambda: c.search_model_versions(f"name = '{name}'"), "read the model registry")
-            if not versions:
-                raise MlflowException(f"no versions of '{name}'")
-            mv = max(versions, key=lambda v: int(v.version))
-        elif "/" in body:
+        elif "@" in body or body.endswith("/latest") or "/" not in body:
+            name = body.split("@", 1)[0] if "@" in body else body.removesuffix("/latest")
+            return _newest_finished(name, ref)
+        else:
             name, version = body.rsplit("/", 1)
             mv = retry(lambda: c.get_model_version(name, version), "read the model registry")
-        else:
-            versions = retry(lambda: c.search_model_versions(f"name = '{body}'"), "read the model registry")
-            if not versions:
-                raise MlflowException(f"no versions of '{body}'")
-            mv = max(versions, key=lambda v: int(v.version))
     except MlflowException:
         raise UpstreamError(
             f"model '{ref}' was not found in the registry of {tracking_uri()}. Give a meta-train run id, "
@@ -55,6 +49,41 @@ def resolve_model_ref(ref: str) -> str:
     if not mv.run_id:
         raise UpstreamError(f"registered model '{ref}' has no source run")
     return str(mv.run_id)
+
+
+def _run_status(c: Any, run_id: str) -> str:
+    info = c.get_run(run_id).info
+    return "DELETED" if info.lifecycle_stage == "deleted" else str(info.status)
+
+
+def _newest_finished(name: str, ref: str) -> str:
+    """The run of the newest version of `name` whose run FINISHED (`NAME@latest`, `models:/NAME/latest` or a
+    bare name). MLflow's own "latest" is the newest version whatever became of its run, and a run that
+    failed after registering leaves its version behind (its alias does not move: `move_aliases`), so the
+    newest version may hold a model that never finished training."""
+    c = client()
+    versions = retry(lambda: c.search_model_versions(f"name = '{name}'"), "read the model registry")
+    if not versions:
+        raise MlflowException(f"no versions of '{name}'")
+    skipped: list[str] = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        if not mv.run_id:
+            continue
+        try:
+            status = str(retry(partial(_run_status, c, mv.run_id), "read a run"))
+        except MlflowException:
+            status = "DELETED"
+        if status == "FINISHED":
+            if skipped:
+                log(
+                    f"model '{ref}': version {mv.version}, the newest whose run finished ({', '.join(skipped)} skipped)"
+                )
+            return str(mv.run_id)
+        skipped.append(f"v{mv.version} {status.lower()}")
+    raise UpstreamError(
+        f"model '{ref}': no version of '{name}' comes from a finished run ({', '.join(skipped) or 'none has a run'}); "
+        f"re-run the stage that registers it, or name a version with models:/{name}/VERSION"
+    )
 
 
 def register_version(run_id: str, artifact_uri: str, stage: str, artifact_path: str, name: str) -> str:

@@ -96,6 +96,16 @@ def test_registry_alias_and_model_refs(tmp_store: Path) -> None:
             raise RuntimeError("failed after registering")
     assert tracking.client().get_model_version_by_alias("fewscan-s-meta", "current").run_id == rid
     assert tracking.run_status(run.run_id) == "FAILED"
+    # 'latest' and a bare name skip the failed run's version 2: the newest version whose run finished
+    for ref in ("fewscan-s-meta@latest", "models:/fewscan-s-meta/latest", "fewscan-s-meta"):
+        assert tracking.resolve_model_ref(ref) == rid, ref
+    assert tracking.resolve_model_ref("models:/fewscan-s-meta/2") == run.run_id  # named: used as named
+    tracking.client().delete_run(rid)
+    with pytest.raises(
+        UpstreamError,
+        match=r"no version of 'fewscan-s-meta' comes from a finished run \(v2 failed, v1 deleted\)",
+    ):
+        tracking.resolve_model_ref("fewscan-s-meta@latest")
 
 
 def test_retry_is_bounded_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
