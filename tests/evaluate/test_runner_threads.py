@@ -118,3 +118,20 @@ def test_an_error_in_one_episode_reaches_the_caller_and_threads_are_restored(wor
         with pytest.raises(ValueError, match="no class 1"):
             runner.run_episodes(Broken(), world.test, world.load)
         assert torch.get_num_threads() == 2
+
+
+def test_auc_and_sensitivity_are_computed_only_when_read(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.evaluate import metrics
+
+    calls: list[str] = []
+    real_auc, real_ss = metrics.macro_auc, metrics.sensitivity_specificity
+    monkeypatch.setattr(metrics, "macro_auc", lambda p, y: calls.append("auc") or real_auc(p, y))
+    monkeypatch.setattr(metrics, "sensitivity_specificity", lambda p, y: calls.append("ss") or real_ss(p, y))
+    out = runner.run_episodes(ProtoNetMethod(runner_model(), name="protonet"), world.test[:4], world.load)
+    assert calls == []  # the validation search and the curves read only acc
+    o = out[0]
+    assert o.auc == real_auc(o.probs, o.y) and (o.sens, o.spec) == real_ss(o.probs, o.y)
+    assert o.auc == o.auc and o.sens == o.sens  # read again: cached, not recomputed
+    assert calls == ["auc", "ss"]
