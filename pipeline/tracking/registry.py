@@ -71,8 +71,8 @@ def _newest_finished(name: str, ref: str) -> str:
             continue
         try:
             status = str(retry(partial(_run_status, c, mv.run_id), "read a run"))
-        except MlflowException:
-            status = "DELETED"
+        except MlflowException:  # gone for good, or another user's run on a server (403)
+            status = "UNREADABLE"
         if status == "FINISHED":
             if skipped:
                 log(

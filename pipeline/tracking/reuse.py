@@ -18,31 +18,12 @@ from pipeline.tracking.store import client, retry
 from pipeline.tracking.tags import TAG_FINGERPRINT, TAG_HOST, TAG_STAGE, TAG_SUITE
 
 
-def find_reusable(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> str | None:
-    """A FINISHED run of `stage` with this fingerprint in the suite's own experiments (`search_scope`)
-    and, on a server, created by the current user: a fingerprint is only a hash of tags anyone can set."""
-    c = client()
-    exps = search_scope(stage, suite, dataset)
-    if not exps:
-        return None
-    filt = owners.runs_filter(
-        [
-            f"tags.`{TAG_FINGERPRINT}` = '{fp}'",
-            f"tags.`{TAG_STAGE}` = '{stage}'",
-            "attributes.status = 'FINISHED'",
-        ]
-    )
-    runs = retry(
-        lambda: c.search_runs(exps, filt, order_by=["attributes.start_time DESC"], max_results=1),
-        "search runs",
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def running_with_fingerprint(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> list[Any]:
-    """The RUNNING runs of `stage` with this fingerprint whose process is alive (a lease that is not gone;
-    a run without a lease, of an older fewscan, never counts), in the scope and of the owner
-    `find_reusable` accepts: the runs computing what a reuse would find (pipeline/claims.py)."""
+def _with_fingerprint(
+    stage: str, fp: str, status: str, suite: str | None, dataset: str | None, max_results: int, what: str
+) -> list[Any]:
+    """The runs of `stage` with fingerprint `fp` and `status`, newest first, in the suite's own experiments
+    (`search_scope`) and, on a server, created by the current user: a fingerprint is only a hash of tags
+    anyone can set."""
     c = client()
     exps = search_scope(stage, suite, dataset)
     if not exps:
@@ -51,10 +32,30 @@ def running_with_fingerprint(stage: str, fp: str, *, suite: str | None, dataset:
         [
             f"tags.`{TAG_FINGERPRINT}` = '{fp}'",
             f"tags.`{TAG_STAGE}` = '{stage}'",
-            "attributes.status = 'RUNNING'",
+            f"attributes.status = '{status}'",
         ]
     )
-    runs = retry(lambda: c.search_runs(exps, filt, max_results=200), "search running runs")
+    return list(
+        retry(
+            lambda: c.search_runs(
+                exps, filt, order_by=["attributes.start_time DESC"], max_results=max_results
+            ),
+            what,
+        )
+    )
+
+
+def find_reusable(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> str | None:
+    """The newest FINISHED run of `stage` with this fingerprint, in the scope `_with_fingerprint` allows."""
+    runs = _with_fingerprint(stage, fp, "FINISHED", suite, dataset, 1, "search runs")
+    return runs[0].info.run_id if runs else None
+
+
+def running_with_fingerprint(stage: str, fp: str, *, suite: str | None, dataset: str | None) -> list[Any]:
+    """The RUNNING runs of `stage` with this fingerprint whose process is alive (a lease that is not gone;
+    a run without a lease, of an older fewscan, never counts), in the scope and of the owner
+    `find_reusable` accepts: the runs computing what a reuse would find (pipeline/claims.py)."""
+    runs = _with_fingerprint(stage, fp, "RUNNING", suite, dataset, 200, "search running runs")
     return [r for r in runs if TAG_HOST in r.data.tags and lease_gone(dict(r.data.tags)) is None]
 
 
