@@ -227,6 +227,9 @@ def map_episodes(
     only add synchronisation there, and on a busy machine their barriers turn a proportional slowdown into
     a collapse (issue 17; benchmarks/RESULTS.md, "A busy machine"). Since every episode runs single-threaded
     whatever the thread count, the results do not depend on it (tests/evaluate/test_runner_threads.py).
+    This needs a method whose fit depends on the episode alone, as every fewscan method's does: a method
+    that carried state from one episode to the next (a random generator it draws from) would give each
+    thread's copy its own stream.
     """
     workers = min(torch.get_num_threads(), len(episodes))
     label = desc or getattr(method, "name", "episodes")
